@@ -1,0 +1,28 @@
+"""Typed errors. Each message says what went wrong and what the person can do about it.
+
+The command line prints ``str(error)`` as one line; the app shows it as it is.
+"""
+
+
+class MuseTalkError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InputError(MuseTalkError, ValueError):
+    """A file or an option given by the user cannot be used (wrong kind, corrupt, out of range)."""
+
+
+class NoFaceError(MuseTalkError):
+    """No face was found in any frame of the video (or in the photo)."""
+
+
+class WeightsMissingError(MuseTalkError, FileNotFoundError):
+    """Checkpoint files are missing or corrupt; the message names each file and the command that fetches it."""
+
+
+class WeightsMismatchError(MuseTalkError):
+    """A checkpoint does not fit the model built from its config (wrong or missing keys)."""
+
+
+class FFmpegError(MuseTalkError):
+    """ffmpeg is missing or failed on a file; the message carries the tail of its log."""

@@ -1,0 +1,448 @@
+"""Audio: 16 kHz mono waveforms, speech detection and silence gating, Whisper features, per-frame windows.
+
+The path of one job's audio::
+
+    load_audio -> (shift_audio, fit_length) -> detect_speech -> gate_silence
+               -> WhisperAudioEncoder.encode -> chunk_indices -> frame_features (per batch)
+
+Why gate silence: MuseTalk reads the Whisper-tiny encoder's hidden states, and those are never
+"nothing" in a pause: breathing, room noise and reverb tails give features that open the lips.
+An offline voice-activity detector (silero-vad, whose model ships inside its wheel) marks what
+is not speech, and that stretch is set to digital zero before the encoder. A zeroed stretch
+gives the same log-mel values as the zero padding Whisper puts after every clip shorter than
+30 s, which the model saw throughout training, so it reads as silence and the mouth rests.
+
+Time axes: the encoder gives 50 steps per second (``WHISPER_STEPS_PER_SECOND``);
+``T = floor(seconds * 50)``. A video frame ``i`` at ``fps`` takes a window of
+``2 * (pad_left + pad_right + 1)`` steps (10 for the defaults) around step ``floor(i * 50 / fps)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from musetalk.errors import InputError, WeightsMismatchError, WeightsMissingError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; torch loads lazily
+    import torch
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+WHISPER_STEPS_PER_SECOND = 50
+# Whisper reads fixed 30 s windows: 480000 samples -> 3000 mel frames -> 1500 encoder steps.
+WHISPER_WINDOW_SECONDS = 30
+# Peak below this (about -80 dBFS) is digital silence: the detector is not even asked.
+DIGITAL_SILENCE_PEAK = 1e-4
+# Shorter than this, the detector cannot judge (its context is a few 32 ms windows).
+MIN_DETECTABLE_SECONDS = 0.1
+VERSIONS = ("v15", "v1")
+
+
+# --------------------------------------------------------------------------- waveforms
+
+
+def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode any audio file, or a video's audio track, to float32 mono at 16 kHz."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"audio file not found: {path!r}; give the path of an audio or video file")
+    from musetalk.video_io import decode_audio  # lazy: video_io pulls in ffmpeg helpers
+
+    wav = np.asarray(decode_audio(path, sample_rate=SAMPLE_RATE), dtype=np.float32)
+    if wav.ndim != 1 or wav.size == 0:
+        raise InputError(f"{path!r} has no audio samples; give a file with an audio track")
+    return wav
+
+
+def _as_waveform(wav: Any, name: str = "wav") -> np.ndarray:
+    """A 1-D float32 array of finite samples, or InputError."""
+    array = np.asarray(wav)
+    if array.ndim != 1:
+        raise InputError(f"{name} must be a mono waveform (1-D array), got shape {array.shape}; mix channels down first")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"{name} must hold float samples in [-1, 1], got dtype {array.dtype}")
+    array = array.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{name} contains NaN or infinite samples; the audio file is corrupt")
+    return array
+
+
+def _check_sample_rate(sr: int) -> None:
+    if sr != SAMPLE_RATE:
+        raise InputError(f"sample rate must be {SAMPLE_RATE} Hz, got {sr}; decode with load_audio() first")
+
+
+def shift_audio(wav: np.ndarray, offset_ms: float, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Shift audio against the video; the result's length changes by the offset.
+
+    A positive offset delays the audio: ``offset_ms`` of zeros are put in front (longer result).
+    A negative offset advances it: that much is dropped from the start (shorter result,
+    empty when the offset exceeds the audio). Use ``fit_length`` afterwards to restore a length.
+    """
+    wav = _as_waveform(wav)
+    shift = int(round(offset_ms * sr / 1000.0))
+    if shift > 0:
+        return np.concatenate([np.zeros(shift, dtype=np.float32), wav])
+    return wav[-shift:].copy()
+
+
+def fit_length(wav: np.ndarray, num_samples: int) -> np.ndarray:
+    """Pad with trailing zeros or cut at the end so the result has exactly ``num_samples`` samples."""
+    wav = _as_waveform(wav)
+    if num_samples < 0:
+        raise InputError(f"num_samples must be >= 0, got {num_samples}")
+    if wav.size >= num_samples:
+        return wav[:num_samples].copy()
+    return np.concatenate([wav, np.zeros(num_samples - wav.size, dtype=np.float32)])
+
+
+def num_whisper_steps(num_samples: int, sr: int = SAMPLE_RATE) -> int:
+    """Encoder steps for a waveform: ``floor(seconds * 50)`` in exact integer arithmetic."""
+    return num_samples * WHISPER_STEPS_PER_SECOND // sr
+
+
+def num_video_frames(num_samples: int, fps: float, sr: int = SAMPLE_RATE) -> int:
+    """Video frames the audio covers: ``floor(seconds * fps)`` (facts section 3)."""
+    if fps <= 0:
+        raise InputError(f"fps must be positive, got {fps}")
+    return int(math.floor(num_samples * fps / sr + 1e-9))
+
+
+# --------------------------------------------------------------------------- speech detection
+
+
+@dataclass(frozen=True)
+class SpeechSegments:
+    """What the voice-activity detector calls speech: sorted, non-overlapping ``(start_s, end_s)`` spans."""
+
+    spans: list[tuple[float, float]]
+    duration: float
+
+    def speech_mask(self, times: np.ndarray) -> np.ndarray:
+        """True where a time (seconds) lies inside a speech span (start inclusive, end exclusive)."""
+        times = np.asarray(times, dtype=np.float64)
+        mask = np.zeros(times.shape, dtype=bool)
+        for start, end in self.spans:
+            mask |= (times >= start) & (times < end)
+        return mask
+
+    def frame_mask(self, num_frames: int, fps: float) -> np.ndarray:
+        """True for each video frame whose centre time ``(i + 0.5) / fps`` is speech."""
+        if fps <= 0:
+            raise InputError(f"fps must be positive, got {fps}")
+        return self.speech_mask((np.arange(num_frames) + 0.5) / fps)
+
+    @property
+    def speech_seconds(self) -> float:
+        """Total length of speech."""
+        return float(sum(end - start for start, end in self.spans))
+
+
+# Importing silero_vad calls torch.set_num_threads(1) for the whole process; that would slow
+# every later torch model (Whisper, UNet, VAE) to one core. Restore the count it overwrote.
+@lru_cache(maxsize=1)
+def load_vad_model() -> Any:
+    """The silero-vad model (TorchScript, from inside the wheel; no download), loaded once per process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        import silero_vad
+    finally:
+        torch.set_num_threads(threads)
+    model = silero_vad.load_silero_vad(onnx=False)
+    torch.set_num_threads(threads)
+    logger.debug("silero-vad loaded from %s", os.path.dirname(silero_vad.__file__))
+    return model
+
+
+# The model keeps recurrent state between windows; one caller at a time.
+_VAD_LOCK = threading.Lock()
+
+
+def detect_speech(
+    wav: np.ndarray,
+    sr: int = SAMPLE_RATE,
+    threshold: float = 0.5,
+    min_silence_s: float = 0.25,
+    speech_pad_s: float = 0.08,
+    min_speech_s: float = 0.15,
+) -> SpeechSegments:
+    """Find speech with silero-vad (offline).
+
+    Pauses shorter than ``min_silence_s`` stay speech (lips do not close for a 100 ms gap);
+    each span is widened by ``speech_pad_s`` so consonant onsets are not cut; bursts shorter
+    than ``min_speech_s`` are dropped. Digital silence gives no spans without running the
+    model; audio shorter than 0.1 s is too short to judge and is returned as all speech,
+    so gating leaves it as it is.
+    """
+    wav = _as_waveform(wav)
+    _check_sample_rate(sr)
+    if not 0.0 < threshold < 1.0:
+        raise InputError(f"speech threshold must be between 0 and 1, got {threshold}")
+    if min_silence_s < 0 or speech_pad_s < 0 or min_speech_s < 0:
+        raise InputError("min_silence_s, speech_pad_s and min_speech_s must be >= 0")
+    duration = wav.size / sr
+    if wav.size == 0 or float(np.max(np.abs(wav))) < DIGITAL_SILENCE_PEAK:
+        return SpeechSegments(spans=[], duration=duration)
+    if duration < MIN_DETECTABLE_SECONDS:
+        logger.debug("audio of %.3f s is too short for speech detection; keeping it all", duration)
+        return SpeechSegments(spans=[(0.0, duration)], duration=duration)
+    raw = _silero_timestamps(wav, sr, threshold, min_silence_s, speech_pad_s, min_speech_s)
+    spans = _merge_spans([(start / sr, end / sr) for start, end in raw], duration)
+    return SpeechSegments(spans=spans, duration=duration)
+
+
+def _silero_timestamps(
+    wav: np.ndarray, sr: int, threshold: float, min_silence_s: float, speech_pad_s: float, min_speech_s: float
+) -> list[tuple[int, int]]:
+    """Speech spans in samples as silero-vad reports them."""
+    import torch
+    from silero_vad import get_speech_timestamps
+
+    model = load_vad_model()
+    with _VAD_LOCK, torch.inference_mode():
+        stamps = get_speech_timestamps(
+            torch.from_numpy(np.ascontiguousarray(wav)),
+            model,
+            threshold=threshold,
+            sampling_rate=sr,
+            min_speech_duration_ms=int(round(min_speech_s * 1000)),
+            min_silence_duration_ms=int(round(min_silence_s * 1000)),
+            speech_pad_ms=int(round(speech_pad_s * 1000)),
+        )
+    return [(int(stamp["start"]), int(stamp["end"])) for stamp in stamps]
+
+
+def _merge_spans(spans: list[tuple[float, float]], duration: float) -> list[tuple[float, float]]:
+    """Clip spans to [0, duration], sort them and merge any that touch or overlap."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted((max(0.0, s), min(duration, e)) for s, e in spans):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def gate_silence(
+    wav: np.ndarray, segments: SpeechSegments, sr: int = SAMPLE_RATE, fade_s: float = 0.03
+) -> np.ndarray:
+    """A copy of ``wav`` with everything outside speech set to zero.
+
+    Inside each span the first and last ``fade_s`` ramp linearly from and to zero (no clicks);
+    the spans already carry the detector's padding, so the ramps fall before and after the
+    speech itself. Samples outside every span are exactly zero.
+    """
+    wav = _as_waveform(wav)
+    _check_sample_rate(sr)
+    if fade_s < 0:
+        raise InputError(f"fade_s must be >= 0, got {fade_s}")
+    gain = np.zeros(wav.size, dtype=np.float32)
+    for start_s, end_s in segments.spans:
+        start = max(0, int(round(start_s * sr)))
+        end = min(wav.size, int(round(end_s * sr)))
+        if end > start:
+            gain[start:end] = np.maximum(gain[start:end], _span_gain(end - start, int(round(fade_s * sr))))
+    return wav * gain
+
+
+def _span_gain(length: int, fade: int) -> np.ndarray:
+    """1 over a span of ``length`` samples, with linear ramps of ``fade`` samples at both ends."""
+    gain = np.ones(length, dtype=np.float32)
+    fade = min(fade, length // 2)
+    if fade > 0:
+        ramp = (np.arange(1, fade + 1, dtype=np.float32) / (fade + 1)).astype(np.float32)
+        gain[:fade] = ramp
+        gain[length - fade :] = ramp[::-1]
+    return gain
+
+
+# --------------------------------------------------------------------------- Whisper features
+
+
+class WhisperAudioEncoder:
+    """Whisper-tiny encoder + feature extractor, loaded once.
+
+    Turns a 16 kHz waveform into features ``[T, L, D]``: ``T = floor(seconds * 50)`` steps,
+    ``L = encoder_layers + 1`` hidden states (embedding output and every layer), ``D = d_model``.
+    """
+
+    def __init__(
+        self,
+        encoder: Any,
+        feature_extractor: Any,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        windows_per_batch: int = 4,
+    ) -> None:
+        import torch
+
+        if hasattr(encoder, "encoder") and not hasattr(encoder, "conv1"):
+            encoder = encoder.encoder  # a WhisperModel: only its encoder is used
+        self.device = torch.device(device)
+        self.dtype = dtype if dtype is not None else torch.float32
+        self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval()
+        self.feature_extractor = feature_extractor
+        self.windows_per_batch = max(1, int(windows_per_batch))
+        config = self.encoder.config
+        self.num_hidden_states = int(config.encoder_layers) + 1
+        self.d_model = int(config.d_model)
+        # Mel frames one window must have: two per encoder step (conv2 has stride 2).
+        self.window_steps = int(config.max_source_positions)
+
+    @classmethod
+    def from_pretrained(
+        cls, whisper_dir: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> WhisperAudioEncoder:
+        """Load from a local folder holding ``config.json``, the weights and ``preprocessor_config.json``.
+
+        The official whisper-tiny file is the whole sequence-to-sequence model (keys prefixed
+        ``model.``); ``WhisperModel.from_pretrained`` strips the prefix. The decoder is dropped.
+        Never touches the network.
+        """
+        from transformers import WhisperFeatureExtractor, WhisperModel
+
+        whisper_dir = os.fspath(whisper_dir)
+        for name in ("config.json", "preprocessor_config.json"):
+            if not os.path.isfile(os.path.join(whisper_dir, name)):
+                raise WeightsMissingError(
+                    f"Whisper files missing: {os.path.join(whisper_dir, name)}; "
+                    "run `musetalk download` to fetch openai/whisper-tiny into the models folder"
+                )
+        try:
+            model, info = WhisperModel.from_pretrained(whisper_dir, local_files_only=True, output_loading_info=True)
+        except OSError as error:
+            raise WeightsMissingError(
+                f"Whisper weights could not be read from {whisper_dir}: {error}; "
+                "run `musetalk download` to fetch openai/whisper-tiny again"
+            ) from error
+        missing = [key for key in info.get("missing_keys", []) if key.startswith("encoder.")]
+        if missing:
+            raise WeightsMismatchError(
+                f"the Whisper checkpoint in {whisper_dir} lacks {len(missing)} encoder weights "
+                f"(first: {missing[0]}); it is not a whisper-tiny checkpoint, download it again"
+            )
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir, local_files_only=True)
+        encoder = model.encoder
+        del model  # the decoder is never used; let it go
+        return cls(encoder, feature_extractor, device=device, dtype=dtype)
+
+    def encode(self, wav: np.ndarray) -> np.ndarray:
+        """Float32 features ``[floor(seconds * 50), L, D]`` of a 16 kHz mono waveform."""
+        wav = _as_waveform(wav)
+        total_steps = num_whisper_steps(wav.size)
+        features = np.zeros((total_steps, self.num_hidden_states, self.d_model), dtype=np.float32)
+        window = WHISPER_WINDOW_SECONDS * SAMPLE_RATE
+        starts = list(range(0, wav.size, window))
+        for first in range(0, len(starts), self.windows_per_batch):
+            batch_starts = starts[first : first + self.windows_per_batch]
+            hidden = self._encode_windows([wav[start : start + window] for start in batch_starts])
+            for row, start in enumerate(batch_starts):
+                step0 = start // window * self.window_steps
+                keep = min(self.window_steps, total_steps - step0)
+                if keep > 0:
+                    features[step0 : step0 + keep] = hidden[row, :keep]
+        return features
+
+    def _encode_windows(self, windows: list[np.ndarray]) -> np.ndarray:
+        """Hidden states ``[B, steps, L, D]`` for up to 30 s windows (each zero-padded to 30 s)."""
+        import torch
+
+        mel = self.feature_extractor(windows, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
+        inputs = torch.from_numpy(np.ascontiguousarray(mel)).to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            output = self.encoder(inputs, output_hidden_states=True)
+            stacked = torch.stack(output.hidden_states, dim=2)
+        return stacked.float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- per-frame windows
+
+
+def window_length(pad_left: int = 2, pad_right: int = 2) -> int:
+    """Steps in one frame's window: ``2 * (pad_left + pad_right + 1)`` (10 for the defaults)."""
+    return 2 * (pad_left + pad_right + 1)
+
+
+def chunk_indices(
+    num_frames: int,
+    fps: float,
+    version: str = "v15",
+    pad_left: int = 2,
+    pad_right: int = 2,
+    num_steps: int | None = None,
+) -> np.ndarray:
+    """Indices ``[num_frames, W]`` into the unpadded features ``[T, L, D]``; -1 means a zero vector.
+
+    ``W = 2 * (pad_left + pad_right + 1)`` and ``m = 50 / fps``.
+
+    v15 (MuseTalk 1.5): with ``p = ceil(m)`` the official code puts ``p * pad_left`` zero steps
+    before the features (and enough after), and frame ``i`` takes the ``W`` steps that start at
+    ``floor(i * m)`` of that padded array. In unpadded indices that window starts at
+    ``floor(i * m) - p * pad_left``; steps before 0 or at/after ``T`` are zero (-1 here).
+    At 25 fps frame ``i`` covers steps ``2i - 4 .. 2i + 5``: four before, its own two, four after.
+
+    v1 (MuseTalk 1.0): the window starts at ``floor(i * m) - 2 * pad_left`` and indices are
+    clamped to ``[0, T - 1]`` (the edge step repeats), so -1 appears only when ``T == 0``.
+
+    ``num_steps`` is ``T``; pass ``features.shape[0]``. Left out, it is taken as the steps of
+    audio exactly ``num_frames / fps`` seconds long. ``fps`` is used as given (the official code
+    truncates it to an integer, which drifts on 29.97 fps video; we do not).
+    """
+    if version not in VERSIONS:
+        raise InputError(f"unknown MuseTalk version {version!r}; use one of {', '.join(VERSIONS)}")
+    if fps <= 0 or not math.isfinite(fps):
+        raise InputError(f"fps must be a positive number, got {fps}")
+    if num_frames < 0 or pad_left < 0 or pad_right < 0:
+        raise InputError("num_frames, pad_left and pad_right must be >= 0")
+    if num_steps is None:
+        num_steps = int(math.floor(num_frames * WHISPER_STEPS_PER_SECOND / fps + 1e-9))
+    if num_steps < 0:
+        raise InputError(f"num_steps must be >= 0, got {num_steps}")
+    frames = np.arange(num_frames, dtype=np.int64)
+    # i * 50 / fps rather than i * (50 / fps): exact for integer rates, so floor() is exact too.
+    centre = np.floor(frames * WHISPER_STEPS_PER_SECOND / fps + 1e-9).astype(np.int64)
+    per_context = math.ceil(WHISPER_STEPS_PER_SECOND / fps - 1e-9) if version == "v15" else 2
+    starts = centre - per_context * pad_left
+    indices = starts[:, None] + np.arange(window_length(pad_left, pad_right), dtype=np.int64)[None, :]
+    if num_steps == 0:
+        return np.full_like(indices, -1)
+    if version == "v1":
+        return np.clip(indices, 0, num_steps - 1)
+    indices[(indices < 0) | (indices >= num_steps)] = -1
+    return indices
+
+
+def frame_features(features: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Gather frames' windows: ``[T, L, D]`` and ``[n, W]`` -> ``[n, W * L, D]``, zeros where index is -1.
+
+    Tokens are time-major (all L hidden states of step 0, then of step 1, ...), the order the
+    official code flattens ``[W, L, D]`` in. Call it per batch of frames to keep memory flat.
+    """
+    features = np.asarray(features)
+    indices = np.asarray(indices)
+    if features.ndim != 3:
+        raise InputError(f"features must be [T, L, D], got shape {features.shape}")
+    if indices.ndim != 2:
+        raise InputError(f"indices must be [frames, window], got shape {indices.shape}")
+    steps, layers, width = features.shape
+    if indices.size and (indices.min() < -1 or indices.max() >= steps):
+        raise InputError(
+            f"window indices run from {indices.min()} to {indices.max()} but the features have {steps} steps; "
+            "build them with chunk_indices(..., num_steps=features.shape[0])"
+        )
+    gathered = features[np.clip(indices, 0, None)] if steps else np.zeros(indices.shape + (layers, width), features.dtype)
+    gathered[indices < 0] = 0
+    return gathered.reshape(indices.shape[0], indices.shape[1] * layers, width)

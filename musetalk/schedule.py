@@ -1,0 +1,98 @@
+"""Which source frame each output frame shows, and reading them in that order with flat memory.
+
+The output length follows the audio. When it is longer than the video the source frames
+are played again: forward then backward ("pingpong", as the official code), from the
+start ("loop"), or the last frame held ("freeze").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+
+from musetalk.config import LOOP_MODES
+
+# Frames read at a time when playing backward: each chunk is decoded forward then reversed.
+BACKWARD_CHUNK = 32
+
+OpenReader = Callable[[int, int], Iterable[np.ndarray]]  # (start_frame, count) -> frames
+
+
+def frame_schedule(num_frames: int, num_source: int, loop: str = "pingpong") -> np.ndarray:
+    """Source frame index of each of ``num_frames`` output frames, int64."""
+    if loop not in LOOP_MODES:
+        raise ValueError(f"loop must be one of {', '.join(LOOP_MODES)}, not {loop!r}")
+    if num_source < 1:
+        raise ValueError("a video needs at least one frame")
+    positions = np.arange(num_frames, dtype=np.int64)
+    if loop == "loop":
+        return positions % num_source
+    if loop == "freeze":
+        return np.minimum(positions, num_source - 1)
+    # pingpong: 0..N-1, N-1..0, 0..N-1, ... (each end frame shown twice, as the official code does)
+    cycle = positions % (2 * num_source)
+    return np.where(cycle < num_source, cycle, 2 * num_source - 1 - cycle)
+
+
+def runs(schedule: np.ndarray) -> list[tuple[int, int, int]]:
+    """Split a schedule into runs (first index, length, step) with step +1, -1 or 0."""
+    result: list[tuple[int, int, int]] = []
+    position = 0
+    while position < len(schedule):
+        length, step = 1, 0
+        if position + 1 < len(schedule):
+            step = int(schedule[position + 1] - schedule[position])
+            if step not in (-1, 0, 1):
+                step = 0  # a jump: this run is one frame long
+            else:
+                length = 2
+                while (
+                    position + length < len(schedule)
+                    and schedule[position + length] - schedule[position + length - 1] == step
+                ):
+                    length += 1
+        result.append((int(schedule[position]), length, step))
+        position += length
+    return result
+
+
+def scheduled_frames(schedule: np.ndarray, open_reader: OpenReader) -> Iterator[np.ndarray]:
+    """Source frames in schedule order. Forward runs stream; backward runs decode chunks of
+    ``BACKWARD_CHUNK`` frames forward and reverse them; repeats decode once."""
+    for first, length, step in runs(schedule):
+        if step == 1:
+            yield from _stream_exactly(open_reader, first, length)
+        elif step == 0:
+            frame = next(_stream_exactly(open_reader, first, 1))
+            for _ in range(length):
+                yield frame
+        else:
+            last = first - length + 1
+            chunk_end = first
+            while chunk_end >= last:
+                chunk_start = max(last, chunk_end - BACKWARD_CHUNK + 1)
+                chunk = list(_stream_exactly(open_reader, chunk_start, chunk_end - chunk_start + 1))
+                yield from reversed(chunk)
+                chunk_end = chunk_start - 1
+
+
+def _stream_exactly(open_reader: OpenReader, start: int, count: int) -> Iterator[np.ndarray]:
+    """``count`` frames from ``start``; a decoder that stops a frame short repeats its last frame
+    (seeking near the end of some files yields one frame fewer than counting did)."""
+    frame = None
+    produced = 0
+    frames = open_reader(start, count)
+    try:
+        for frame in frames:
+            yield frame
+            produced += 1
+            if produced == count:
+                return
+    finally:
+        if hasattr(frames, "close"):
+            frames.close()  # stops the decoder now, not whenever the garbage collector runs
+    if frame is None:
+        raise RuntimeError(f"could not read source frame {start}")
+    for _ in range(count - produced):
+        yield frame

@@ -289,8 +289,9 @@ class WhisperAudioEncoder:
     ) -> None:
         import torch
 
-        if hasattr(encoder, "encoder") and not hasattr(encoder, "conv1"):
-            encoder = encoder.encoder  # a WhisperModel: only its encoder is used
+        if hasattr(encoder, "get_encoder"):
+            # WhisperModel or WhisperForConditionalGeneration -> its encoder; an encoder -> itself
+            encoder = encoder.get_encoder()
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else torch.float32
         self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval()
@@ -299,8 +300,13 @@ class WhisperAudioEncoder:
         config = self.encoder.config
         self.num_hidden_states = int(config.encoder_layers) + 1
         self.d_model = int(config.d_model)
-        # Mel frames one window must have: two per encoder step (conv2 has stride 2).
+        # Steps one 30 s window gives; the 50-per-second time axis depends on it being 1500.
         self.window_steps = int(config.max_source_positions)
+        if self.window_steps != WHISPER_WINDOW_SECONDS * WHISPER_STEPS_PER_SECOND:
+            raise WeightsMismatchError(
+                f"Whisper encoder has max_source_positions={self.window_steps}; MuseTalk needs 1500 "
+                "(50 steps per second over 30 s windows): use the openai/whisper-tiny checkpoint"
+            )
 
     @classmethod
     def from_pretrained(

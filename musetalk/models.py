@@ -110,10 +110,15 @@ def check_state_dict(model, state: dict, source: Path) -> None:
 
 def load_unet(config_path: Path, weights_path: Path, device, dtype):
     """The MuseTalk UNet, built from its JSON and loaded strictly from its state dict."""
-    model = build_unet(read_unet_config(config_path))
+    import torch
+
+    # Built on the meta device: no memory and no random init for 850 M parameters that the
+    # checkpoint replaces at once; assign=True adopts the (memory-mapped) checkpoint tensors.
+    with torch.device("meta"):
+        model = build_unet(read_unet_config(config_path))
     state = load_state_dict(weights_path)
     check_state_dict(model, state, weights_path)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     del state
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

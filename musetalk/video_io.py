@@ -2,18 +2,50 @@
 
 ffmpeg always runs from an argument list (never a shell), reads local files only, and
 frames travel through pipes: no per-frame files and memory flat in a video's length.
+
+There is no ffprobe here on purpose (imageio-ffmpeg ships ffmpeg alone), so ``probe`` reads
+the stream list that ``ffmpeg -i`` prints and counts frames by demuxing the video packets
+without decoding them (``-c copy -f framecrc``), which is cheap even for long videos.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import os
+import re
 import shutil
+import subprocess
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
 
-from musetalk.errors import FFmpegError
+import numpy as np
+
+from musetalk.errors import FFmpegError, InputError
 
 logger = logging.getLogger(__name__)
+
+# Rate given to a still picture, the rate MuseTalk was trained on.
+IMAGE_FPS = 25.0
+# Codecs whose single frame is a photo rather than a one-frame video.
+STILL_IMAGE_CODECS = frozenset(
+    {"png", "mjpeg", "jpeg2000", "jpegls", "jpegxl", "webp", "bmp", "tiff", "gif", "ppm", "pgm",
+     "pgmyuv", "pbm", "pam", "qoi", "sgi", "targa", "dpx", "exr", "pcx", "xbm", "xwd", "sunrast",
+     "photocd", "hdr", "psd", "vbn", "apng"}
+)
+AUDIO_BITRATE = "192k"
+# Lines of ffmpeg's log kept for error messages.
+STDERR_TAIL_LINES = 40
+# framecrc prints AV_NOPTS_VALUE for a missing timestamp.
+NO_PTS = -(2**63)
+# A packet that the demuxer flags AV_PKT_FLAG_DISCARD (before an mp4 edit list's start) is never shown.
+PACKET_FLAG_DISCARD = 0x4
 
 
 @lru_cache(maxsize=1)
@@ -37,3 +69,743 @@ def ffmpeg_exe() -> str:
         "ffmpeg was not found: install the system package, `pip install imageio-ffmpeg`, "
         "or set MUSETALK_FFMPEG to an ffmpeg binary"
     )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _ffmpeg_base(loglevel: str = "warning") -> list[str]:
+    return [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", loglevel]
+
+
+def _file_input(path: str) -> list[str]:
+    """Input arguments for a local file: only the file protocol, and a `file:` prefix so that a
+    name containing ':' is never read as a protocol (e.g. 'http:x.mp4')."""
+    return ["-protocol_whitelist", "file,pipe", "-i", "file:" + os.path.abspath(path)]
+
+
+def _rate_arg(fps: float) -> str:
+    """fps as the exact fraction ffmpeg should use (29.97002997 -> 30000/1001)."""
+    rate = Fraction(fps).limit_denominator(1001)
+    return f"{rate.numerator}/{rate.denominator}"
+
+
+def _tail(lines: Iterable[str], count: int = 12) -> str:
+    kept = [line for line in lines if line.strip()][-count:]
+    return "\n".join(kept) if kept else "(ffmpeg printed nothing)"
+
+
+def _require_file(path: str, what: str = "input") -> None:
+    if not os.path.exists(path):
+        raise InputError(f"{what} file not found: {path}; check the path")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} {path} is not a regular file (a folder?); give the path of a media file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{what} file {path} is not readable; check its permissions")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{what} file {path} is empty; give a video, image or audio file")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+class _StderrDrain:
+    """Reads a child's stderr in a thread so the pipe never fills up and blocks ffmpeg;
+    keeps the last lines for error messages."""
+
+    def __init__(self, stream) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._stream = stream
+        self._thread = threading.Thread(target=self._run, name="ffmpeg-stderr", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for raw in iter(self._stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.lines.append(line)
+            logger.debug("ffmpeg: %s", line)
+        self._stream.close()
+
+    def join(self) -> None:
+        self._thread.join(timeout=10)
+
+    def tail(self, count: int = 12) -> str:
+        return _tail(self.lines, count)
+
+
+def _stop_process(proc: subprocess.Popen) -> None:
+    """Kill (if still running) and reap a child so it never outlives its owner."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def run_ffmpeg(args: list[str], what: str) -> subprocess.CompletedProcess:
+    """Run one ffmpeg command to completion; FFmpegError with the tail of its log if it fails."""
+    cmd = _ffmpeg_base("error") + args
+    logger.debug("running %s", cmd)
+    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    if result.returncode != 0:
+        log = result.stderr.decode("utf-8", "replace").splitlines()
+        raise FFmpegError(f"ffmpeg failed to {what} (exit code {result.returncode}):\n{_tail(log)}")
+    return result
+
+
+# --------------------------------------------------------------------------- probe
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What a media file holds, as far as this project cares."""
+
+    path: str
+    has_video: bool
+    has_audio: bool
+    width: int  # display width, after the rotation metadata is applied (0 without video)
+    height: int  # display height after rotation
+    rotation: int  # clockwise degrees the stored picture is turned for display: 0, 90, 180 or 270
+    fps: float  # average frame rate; IMAGE_FPS for a still picture; 0.0 without video
+    num_frames: int  # video frames shown (packets counted, edit-list discards excluded); 1 for an image
+    duration: float  # seconds: the video stream's, else the audio's, else the container's
+    is_vfr: bool  # video timestamps are not evenly spaced
+    is_image: bool  # a still picture
+    audio_sample_rate: int | None
+    audio_channels: int | None
+    video_codec: str | None = None
+    audio_codec: str | None = None
+    format_name: str = ""
+    # Start of the first shown video frame and of the container, seconds (seeking needs both).
+    video_start: float = 0.0
+    container_start: float = 0.0
+
+
+@dataclass
+class _Stream:
+    index: int
+    kind: str
+    codec: str
+    details: str
+    rotation_ccw: float = 0.0
+
+
+@dataclass
+class _Header:
+    format_name: str
+    duration: float | None
+    start: float
+    streams: list[_Stream]
+
+
+@dataclass
+class _Packets:
+    time_base: Fraction
+    pts: list[int]
+    durations: list[int]
+
+
+_INPUT_RE = re.compile(r"^Input #0, (.+?), from ")
+_DURATION_RE = re.compile(r"^\s*Duration: (N/A|\d+:\d+:\d+(?:\.\d+)?)(?:, start: (-?[\d.]+))?")
+_STREAM_RE = re.compile(r"^\s*Stream #0:(\d+)\S*?: (Video|Audio|Subtitle|Data|Attachment): ([^\s,]+)(.*)$")
+_ROTATION_RE = re.compile(r"display ?matrix: rotation of (-?[\d.]+) degrees", re.IGNORECASE)
+_SIZE_RE = re.compile(r"(?:^|[\s,])(\d+)x(\d+)(?=[\s,\[]|$)")
+_FPS_RE = re.compile(r", ([\d.]+)(k?) fps")
+_SAMPLE_RATE_RE = re.compile(r", (\d+) Hz")
+_CHANNEL_NAMES = {"mono": 1, "stereo": 2, "quad": 4, "hexagonal": 6, "octagonal": 8, "downmix": 2}
+
+
+def _parse_header(stderr: str) -> _Header:
+    """Read the 'Input #0' block of `ffmpeg -i` output: container, duration, streams, rotation."""
+    format_name, duration, start, streams = "", None, 0.0, []
+    for line in stderr.splitlines():
+        if line.startswith(("Stream mapping:", "Output #0")):
+            break
+        if m := _INPUT_RE.match(line):
+            format_name = m.group(1)
+        elif m := _DURATION_RE.match(line):
+            duration = None if m.group(1) == "N/A" else _clock_seconds(m.group(1))
+            start = float(m.group(2)) if m.group(2) else 0.0
+        elif m := _STREAM_RE.match(line):
+            streams.append(_Stream(int(m.group(1)), m.group(2), m.group(3), m.group(4)))
+        elif (m := _ROTATION_RE.search(line)) and streams:
+            streams[-1].rotation_ccw = float(m.group(1))
+    return _Header(format_name, duration, start, streams)
+
+
+def _clock_seconds(clock: str) -> float:
+    hours, minutes, seconds = clock.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def _channel_count(details: str) -> int | None:
+    fields = [f.strip() for f in details.split(",")]
+    for field in fields:
+        layout = field.split("(")[0]
+        if layout in _CHANNEL_NAMES:
+            return _CHANNEL_NAMES[layout]
+        if m := re.fullmatch(r"(\d+) channels", field):
+            return int(m.group(1))
+        if m := re.fullmatch(r"(\d+)\.(\d+)", layout):
+            return int(m.group(1)) + int(m.group(2))
+    return None
+
+
+def _parse_packets(stdout: str) -> dict[str, _Packets]:
+    """framecrc output -> shown packets' pts and durations per media type ('video', 'audio')."""
+    time_bases: dict[int, Fraction] = {}
+    kinds: dict[int, str] = {}
+    per_stream: dict[int, tuple[list[int], list[int]]] = {}
+    for line in stdout.splitlines():
+        if line.startswith("#tb "):
+            index, value = line[4:].split(":", 1)
+            num, den = value.strip().split("/")
+            time_bases[int(index)] = Fraction(int(num), int(den))
+        elif line.startswith("#media_type "):
+            index, value = line[12:].split(":", 1)
+            kinds[int(index)] = value.strip()
+        elif line and line[0].isdigit():
+            fields = [f.strip() for f in line.split(",")]
+            flags = 1
+            for extra in fields[6:]:
+                if extra.startswith("F="):
+                    flags = int(extra[2:], 16)
+            if flags & PACKET_FLAG_DISCARD:
+                continue
+            dts, pts = int(fields[1]), int(fields[2])
+            pts_list, dur_list = per_stream.setdefault(int(fields[0]), ([], []))
+            pts_list.append(pts if pts != NO_PTS else dts)
+            dur_list.append(int(fields[3]))
+    packets = {}
+    for index, (pts_list, dur_list) in per_stream.items():
+        if index in kinds and index in time_bases:
+            packets[kinds[index]] = _Packets(time_bases[index], pts_list, dur_list)
+    return packets
+
+
+def _stream_span(packets: _Packets) -> tuple[float, float]:
+    """(start, duration) in seconds of a stream from its packets (pts sorted: B-frames come in decode order)."""
+    order = sorted(range(len(packets.pts)), key=packets.pts.__getitem__)
+    first, last = order[0], order[-1]
+    last_duration = packets.durations[last]
+    if last_duration <= 0 and len(order) > 1:
+        last_duration = packets.pts[last] - packets.pts[order[-2]]
+    ticks = packets.pts[last] + last_duration - packets.pts[first]
+    return float(packets.pts[first] * packets.time_base), float(ticks * packets.time_base)
+
+
+def _frame_timing(packets: _Packets, header_fps: float | None) -> tuple[float, bool]:
+    """(average fps, is_vfr) from the shown frames' timestamps."""
+    pts = sorted(set(packets.pts))
+    deltas = [b - a for a, b in zip(pts, pts[1:])]
+    if not deltas:
+        return (header_fps or IMAGE_FPS), False
+    median = sorted(deltas)[len(deltas) // 2]
+    # Containers round timestamps to their time base (1 ms in mkv: 33/34 ms at 29.97 fps), so allow
+    # one tick of jitter; a real frame-rate change moves a gap by far more than 10 %.
+    tolerance = max(1.0, 0.1 * median)
+    is_vfr = any(abs(d - median) > tolerance for d in deltas)
+    if not is_vfr:
+        mean = sum(deltas) / len(deltas)
+        return float(1 / (Fraction(mean).limit_denominator(1_000_000) * packets.time_base)), False
+    _, duration = _stream_span(packets)
+    return len(packets.pts) / duration, True
+
+
+def probe(path) -> MediaInfo:
+    """Describe a video, image or audio file. InputError if it is missing, not media, or corrupt."""
+    path = os.fspath(path)
+    _require_file(path)
+    cmd = (
+        _ffmpeg_base("info") + _file_input(path)
+        + ["-map", "0:V:0?", "-map", "0:a:0?", "-c", "copy", "-f", "framecrc", "-"]
+    )
+    logger.debug("probing %s", path)
+    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    stderr = result.stderr.decode("utf-8", "replace")
+    header = _parse_header(stderr)
+    _raise_for_unreadable(path, result.returncode, stderr, header)
+    packets = _parse_packets(result.stdout.decode("utf-8", "replace"))
+    return _media_info(path, header, packets)
+
+
+def _raise_for_unreadable(path: str, returncode: int, stderr: str, header: _Header) -> None:
+    lines = stderr.splitlines()
+    if not header.format_name:
+        raise InputError(
+            f"{path} is not a video, image or audio file that ffmpeg can read (or it is corrupt or cut "
+            f"short); give an mp4/mov/mkv/webm video, a jpg/png/webp image or a wav/mp3 audio file. "
+            f"ffmpeg said: {_tail(lines, 2)}"
+        )
+    if "partial file" in stderr:
+        raise InputError(f"{path} is cut short (an incomplete download or copy?); give the complete file")
+    media = [s for s in header.streams if s.kind in ("Video", "Audio") and "(attached pic)" not in s.details]
+    if not media:
+        raise InputError(f"{path} holds no video, picture or audio stream; give a media file with a picture or sound")
+    if returncode != 0:
+        raise InputError(f"ffmpeg could not read the streams of {path}; is it damaged? ffmpeg said:\n{_tail(lines)}")
+
+
+def _media_info(path: str, header: _Header, packets: dict[str, _Packets]) -> MediaInfo:
+    video = next((s for s in header.streams if s.kind == "Video" and "(attached pic)" not in s.details), None)
+    audio = next((s for s in header.streams if s.kind == "Audio"), None)
+    video_packets = packets.get("video") if video else None
+    audio_packets = packets.get("audio") if audio else None
+    if video is not None and not (video_packets and video_packets.pts):
+        raise InputError(f"the video stream of {path} holds no frames; the file is damaged or empty")
+
+    width = height = rotation = num_frames = 0
+    fps, is_vfr, is_image, video_start, duration = 0.0, False, False, header.start, None
+    if video is not None:
+        width, height, rotation = _display_size(path, video)
+        num_frames = len(video_packets.pts)
+        fps, is_vfr = _frame_timing(video_packets, _header_fps(video))
+        is_image = num_frames == 1 and audio is None and video.codec in STILL_IMAGE_CODECS
+        if is_image:
+            fps, duration = IMAGE_FPS, 1 / IMAGE_FPS
+        else:
+            video_start, duration = _stream_span(video_packets)
+    if duration is None and audio_packets and audio_packets.pts:
+        duration = _stream_span(audio_packets)[1]
+    if duration is None:
+        duration = header.duration or 0.0
+
+    return MediaInfo(
+        path=path, has_video=video is not None, has_audio=audio is not None,
+        width=width, height=height, rotation=rotation, fps=fps, num_frames=num_frames,
+        duration=duration, is_vfr=is_vfr, is_image=is_image,
+        audio_sample_rate=_sample_rate(audio), audio_channels=_channel_count(audio.details) if audio else None,
+        video_codec=video.codec if video else None, audio_codec=audio.codec if audio else None,
+        format_name=header.format_name, video_start=video_start, container_start=header.start,
+    )
+
+
+def _display_size(path: str, video: _Stream) -> tuple[int, int, int]:
+    m = _SIZE_RE.search(video.details)
+    if not m:
+        raise InputError(f"ffmpeg reports no picture size for the video of {path}; the file is damaged")
+    width, height = int(m.group(1)), int(m.group(2))
+    # The display matrix angle is counter-clockwise; phones store 'rotate=90' (clockwise) as -90.
+    rotation = int(round(-video.rotation_ccw / 90.0)) * 90 % 360
+    if rotation in (90, 270):
+        width, height = height, width
+    return width, height, rotation
+
+
+def _header_fps(video: _Stream) -> float | None:
+    m = _FPS_RE.search(video.details)
+    if not m:
+        return None
+    return float(m.group(1)) * (1000 if m.group(2) else 1)
+
+
+def _sample_rate(audio: _Stream | None) -> int | None:
+    if audio is None:
+        return None
+    m = _SAMPLE_RATE_RE.search(audio.details)
+    return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------- reading frames
+
+
+class FrameReader:
+    """Iterate a video's frames as RGB uint8 arrays of shape (height, width, 3), display-rotated.
+
+    fps=None keeps the source's frames one for one, except a variable-frame-rate source, which is
+    resampled to its average rate; fps=X resamples to X frames per second (ffmpeg's fps filter:
+    frames are repeated or dropped, never blended). start_frame counts frames at the output rate and
+    seeks instead of decoding from the beginning; max_frames stops early. A still picture yields one
+    frame whatever start_frame is (every frame of a still is the same).
+
+    Use as a context manager or iterate to the end; close() kills and reaps ffmpeg either way.
+    """
+
+    def __init__(self, path, info: MediaInfo | None = None, fps: float | None = None,
+                 start_frame: int = 0, max_frames: int | None = None) -> None:
+        self.path = os.fspath(path)
+        self.info = info if info is not None else probe(self.path)
+        if not self.info.has_video:
+            raise InputError(f"{self.path} has no picture (audio only?); give a video or an image of a face")
+        if fps is not None and not (math.isfinite(fps) and fps > 0):
+            raise InputError(f"fps must be a positive number, got {fps}")
+        if start_frame < 0:
+            raise InputError(f"start_frame must be 0 or more, got {start_frame}")
+        if max_frames is not None and max_frames < 0:
+            raise InputError(f"max_frames must be 0 or more, got {max_frames}")
+        self.width, self.height = self.info.width, self.info.height
+        self.start_frame, self.max_frames = start_frame, max_frames
+        self._resample = not self.info.is_image and (
+            self.info.is_vfr or (fps is not None and abs(fps - self.info.fps) > 1e-6)
+        )
+        self._fps = float(fps) if fps is not None else self.info.fps
+        self.frames_read = 0
+        self._frame_bytes = self.width * self.height * 3
+        self._proc: subprocess.Popen | None = None
+        self._stderr: _StderrDrain | None = None
+        self._closed = False
+
+    @property
+    def output_fps(self) -> float:
+        """Rate of the frames this reader yields."""
+        return self._fps
+
+    def _command(self) -> list[str]:
+        cmd = _ffmpeg_base()
+        limit = self.max_frames
+        if self.info.is_image:
+            limit = 1 if limit is None else min(limit, 1)
+            return cmd + _file_input(self.path) + self._output_args(limit, None)
+        if self._resample:
+            return cmd + self._resampling_input() + self._output_args(limit, self._resampling_filter())
+        return cmd + self._seeking_input() + self._output_args(limit, None)
+
+    def _seeking_input(self) -> list[str]:
+        """Source frames one for one. Frame k shows at video_start + k/fps; ffmpeg's accurate seek keeps
+        frames at or after the seek time, so aim half a frame early to be safe from timestamp rounding."""
+        if self.start_frame == 0:
+            return _file_input(self.path)
+        offset = self.info.video_start - self.info.container_start
+        seek = max(0.0, offset + (self.start_frame - 0.5) / self._fps)
+        return ["-ss", f"{seek:.6f}"] + _file_input(self.path)
+
+    def _resampling_input(self) -> list[str]:
+        """Resampled frames: keep the file's own timestamps (-copyts) and start decoding at the key
+        frame before the wanted time, so the fps filter lays the same time grid as for a read from
+        the start; the frames before start_frame are then cut by count in the filter."""
+        if self.start_frame == 0:
+            return ["-copyts"] + _file_input(self.path)
+        offset = self.info.video_start - self.info.container_start
+        seek = max(0.0, offset + self.start_frame / self._fps)
+        return ["-copyts", "-noaccurate_seek", "-ss", f"{seek:.6f}"] + _file_input(self.path)
+
+    def _resampling_filter(self) -> str:
+        # start_time pins slot 0 to the first frame; after a seek, fps pads the slots before the first
+        # decoded frame, which trim then drops, so slot k is frame k either way.
+        chain = f"fps=fps={_rate_arg(self._fps)}:start_time={self.info.video_start:.6f}"
+        if self.start_frame:
+            chain += f",trim=start_frame={self.start_frame}"
+        return chain
+
+    def _output_args(self, limit: int | None, video_filter: str | None) -> list[str]:
+        args = ["-map", "0:V:0", "-an", "-sn", "-dn"]
+        if video_filter:
+            args += ["-vf", video_filter]
+        if limit is not None:
+            args += ["-frames:v", str(limit)]
+        # passthrough: never let the muxer duplicate or drop frames behind our back.
+        return args + ["-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+
+    def _start(self) -> None:
+        cmd = self._command()
+        logger.debug("reading frames: %s", cmd)
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            bufsize=max(self._frame_bytes, 1 << 16),
+        )
+        self._stderr = _StderrDrain(self._proc.stderr)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._closed:
+            raise InputError("this FrameReader is closed; make a new one to read again")
+        if self.max_frames == 0:
+            self.close()
+            return
+        if self._proc is None:
+            self._start()
+        try:
+            while True:
+                frame = self._read_frame()
+                if frame is None:
+                    break
+                self.frames_read += 1
+                yield frame
+            self._finish()
+        finally:
+            self.close()
+
+    def _read_frame(self) -> np.ndarray | None:
+        buffer = bytearray(self._frame_bytes)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < self._frame_bytes:
+            count = self._proc.stdout.readinto(view[filled:])
+            if not count:
+                break
+            filled += count
+        if filled == 0:
+            return None
+        if filled < self._frame_bytes:
+            self._proc.wait()
+            self._stderr.join()
+            raise FFmpegError(
+                f"ffmpeg sent a partial frame from {self.path} ({filled} of {self._frame_bytes} bytes): the "
+                f"picture size does not match {self.width}x{self.height}. ffmpeg said:\n{self._stderr.tail()}"
+            )
+        return np.frombuffer(buffer, dtype=np.uint8).reshape(self.height, self.width, 3)
+
+    def _finish(self) -> None:
+        returncode = self._proc.wait()
+        self._stderr.join()
+        if returncode != 0:
+            raise FFmpegError(
+                f"ffmpeg stopped with exit code {returncode} while decoding {self.path} after "
+                f"{self.frames_read} frames:\n{self._stderr.tail()}"
+            )
+        logger.debug("read %d frames from %s", self.frames_read, self.path)
+
+    def close(self) -> None:
+        """Stop ffmpeg (if it still runs) and wait for it; safe to call more than once."""
+        self._closed = True
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        _stop_process(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if self._stderr is not None:
+            self._stderr.join()
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The running ffmpeg process, None before the first frame and after close()."""
+        return self._proc
+
+    def __enter__(self) -> FrameReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Last resort for a reader dropped without close(): never leave ffmpeg running.
+        if getattr(self, "_proc", None) is not None:
+            self.close()
+
+
+def read_frames(path, **kwargs) -> Iterator[np.ndarray]:
+    """Yield the RGB frames of a video or image (same keyword arguments as FrameReader)."""
+    with FrameReader(path, **kwargs) as reader:
+        yield from reader
+
+
+# --------------------------------------------------------------------------- writing frames
+
+
+class FrameWriter:
+    """Encode RGB uint8 frames to an H.264 (yuv420p) mp4 and mux an audio file in the same pass.
+
+    The output has exactly the frames written; the audio (AAC 192k) is cut to the video's length
+    or padded with silence up to it, and audio_offset_s > 0 delays it (< 0 skips its start).
+    yuv420p needs even sizes: an odd width or height gets one more column or row, a copy of the
+    edge next to it (no scaling, no lost pixels); ``encoded_size`` says what the file holds.
+
+    The file is written under a temporary name in the same folder and renamed to out_path only
+    when close() succeeds, so a failure or abort() never leaves a half-written out_path.
+    """
+
+    def __init__(self, out_path, width: int, height: int, fps: float, audio_path=None,
+                 crf: int = 18, preset: str = "medium", audio_offset_s: float = 0.0,
+                 protect: Iterable = ()) -> None:
+        self.out_path = os.path.abspath(os.fspath(out_path))
+        self.audio_path = os.fspath(audio_path) if audio_path is not None else None
+        self._check_arguments(width, height, fps, crf, protect)
+        self.width, self.height, self.fps = int(width), int(height), float(fps)
+        self.crf, self.preset, self.audio_offset_s = int(crf), preset, float(audio_offset_s)
+        self.encoded_size = (self.width + self.width % 2, self.height + self.height % 2)
+        self.frames_written = 0
+        self._frame_shape = (self.height, self.width, 3)
+        directory, name = os.path.split(self.out_path)
+        stem = os.path.splitext(name)[0]
+        self._temp_path = os.path.join(directory, f".{stem}.{uuid.uuid4().hex[:8]}.partial.mp4")
+        self._proc: subprocess.Popen | None = None
+        self._stderr: _StderrDrain | None = None
+        self._done = False
+        self._start()
+
+    def _check_arguments(self, width, height, fps, crf, protect) -> None:
+        if int(width) < 1 or int(height) < 1:
+            raise InputError(f"frame size must be positive, got {width}x{height}")
+        if not (math.isfinite(fps) and fps > 0):
+            raise InputError(f"fps must be a positive number, got {fps}")
+        if not 0 <= int(crf) <= 51:
+            raise InputError(f"crf must be between 0 (lossless) and 51 (worst), got {crf}")
+        directory = os.path.dirname(self.out_path)
+        if not os.path.isdir(directory):
+            raise InputError(f"the output folder {directory} does not exist; create it first")
+        if os.path.isdir(self.out_path):
+            raise InputError(f"the output path {self.out_path} is a folder; give a file name ending in .mp4")
+        guarded = [p for p in (*protect, self.audio_path) if p is not None]
+        for guarded_path in guarded:
+            if _same_file(self.out_path, os.fspath(guarded_path)):
+                raise InputError(
+                    f"the output path {self.out_path} is one of the inputs; choose another output name"
+                )
+        if self.audio_path is not None:
+            _require_file(self.audio_path, "audio")
+
+    def _command(self) -> list[str]:
+        width, height = self.encoded_size
+        cmd = _ffmpeg_base() + [
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
+            "-framerate", _rate_arg(self.fps), "-i", "pipe:0",
+        ]
+        if self.audio_path is not None:
+            if self.audio_offset_s < 0:
+                cmd += ["-ss", f"{-self.audio_offset_s:.6f}"]
+            cmd += _file_input(self.audio_path)
+        cmd += ["-map", "0:v:0"]
+        video_filters = []
+        if (width, height) != (self.width, self.height):
+            # pad, then copy the edge into the new row/column (fillborders smear) instead of black.
+            video_filters.append(
+                f"pad={width}:{height}:0:0,fillborders=right={width - self.width}:"
+                f"bottom={height - self.height}:mode=smear"
+            )
+        video_filters.append("format=yuv420p")
+        cmd += ["-vf", ",".join(video_filters)]
+        cmd += ["-c:v", "libx264", "-preset", self.preset, "-crf", str(self.crf), "-pix_fmt", "yuv420p"]
+        if self.audio_path is not None:
+            cmd += ["-map", "1:a:0", "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-af", self._audio_filter(),
+                    # apad makes the audio endless; -shortest then ends it with the last video frame.
+                    "-shortest"]
+        return cmd + ["-movflags", "+faststart", "-f", "mp4", "-y", self._temp_path]
+
+    def _audio_filter(self) -> str:
+        filters = []
+        if self.audio_offset_s > 0:
+            filters.append(f"adelay=delays={self.audio_offset_s * 1000:.3f}:all=1")
+        filters.append("apad")
+        return ",".join(filters)
+
+    def _start(self) -> None:
+        cmd = self._command()
+        logger.debug("writing frames: %s", cmd)
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._stderr = _StderrDrain(self._proc.stderr)
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one RGB uint8 frame of shape (height, width, 3)."""
+        if self._done:
+            raise InputError("this FrameWriter is closed; make a new one to write another file")
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.shape != self._frame_shape:
+            got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise InputError(f"a frame must be a uint8 array of shape {self._frame_shape}, got {got}")
+        try:
+            self._proc.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
+        except (BrokenPipeError, OSError) as error:
+            self.abort()
+            raise FFmpegError(
+                f"ffmpeg stopped while encoding {self.out_path} after {self.frames_written} frames:\n"
+                f"{self._stderr.tail()}"
+            ) from error
+        self.frames_written += 1
+
+    def close(self) -> str:
+        """Finish the file and move it to out_path; returns out_path. FFmpegError if encoding failed."""
+        if self._done:
+            if os.path.exists(self.out_path) and self._proc is None and self.frames_written:
+                return self.out_path
+            raise InputError("this FrameWriter was aborted; nothing was written")
+        if self.frames_written == 0:
+            self.abort()
+            raise InputError(f"no frames were written to {self.out_path}; an mp4 needs at least one frame")
+        self._done = True
+        proc, self._proc = self._proc, None
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass  # ffmpeg already gone: its exit code below tells why
+        returncode = proc.wait()
+        self._stderr.join()
+        if returncode != 0:
+            self._remove_temp()
+            raise FFmpegError(
+                f"ffmpeg failed to finish {self.out_path} (exit code {returncode}):\n{self._stderr.tail()}"
+            )
+        os.replace(self._temp_path, self.out_path)
+        logger.debug("wrote %d frames to %s", self.frames_written, self.out_path)
+        return self.out_path
+
+    def abort(self) -> None:
+        """Stop encoding and delete the partial file; out_path is left as it was."""
+        self._done = True
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _stop_process(proc)
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass  # the pipe is broken because ffmpeg was killed: nothing left to flush
+            self._stderr.join()
+        self._remove_temp()
+
+    def _remove_temp(self) -> None:
+        try:
+            os.remove(self._temp_path)
+        except FileNotFoundError:
+            pass
+
+    @property
+    def temp_path(self) -> str:
+        """Where the file is being written until close() renames it."""
+        return self._temp_path
+
+    def __enter__(self) -> FrameWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        if getattr(self, "_proc", None) is not None:
+            self.abort()
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def _require_audio(path) -> str:
+    path = os.fspath(path)
+    info = probe(path)
+    if not info.has_audio:
+        raise InputError(f"{path} has no audio track; give an audio file or a video with sound")
+    return path
+
+
+def extract_audio(path, out_wav, sample_rate: int = 16000, channels: int = 1) -> str:
+    """Write the audio of any audio or video file as 16-bit PCM WAV; returns out_wav."""
+    path = _require_audio(path)
+    out_wav = os.path.abspath(os.fspath(out_wav))
+    if _same_file(out_wav, path):
+        raise InputError(f"the output {out_wav} is the input file; choose another name")
+    directory = os.path.dirname(out_wav)
+    handle, temp_path = tempfile.mkstemp(prefix=".audio.", suffix=".partial.wav", dir=directory)
+    os.close(handle)
+    try:
+        run_ffmpeg(
+            _file_input(path) + ["-map", "0:a:0", "-vn", "-ac", str(channels), "-ar", str(sample_rate),
+                                 "-c:a", "pcm_s16le", "-f", "wav", "-y", temp_path],
+            f"extract the audio of {path}",
+        )
+        os.replace(temp_path, out_wav)
+    finally:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+    return out_wav
+
+
+def decode_audio(path, sample_rate: int = 16000) -> np.ndarray:
+    """The audio of a file as float32 mono samples in [-1, 1] at sample_rate."""
+    path = _require_audio(path)
+    result = run_ffmpeg(
+        _file_input(path) + ["-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(sample_rate),
+                             "-f", "f32le", "-c:a", "pcm_f32le", "pipe:1"],
+        f"decode the audio of {path}",
+    )
+    samples = np.frombuffer(result.stdout, dtype=np.float32).copy()
+    return np.clip(samples, -1.0, 1.0)

@@ -1,0 +1,385 @@
+"""Face detection, 468-point landmarks, temporal smoothing and the MuseTalk crop box.
+
+MediaPipe's face mesh on its own misses faces that are small in the frame (its built-in
+detector is short-range), so every frame goes through two stages:
+
+1. ``FaceDetection(model_selection=1)`` (full range) finds the faces in the whole frame;
+2. the face mesh runs on an enlarged, resized crop around the chosen face, where the face
+   fills a good part of the image, and its points are mapped back to frame pixels.
+
+Both models are small (about 7 ms each per call on one CPU core), so the detector runs on
+every frame: the face chosen (largest, or the N-th from the left) is decided afresh in
+every frame from the detector's boxes and can never drift to another person, which a
+tracker that follows the previous frame's points could do when two faces cross.
+
+The crop box follows MuseTalk's rules (MUSETALK_FACTS section 4), which were written for
+the 68-point landmark layout; ``OUTLINE_68`` and ``NOSE_29`` are the mesh points that stand
+in for it (see their comments for how they were chosen).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from musetalk.errors import InputError, NoFaceError
+
+logger = logging.getLogger(__name__)
+
+NUM_LANDMARKS = 468
+
+# The face oval of the mesh, in order around the face (clockwise in the image, starting at
+# the top of the forehead). Used for the box outline and for the blending masks.
+FACE_OVAL = (
+    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+)
+# The outer lip contour, in order (mouth corner 61, upper lip, corner 291, lower lip).
+LIPS_OUTER = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146)
+CHIN = 152
+
+# Which mesh points stand in for the 68-point layout. Checked on tests/data/face.jpg: the
+# 68-point mean face shape (dlib/iBUG 300-W) was fitted onto the mesh with a similarity
+# transform through seven unambiguous pairs (eye corners 36/39/42/45 = 33/133/362/263, mouth
+# corners 48/54 = 61/291, chin 8 = 152), then each 68-point position was matched to its
+# nearest mesh points:
+# - jaw line 0..16 lies along the face oval from 127 (temple, beside #0) through 234 (#1),
+#   the chin 152 (#8) and 454 (#15) to 356 (#16); the face oval's forehead arc (above
+#   127/356) is not part of the 68 points and is left out. The 68 points' x range on that
+#   image was 93..243 px, the mesh outline below gives 91..238 px.
+# - brows 17..26, eye contours 36..47, nose 27..35 and the outer lips 48..59 are the mesh's
+#   own brow, eye, nose and lip points; they never set the box's sides on a frontal face
+#   but they do on a turned head, as in the 68-point layout.
+_JAW_LINE = (127, 234, 93, 132, 58, 172, 136, 150, 149, 176, 148, 152,
+             377, 400, 378, 379, 365, 397, 288, 361, 323, 454, 356)
+_BROWS = (46, 53, 52, 65, 55, 70, 63, 105, 66, 107, 276, 283, 282, 295, 285, 300, 293, 334, 296, 336)
+_EYES = (33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7,
+         362, 398, 384, 385, 386, 387, 388, 466, 263, 249, 390, 373, 374, 380, 381, 382)
+_NOSE = (168, 6, 197, 195, 5, 4, 1, 2, 98, 97, 326, 327)
+OUTLINE_68 = np.array(sorted(set(_JAW_LINE + _BROWS + _EYES + _NOSE + LIPS_OUTER)), dtype=np.int64)
+# 68-point #29 (the bridge point just above the nose tip, the box's middle line): the fit
+# put it at y = 167.3 px; along the mesh's bridge 168 (#27, 140.4), 6, 197, 195 (164.0),
+# 5 (172.3), 4 (#30, 182.0), 1 (tip, 188.8). #29 is two thirds of the way from #27 to #30
+# (168.1 px): the mean of 195 and 5 (168.2 px) matches it better than either point alone.
+NOSE_29 = (195, 5)
+
+# The detector's box is enlarged this much around its centre before the mesh runs: the
+# detector's box spans brows to mouth, the mesh needs the whole head and some background.
+_CROP_EXPAND = 1.8
+# The crop is resized so its longer side is this many pixels: small faces are upscaled so
+# the mesh's own (short-range) detector finds them, big ones downscaled for speed (the mesh
+# model itself sees a 192 px image, so nothing is lost).
+_CROP_SIDE = 320
+# A mesh with fewer of its points inside the frame than this is treated as no face.
+_MIN_INSIDE_FRACTION = 0.5
+
+
+@dataclass
+class FaceTrack:
+    """Landmarks of one face through a video: what face analysis hands to the rest of the job."""
+
+    landmarks: np.ndarray  # [N, 468, 2] float32 pixel coordinates (x, y) in the frame; NaN rows where no face
+    has_face: np.ndarray  # [N] bool
+    width: int  # frame width in pixels
+    height: int  # frame height in pixels
+
+    def __len__(self) -> int:
+        return int(self.has_face.shape[0])
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[np.ndarray | None], width: int, height: int) -> FaceTrack:
+        """Build a track from per-frame results of ``FaceAnalyzer.landmarks`` (None = no face)."""
+        landmarks = np.full((len(rows), NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
+        has_face = np.zeros(len(rows), dtype=bool)
+        for index, row in enumerate(rows):
+            if row is not None:
+                landmarks[index] = row
+                has_face[index] = True
+        return cls(landmarks=landmarks, has_face=has_face, width=int(width), height=int(height))
+
+    def require_face(self, source: str = "the video") -> FaceTrack:
+        """Return self, or raise NoFaceError when no frame has a face."""
+        if not self.has_face.any():
+            raise NoFaceError(
+                f"No face was found in any of the {len(self)} frames of {source}. Use a video where one face "
+                "is visible and reasonably lit (frontal or slightly turned), or check --face-index."
+            )
+        return self
+
+
+class FaceAnalyzer:
+    """Finds one face per frame and its 468 mesh landmarks, with MediaPipe (models created once, lazily).
+
+    ``face_index`` None picks the largest face in each frame; N picks the N-th face counted
+    from the left (0-based); a frame with fewer faces counts as a frame with no face.
+    Use as a context manager, or call ``close()`` to release the models.
+    """
+
+    def __init__(self, face_index: int | None = None, min_confidence: float = 0.5):
+        if face_index is not None and face_index < 0:
+            raise InputError(f"face_index must be 0 or more (0 = the leftmost face), got {face_index}")
+        if not 0.0 < min_confidence < 1.0:
+            raise InputError(f"min_confidence must be between 0 and 1, got {min_confidence}")
+        self.face_index = face_index
+        self.min_confidence = min_confidence
+        self._detector: Any = None
+        self._mesh: Any = None
+
+    def __enter__(self) -> FaceAnalyzer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the MediaPipe graphs; the analyzer builds them again if used afterwards."""
+        for model in (self._detector, self._mesh):
+            if model is not None:
+                model.close()
+        self._detector = self._mesh = None
+
+    def _models(self) -> tuple[Any, Any]:
+        if self._detector is None:
+            import mediapipe as mp
+
+            self._detector = mp.solutions.face_detection.FaceDetection(
+                model_selection=1, min_detection_confidence=self.min_confidence
+            )
+            # static_image_mode: every crop is a new image (crops move from frame to frame, so
+            # the mesh's own frame-to-frame tracking would follow the wrong coordinates).
+            # Up to 3 faces so that a neighbour inside the crop cannot hide the one we want.
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=3, refine_landmarks=False,
+                min_detection_confidence=self.min_confidence,
+            )
+        return self._detector, self._mesh
+
+    def detect(self, frame_rgb: np.ndarray) -> np.ndarray:
+        """Face boxes found in a frame: [K, 4] float32 (x, y, w, h) in pixels, in the detector's order."""
+        frame_rgb = _check_frame(frame_rgb)
+        detector, _ = self._models()
+        height, width = frame_rgb.shape[:2]
+        result = detector.process(frame_rgb)
+        boxes = []
+        for detection in result.detections or ():
+            rel = detection.location_data.relative_bounding_box
+            boxes.append((rel.xmin * width, rel.ymin * height, rel.width * width, rel.height * height))
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+    def choose(self, boxes: np.ndarray) -> np.ndarray | None:
+        """The box of the face to dub among the detector's boxes, or None (see the class docstring)."""
+        if len(boxes) == 0:
+            return None
+        if self.face_index is None:
+            return boxes[int(np.argmax(boxes[:, 2] * boxes[:, 3]))]
+        if self.face_index >= len(boxes):
+            return None
+        left_to_right = np.argsort(boxes[:, 0] + boxes[:, 2] / 2, kind="stable")
+        return boxes[left_to_right[self.face_index]]
+
+    def landmarks(self, frame_rgb: np.ndarray) -> np.ndarray | None:
+        """The chosen face's 468 landmarks ([468, 2] float32 frame pixels), or None when there is none."""
+        frame_rgb = _check_frame(frame_rgb)
+        box = self.choose(self.detect(frame_rgb))
+        if box is None:
+            return None
+        return self._mesh_in_box(frame_rgb, box)
+
+    def _mesh_in_box(self, frame_rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+        """Run the mesh on an enlarged crop around a detector box; landmarks in frame pixels or None."""
+        _, mesh = self._models()
+        height, width = frame_rgb.shape[:2]
+        x, y, w, h = (float(v) for v in box)
+        centre_x, centre_y = x + w / 2, y + h / 2
+        half = max(w, h) * _CROP_EXPAND / 2
+        left, top = max(0, int(centre_x - half)), max(0, int(centre_y - half))
+        right, bottom = min(width, int(centre_x + half) + 1), min(height, int(centre_y + half) + 1)
+        if right - left < 8 or bottom - top < 8:
+            return None
+        scale = _CROP_SIDE / max(right - left, bottom - top)
+        crop = _resize(frame_rgb[top:bottom, left:right], scale)
+        result = mesh.process(crop)
+        if not result.multi_face_landmarks:
+            return None
+        crop_h, crop_w = crop.shape[:2]
+        candidates = [
+            np.array([(p.x * crop_w, p.y * crop_h) for p in face.landmark], dtype=np.float32) / scale
+            + np.array([left, top], dtype=np.float32)
+            for face in result.multi_face_landmarks
+        ]
+        # The mesh may see a neighbour in the crop: keep the face whose centre is nearest the
+        # detector's, and only if that centre lies inside the detector's box.
+        centres = np.array([points.mean(axis=0) for points in candidates])
+        best = int(np.argmin(np.hypot(centres[:, 0] - centre_x, centres[:, 1] - centre_y)))
+        points = candidates[best]
+        cx, cy = centres[best]
+        if not (x <= cx <= x + w and y <= cy <= y + h):
+            return None
+        inside = (points[:, 0] >= 0) & (points[:, 0] < width) & (points[:, 1] >= 0) & (points[:, 1] < height)
+        if inside.mean() < _MIN_INSIDE_FRACTION:
+            return None
+        return points
+
+    def analyze(
+        self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
+    ) -> FaceTrack:
+        """Landmarks of the chosen face in every frame; ``progress(n)`` is called with the frames done so far."""
+        rows: list[np.ndarray | None] = []
+        size: tuple[int, int] | None = None
+        for frame in frames:
+            frame = _check_frame(frame)
+            if size is None:
+                size = frame.shape[:2]
+            elif frame.shape[:2] != size:
+                raise InputError(
+                    f"Frame {len(rows)} is {frame.shape[1]}x{frame.shape[0]} but the first frame was "
+                    f"{size[1]}x{size[0]}; all frames of one video must have the same size."
+                )
+            rows.append(self.landmarks(frame))
+            if progress is not None:
+                progress(len(rows))
+        if size is None:
+            raise InputError("No frames to analyze: the video has no decodable frames.")
+        track = FaceTrack.from_rows(rows, width=size[1], height=size[0])
+        logger.info("face found in %d of %d frames", int(track.has_face.sum()), len(track))
+        return track
+
+
+def _check_frame(frame: np.ndarray) -> np.ndarray:
+    if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        described = getattr(frame, "shape", type(frame).__name__)
+        raise InputError(f"Expected an RGB frame as a uint8 array of shape [H, W, 3], got {described}.")
+    return np.ascontiguousarray(frame)
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    import cv2
+
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, size, interpolation=interpolation)
+
+
+# --------------------------------------------------------------------------- smoothing
+
+
+def smooth_track(track: FaceTrack, strength: float = 0.5, fps: float = 25.0) -> FaceTrack:
+    """Remove landmark jitter without lagging real motion; returns a new track (the input is untouched).
+
+    Each coordinate goes through a one-euro filter (a low-pass whose cutoff rises with the
+    speed, so still faces are smoothed hard and moving ones followed) run forward and
+    backward in time; the two passes lag in opposite directions and their mean does not lag.
+    Coordinates are measured in face sizes so the same strength suits small and big faces.
+    Runs of frames with a face are smoothed independently: nothing leaks across a gap.
+    ``strength`` 0 returns the landmarks unchanged, 1 smooths hardest.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise InputError(f"smoothing strength must be between 0 and 1, got {strength}")
+    if fps <= 0:
+        raise InputError(f"fps must be positive, got {fps}")
+    landmarks = track.landmarks.copy()
+    if strength > 0:
+        # strength 0.5 -> 1.3 Hz, 1 -> 0.3 Hz: the cutoff used while the face is still.
+        min_cutoff = 6.0 * 0.05**strength
+        for start, stop in _face_runs(track.has_face):
+            if stop - start >= 2:
+                landmarks[start:stop] = _smooth_run(landmarks[start:stop], fps, min_cutoff)
+    return FaceTrack(landmarks=landmarks, has_face=track.has_face.copy(), width=track.width, height=track.height)
+
+
+def _face_runs(has_face: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of consecutive frames with a face."""
+    padded = np.concatenate([[False], has_face.astype(bool), [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _smooth_run(points: np.ndarray, fps: float, min_cutoff: float) -> np.ndarray:
+    """Zero-lag one-euro smoothing of one run of frames ([T, 468, 2] -> same shape)."""
+    extent = np.nanmax(points, axis=1) - np.nanmin(points, axis=1)
+    face_size = max(float(np.median(np.hypot(extent[:, 0], extent[:, 1]))), 1.0)
+    flat = points.reshape(len(points), -1).astype(np.float64) / face_size
+    forward = _one_euro(flat, fps, min_cutoff)
+    backward = _one_euro(flat[::-1], fps, min_cutoff)[::-1]
+    return ((forward + backward) / 2 * face_size).reshape(points.shape).astype(np.float32)
+
+
+# Speed coefficient of the one-euro filter, per face size per second: a head moving one
+# face size per second raises the cutoff by 4 Hz, so it is followed within a frame or two.
+_BETA = 4.0
+# Cutoff of the low-pass on the speed estimate itself.
+_SPEED_CUTOFF = 1.0
+
+
+def _one_euro(signal: np.ndarray, fps: float, min_cutoff: float) -> np.ndarray:
+    """One-euro filter along axis 0 of [T, D], every column at once."""
+
+    def alpha(cutoff: np.ndarray | float) -> np.ndarray | float:
+        return 1.0 / (1.0 + fps / (2 * np.pi * cutoff))
+
+    out = np.empty_like(signal)
+    out[0] = estimate = signal[0]
+    speed = np.zeros(signal.shape[1])
+    speed_alpha = alpha(_SPEED_CUTOFF)
+    for t in range(1, len(signal)):
+        speed = speed + speed_alpha * ((signal[t] - estimate) * fps - speed)
+        weight = alpha(min_cutoff + _BETA * np.abs(speed))
+        estimate = estimate + weight * (signal[t] - estimate)
+        out[t] = estimate
+    return out
+
+
+# --------------------------------------------------------------------------- crop box
+
+
+def crop_boxes(track: FaceTrack, version: str = "v15", extra_margin: int = 10, bbox_shift: int = 0) -> np.ndarray:
+    """MuseTalk's crop box per frame: [N, 4] int32 (x1, y1, x2, y2); -1 rows where there is nothing to crop.
+
+    x1/x2 = the outline's min/max x, y2 = its max y (the chin), mid = y of the #29 stand-in,
+    y1 = mid - (y2 - mid). v15 adds ``extra_margin`` below the chin; v1 moves mid by
+    ``bbox_shift`` (positive opens the mouth more). Clipped to the frame; a box with no area
+    falls back to the bounding box of all 468 landmarks. Rows are -1 for frames without a face
+    and for the rare face whose landmarks all lie outside the frame: treat both as no face.
+    """
+    if version not in ("v15", "v1"):
+        raise InputError(f"version must be 'v15' or 'v1', got {version!r}")
+    boxes = np.full((len(track), 4), -1, dtype=np.int32)
+    if not track.has_face.any():
+        return boxes
+    points = track.landmarks[track.has_face].astype(np.float64)
+    outline = points[:, OUTLINE_68]
+    x1 = outline[:, :, 0].min(axis=1)
+    x2 = outline[:, :, 0].max(axis=1)
+    y2 = outline[:, :, 1].max(axis=1)
+    mid = points[:, list(NOSE_29), 1].mean(axis=1)
+    if version == "v1":
+        mid = mid + bbox_shift
+    y1 = mid - (y2 - mid)
+    if version == "v15":
+        y2 = y2 + extra_margin
+    chosen = _clip_boxes(np.stack([x1, y1, x2, y2], axis=1), track.width, track.height)
+    fallback = _clip_boxes(
+        np.stack([points[..., 0].min(1), points[..., 1].min(1), points[..., 0].max(1), points[..., 1].max(1)], 1),
+        track.width, track.height,
+    )
+    chosen[_no_area(chosen)] = fallback[_no_area(chosen)]
+    # Landmarks wholly outside the frame leave nothing to crop: such rows are -1 as well.
+    chosen[_no_area(chosen)] = -1
+    boxes[track.has_face] = chosen
+    return boxes
+
+
+def _no_area(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+
+
+def _clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Round float boxes to whole pixels and clip them to the frame."""
+    rounded = np.rint(boxes)
+    rounded[:, [0, 2]] = np.clip(rounded[:, [0, 2]], 0, width)
+    rounded[:, [1, 3]] = np.clip(rounded[:, [1, 3]], 0, height)
+    return rounded.astype(np.int32)

@@ -1,0 +1,135 @@
+"""Small models of the real classes, saved in the official on-disk layout.
+
+Tests and ``musetalk bench --model tiny|full`` use them: the files go through the same
+loading code as the downloaded weights, so the loader is what gets tested. The weights are
+random; the outputs are meaningless pictures of the right size, which is all a test of the
+plumbing needs.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+# The official UNet config (facts section 1), shipped so the full-size architecture can be built
+# without downloading anything.
+FULL_UNET_CONFIG = "musetalk.json"
+
+TINY_UNET = {
+    "block_out_channels": [32, 32, 32, 64],
+    "layers_per_block": 1,
+    "sample_size": 32,
+}
+TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 256,
+}
+TINY_WHISPER = {
+    "d_model": 384,  # the audio token width the UNet's cross attention expects
+    "encoder_layers": 4,  # 5 hidden states, as whisper-tiny
+    "encoder_attention_heads": 6,
+    "encoder_ffn_dim": 64,
+    "decoder_layers": 1,
+    "decoder_attention_heads": 6,
+    "decoder_ffn_dim": 64,
+    "num_mel_bins": 80,
+    "max_source_positions": 1500,
+    "max_target_positions": 32,
+    "vocab_size": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 1,
+    "suppress_tokens": [],
+    "begin_suppress_tokens": [],
+}
+
+
+def full_unet_config() -> dict:
+    return json.loads(resources.files("musetalk.model_configs").joinpath(FULL_UNET_CONFIG).read_text())
+
+
+def tiny_unet_config() -> dict:
+    return {**full_unet_config(), **TINY_UNET}
+
+
+def save_unet(models_dir: Path, config: dict, version: str = "v15", seed: int = 0) -> Path:
+    """A UNet with random weights as ``musetalkV15/{musetalk.json, unet.pth}`` (or v1's names)."""
+    import torch
+
+    from musetalk.models import build_unet
+
+    folder, weights_name = ("musetalkV15", "unet.pth") if version == "v15" else ("musetalk", "pytorch_model.bin")
+    target = Path(models_dir) / folder
+    target.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = build_unet(config)
+    (target / "musetalk.json").write_text(json.dumps(config, indent=2))
+    torch.save(unet.state_dict(), target / weights_name)
+    return target
+
+
+def save_vae(models_dir: Path, config: dict | None = None, seed: int = 0) -> Path:
+    """An AutoencoderKL as ``sd-vae/{config.json, diffusion_pytorch_model.bin}``, its mid-block
+    attention saved under the old key names (query/key/value/proj_attn) as sd-vae-ft-mse's file is."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    target = Path(models_dir) / "sd-vae"
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**(config or TINY_VAE))
+    vae.save_pretrained(target, safe_serialization=False)
+    weights_path = target / "diffusion_pytorch_model.bin"
+    state = torch.load(weights_path, weights_only=True)
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    old_style = {}
+    for key, value in state.items():
+        for new, old in renames.items():
+            if "mid_block.attentions" in key and new in key:
+                key = key.replace(new, old)
+        old_style[key] = value
+    torch.save(old_style, weights_path)
+    return target
+
+
+def save_whisper(models_dir: Path, config: dict | None = None, seed: int = 0) -> Path:
+    """A whisper model saved whole (encoder and decoder, keys prefixed ``model.``) as
+    openai/whisper-tiny is, with its feature extractor, as ``whisper/``."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    target = Path(models_dir) / "whisper"
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(WhisperConfig(**(config or TINY_WHISPER)))
+    model.save_pretrained(target)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(target)
+    return target
+
+
+def save_tiny_models(models_dir: Path, versions: tuple[str, ...] = ("v15", "v1")) -> Path:
+    """Every file the pipeline loads, at tiny sizes, in the official layout under ``models_dir``."""
+    models_dir = Path(models_dir)
+    for index, version in enumerate(versions):
+        save_unet(models_dir, tiny_unet_config(), version, seed=index)
+    save_vae(models_dir)
+    save_whisper(models_dir)
+    return models_dir
+
+
+def save_full_size_models(models_dir: Path, version: str = "v15") -> Path:
+    """The full-size UNet (random weights, 3.4 GB on disk) with tiny VAE and whisper replaced by
+    their real architectures' configs is what ``bench --model full`` needs; this saves the UNet only
+    beside tiny others, for measuring the UNet's real cost without a download."""
+    models_dir = Path(models_dir)
+    save_unet(models_dir, full_unet_config(), version)
+    save_vae(models_dir)
+    save_whisper(models_dir)
+    return models_dir

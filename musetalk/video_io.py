@@ -336,7 +336,7 @@ def _raise_for_unreadable(path: str, returncode: int, stderr: str, header: _Head
         raise InputError(
             f"{path} is not a video, image or audio file that ffmpeg can read (or it is corrupt or cut "
             f"short); give an mp4/mov/mkv/webm video, a jpg/png/webp image or a wav/mp3 audio file. "
-            f"ffmpeg said: {_tail(lines, 2)}"
+            f"ffmpeg said: {_tail(lines, 1)}"
         )
     if "partial file" in stderr:
         raise InputError(f"{path} is cut short (an incomplete download or copy?); give the complete file")
@@ -598,6 +598,10 @@ class FrameWriter:
 
     The output has exactly the frames written; the audio (AAC 192k) is cut to the video's length
     or padded with silence up to it, and audio_offset_s > 0 delays it (< 0 skips its start).
+    Give total_frames when the length is known in advance: the audio is then cut and padded exactly
+    in the one encoding pass. Without it ffmpeg's ``apad`` + ``-shortest`` is used, which can run the
+    audio on for up to a second when frames arrive slowly, so close() then trims the audio by a
+    stream copy (no re-encode) when it came out longer than the video.
     yuv420p needs even sizes: an odd width or height gets one more column or row, a copy of the
     edge next to it (no scaling, no lost pixels); ``encoded_size`` says what the file holds.
 
@@ -607,12 +611,15 @@ class FrameWriter:
 
     def __init__(self, out_path, width: int, height: int, fps: float, audio_path=None,
                  crf: int = 18, preset: str = "medium", audio_offset_s: float = 0.0,
-                 protect: Iterable = ()) -> None:
+                 protect: Iterable = (), total_frames: int | None = None) -> None:
         self.out_path = os.path.abspath(os.fspath(out_path))
         self.audio_path = os.fspath(audio_path) if audio_path is not None else None
         self._check_arguments(width, height, fps, crf, protect)
         self.width, self.height, self.fps = int(width), int(height), float(fps)
         self.crf, self.preset, self.audio_offset_s = int(crf), preset, float(audio_offset_s)
+        if total_frames is not None and total_frames < 1:
+            raise InputError(f"total_frames must be 1 or more, got {total_frames}")
+        self.total_frames = total_frames
         self.encoded_size = (self.width + self.width % 2, self.height + self.height % 2)
         self.frames_written = 0
         self._frame_shape = (self.height, self.width, 3)
@@ -667,16 +674,21 @@ class FrameWriter:
         cmd += ["-vf", ",".join(video_filters)]
         cmd += ["-c:v", "libx264", "-preset", self.preset, "-crf", str(self.crf), "-pix_fmt", "yuv420p"]
         if self.audio_path is not None:
-            cmd += ["-map", "1:a:0", "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-af", self._audio_filter(),
-                    # apad makes the audio endless; -shortest then ends it with the last video frame.
-                    "-shortest"]
+            cmd += ["-map", "1:a:0", "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-af", self._audio_filter()]
+            if self.total_frames is None:
+                # apad makes the audio endless; -shortest then ends it near the last video frame.
+                cmd += ["-shortest"]
         return cmd + ["-movflags", "+faststart", "-f", "mp4", "-y", self._temp_path]
 
     def _audio_filter(self) -> str:
         filters = []
         if self.audio_offset_s > 0:
             filters.append(f"adelay=delays={self.audio_offset_s * 1000:.3f}:all=1")
-        filters.append("apad")
+        if self.total_frames is None:
+            filters.append("apad")
+        else:
+            seconds = f"{self.total_frames / self.fps:.6f}"
+            filters += [f"atrim=end={seconds}", f"apad=whole_dur={seconds}"]
         return ",".join(filters)
 
     def _start(self) -> None:
@@ -724,9 +736,38 @@ class FrameWriter:
             raise FFmpegError(
                 f"ffmpeg failed to finish {self.out_path} (exit code {returncode}):\n{self._stderr.tail()}"
             )
+        if self.total_frames is not None and self.total_frames != self.frames_written:
+            logger.warning(
+                "%s: %d frames were announced but %d written; the audio was cut/padded to the announced length",
+                self.out_path, self.total_frames, self.frames_written,
+            )
+        if self.audio_path is not None and self.total_frames is None:
+            self._trim_audio_overrun()
         os.replace(self._temp_path, self.out_path)
         logger.debug("wrote %d frames to %s", self.frames_written, self.out_path)
         return self.out_path
+
+    def _trim_audio_overrun(self) -> None:
+        """Cut audio that -shortest let run past the last frame (stream copy, nothing re-encoded)."""
+        video_seconds = self.frames_written / self.fps
+        audio_seconds = _audio_stream_end(self._temp_path)
+        # One AAC frame (1024 samples, about 21-23 ms) is the finest cut a stream copy can make.
+        if audio_seconds <= video_seconds + 0.025:
+            return
+        logger.debug("%s: trimming audio from %.3f s to %.3f s", self.out_path, audio_seconds, video_seconds)
+        trimmed = self._temp_path[: -len(".mp4")] + ".trim.mp4"
+        try:
+            run_ffmpeg(
+                _file_input(self._temp_path) + ["-map", "0", "-c", "copy", "-t", f"{video_seconds:.6f}",
+                                                 "-movflags", "+faststart", "-f", "mp4", "-y", trimmed],
+                f"trim the audio of {self.out_path}",
+            )
+            os.replace(trimmed, self._temp_path)
+        except BaseException:
+            for leftover in (trimmed, self._temp_path):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+            raise
 
     def abort(self) -> None:
         """Stop encoding and delete the partial file; out_path is left as it was."""
@@ -767,6 +808,19 @@ class FrameWriter:
 
 
 # --------------------------------------------------------------------------- audio
+
+
+def _audio_stream_end(path: str) -> float:
+    """Seconds from the container's start to the end of the first audio stream (0.0 without audio)."""
+    result = run_ffmpeg(
+        _file_input(path) + ["-map", "0:a:0?", "-c", "copy", "-f", "framecrc", "-"],
+        f"read the audio packets of {path}",
+    )
+    audio = _parse_packets(result.stdout.decode("utf-8", "replace")).get("audio")
+    if not audio or not audio.pts:
+        return 0.0
+    start, duration = _stream_span(audio)
+    return max(0.0, start) + duration
 
 
 def _require_audio(path) -> str:

@@ -67,7 +67,9 @@ def _as_waveform(wav: Any, name: str = "wav") -> np.ndarray:
     """A 1-D float32 array of finite samples, or InputError."""
     array = np.asarray(wav)
     if array.ndim != 1:
-        raise InputError(f"{name} must be a mono waveform (1-D array), got shape {array.shape}; mix channels down first")
+        raise InputError(
+            f"{name} must be a mono waveform (1-D array), got shape {array.shape}; mix channels down first"
+        )
     if not np.issubdtype(array.dtype, np.floating):
         raise InputError(f"{name} must hold float samples in [-1, 1], got dtype {array.dtype}")
     array = array.astype(np.float32, copy=False)
@@ -449,6 +451,9 @@ def frame_features(features: np.ndarray, indices: np.ndarray) -> np.ndarray:
             f"window indices run from {indices.min()} to {indices.max()} but the features have {steps} steps; "
             "build them with chunk_indices(..., num_steps=features.shape[0])"
         )
-    gathered = features[np.clip(indices, 0, None)] if steps else np.zeros(indices.shape + (layers, width), features.dtype)
+    if steps == 0:  # nothing to gather: every index is -1
+        gathered = np.zeros(indices.shape + (layers, width), dtype=features.dtype)
+    else:
+        gathered = features[np.clip(indices, 0, None)]  # fancy indexing copies, so zeroing is safe
     gathered[indices < 0] = 0
     return gathered.reshape(indices.shape[0], indices.shape[1] * layers, width)

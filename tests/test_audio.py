@@ -180,6 +180,25 @@ def test_detect_speech_finds_speech_not_the_pause(speech_pause_speech):
     assert _fraction_speech(segments, 2.0, 2.35) == 0.0
 
 
+def _read_pcm16_wav(path: Path) -> np.ndarray:
+    import wave
+
+    with wave.open(str(path)) as handle:
+        assert (handle.getnchannels(), handle.getsampwidth(), handle.getframerate()) == (1, 2, SR)
+        frames = handle.readframes(handle.getnframes())
+    return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def test_detect_speech_on_real_speech_example():
+    """examples/speech.wav (eSpeak NG, 7.6 s): speech, a pause from about 2.6 s to 3.5 s, speech."""
+    wav = _read_pcm16_wav(REPO_ROOT / "examples" / "speech.wav")
+    segments = detect_speech(wav)
+    assert _fraction_speech(segments, 2.75, 3.4) == 0.0
+    assert _fraction_speech(segments, 1.0, 2.5) == 1.0
+    assert _fraction_speech(segments, 3.55, 7.0) == 1.0
+    assert segments.speech_seconds >= 5.0
+
+
 def test_gate_silence_zeroes_the_pause_and_keeps_speech(speech_pause_speech):
     wav = speech_pause_speech
     segments = detect_speech(wav)

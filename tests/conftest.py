@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny models in the official layout, and small media made on the fly."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from musetalk.testing import save_tiny_models
+from musetalk.video_io import ffmpeg_exe
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """Tiny UNets (v1.5 and v1.0), VAE and whisper, saved as the official download lays them out."""
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def ffmpeg(*args: str) -> None:
+    """Run ffmpeg quietly on local files; a failure fails the test with ffmpeg's message."""
+    completed = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
+                               capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+
+
+@pytest.fixture(scope="session")
+def face_clip(tmp_path_factory) -> Path:
+    """1.2 s (30 frames, 25 fps) of the example face at 216x252, with no audio."""
+    path = tmp_path_factory.mktemp("media") / "face.mp4"
+    ffmpeg("-i", str(EXAMPLES / "face.mp4"), "-t", "1.2", "-vf", "scale=216:252", "-an",
+           "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_clip(tmp_path_factory) -> Path:
+    """The first 1.6 s of the example speech (40 frames at 25 fps)."""
+    path = tmp_path_factory.mktemp("media") / "speech.wav"
+    ffmpeg("-i", str(EXAMPLES / "speech.wav"), "-t", "1.6", str(path))
+    return path

@@ -89,8 +89,6 @@ def blend_mask(
     if not (left <= sx1 < sx2 <= left + side and top <= sy1 < sy2 <= top + side):
         raise InputError(f"square {tuple(square)} is not the face_square of box {tuple(box)}; use face_square(box, ...)")
 
-    import cv2
-
     points = landmarks - np.array([left, top], dtype=np.float32)
     if mode == "mouth":
         region = _mouth_region(points, side)
@@ -106,8 +104,24 @@ def blend_mask(
     region[: int(side * upper_boundary_ratio) + radius + 1] = 0
     visible = (slice(sy1 - top, sy2 - top), slice(sx1 - left, sx2 - left))
     _clear_edges(region, visible, radius + 1)
-    mask = cv2.GaussianBlur(region.astype(np.float32), (kernel, kernel), 0)
+    mask = _blur_where_set(region, kernel)
     return np.clip(mask[visible], 0.0, 1.0)
+
+
+def _blur_where_set(region: np.ndarray, kernel: int) -> np.ndarray:
+    """Gaussian blur of a 0/1 region, computed only around its set pixels (the rest stays exactly 0)."""
+    import cv2
+
+    mask = np.zeros(region.shape, dtype=np.float32)
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if rows.size == 0:
+        return mask
+    pad = kernel // 2 + 1
+    r1, r2 = max(0, rows[0] - pad), min(region.shape[0], rows[-1] + 1 + pad)
+    c1, c2 = max(0, cols[0] - pad), min(region.shape[1], cols[-1] + 1 + pad)
+    part = region[r1:r2, c1:c2].astype(np.float32)
+    mask[r1:r2, c1:c2] = cv2.GaussianBlur(part, (kernel, kernel), 0, borderType=cv2.BORDER_CONSTANT)
+    return mask
 
 
 def _check_landmarks(landmarks: np.ndarray) -> np.ndarray:
@@ -134,11 +148,11 @@ def _lower_face_region(points: np.ndarray, side: int, jaw: bool) -> np.ndarray:
 
     region = _fill(side, points[list(FACE_OVAL)])
     if jaw:
-        # A kernel that is set only in its upper half grows the region downward, never up.
+        # A rectangular kernel anchored on its bottom row grows the region downward, never up
+        # (and a little sideways); rectangular kernels take OpenCV's fast separable path.
         grow = max(3, int(side * _JAW_GROWTH) // 2 * 2 + 1)
-        kernel = np.zeros((2 * grow + 1, grow), dtype=np.uint8)
-        kernel[: grow + 1] = 1
-        region = cv2.dilate(region, kernel)
+        kernel = np.ones((grow + 1, grow), dtype=np.uint8)
+        region = cv2.dilate(region, kernel, anchor=(grow // 2, grow))
     return region
 
 
@@ -206,15 +220,20 @@ def paste_face(frame: np.ndarray, face_256: np.ndarray, box: Box, square: Box, m
     if mask.shape != (sy2 - sy1, sx2 - sx1):
         raise InputError(f"The mask is {mask.shape} but the square is {(sy2 - sy1, sx2 - sx1)}; build it with blend_mask.")
 
-    original = frame[sy1:sy2, sx1:sx2]
-    composed = original.copy()
+    composed = frame[sy1:sy2, sx1:sx2].copy()
     composed[y1 - sy1 : y2 - sy1, x1 - sx1 : x2 - sx1] = cv2.resize(
         face_256, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LANCZOS4
     )
-    alpha = mask.astype(np.float32)[..., None]
-    blended = original + alpha * (composed.astype(np.float32) - original)
     result = frame.copy()
-    result[sy1:sy2, sx1:sx2] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return result
+    # Blend only the part of the square where the mask is set: the rest stays bit-identical.
+    r1, r2, c1, c2 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    original = frame[sy1 + r1 : sy1 + r2, sx1 + c1 : sx1 + c2].astype(np.float32)
+    alpha = mask[r1:r2, c1:c2].astype(np.float32)[..., None]
+    blended = original + alpha * (composed[r1:r2, c1:c2].astype(np.float32) - original)
+    result[sy1 + r1 : sy1 + r2, sx1 + c1 : sx1 + c2] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return result
 
 

@@ -9,8 +9,11 @@ detector is short-range), so every frame goes through two stages:
 
 Both models are small (about 7 ms each per call on one CPU core), so the detector runs on
 every frame: the face chosen (largest, or the N-th from the left) is decided afresh in
-every frame from the detector's boxes and can never drift to another person, which a
-tracker that follows the previous frame's points could do when two faces cross.
+every frame from the detector's boxes, and cannot drift to another person the way a
+tracker that only follows the previous frame's points can when two faces cross. Only when
+the detector finds no face at all does ``analyze`` look where the previous frame's face was
+(the mesh must find a face whose centre stays in that area), and then in overlapping tiles
+of the frame, where a small face is shrunk less than in the whole frame.
 
 The crop box follows MuseTalk's rules (MUSETALK_FACTS section 4), which were written for
 the 68-point landmark layout; ``OUTLINE_68`` and ``NOSE_29`` are the mesh points that stand
@@ -159,16 +162,38 @@ class FaceAnalyzer:
         return self._detector, self._mesh
 
     def detect(self, frame_rgb: np.ndarray) -> np.ndarray:
-        """Face boxes found in a frame: [K, 4] float32 (x, y, w, h) in pixels, in the detector's order."""
+        """Face boxes found in a frame: [K, 4] float32 (x, y, w, h) in pixels.
+
+        The detector sees the whole frame shrunk to 192 px, where a small face in a wide frame
+        can fall under its limit; when it finds nothing, it looks again in overlapping tiles
+        (each shrunk less) and merges what the tiles found.
+        """
         frame_rgb = _check_frame(frame_rgb)
+        boxes, _ = self._detect_in(frame_rgb)
+        if len(boxes) == 0:
+            boxes = self._detect_in_tiles(frame_rgb)
+        return boxes
+
+    def _detect_in(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One detector call: boxes [K, 4] (x, y, w, h) in the image's pixels and their scores [K]."""
         detector, _ = self._models()
-        height, width = frame_rgb.shape[:2]
-        result = detector.process(frame_rgb)
-        boxes = []
+        height, width = image.shape[:2]
+        result = detector.process(np.ascontiguousarray(image))
+        boxes, scores = [], []
         for detection in result.detections or ():
             rel = detection.location_data.relative_bounding_box
             boxes.append((rel.xmin * width, rel.ymin * height, rel.width * width, rel.height * height))
-        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            scores.append(detection.score[0] if detection.score else 0.0)
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(scores, dtype=np.float32)
+
+    def _detect_in_tiles(self, frame_rgb: np.ndarray) -> np.ndarray:
+        """Detections from overlapping tiles of the frame, merged (duplicates on overlaps removed)."""
+        all_boxes, all_scores = [], []
+        for left, top, side in _tiles(*frame_rgb.shape[:2]):
+            boxes, scores = self._detect_in(frame_rgb[top : top + side, left : left + side])
+            all_boxes.append(boxes + np.array([left, top, 0, 0], dtype=np.float32))
+            all_scores.append(scores)
+        return _suppress_duplicates(np.concatenate(all_boxes), np.concatenate(all_scores))
 
     def choose(self, boxes: np.ndarray) -> np.ndarray | None:
         """The box of the face to dub among the detector's boxes, or None (see the class docstring)."""
@@ -188,6 +213,20 @@ class FaceAnalyzer:
         if box is None:
             return None
         return self._mesh_in_box(frame_rgb, box)
+
+    def _landmarks_after(self, frame_rgb: np.ndarray, previous: np.ndarray | None) -> np.ndarray | None:
+        """Like ``landmarks``, but when the detector misses the face that the previous frame had,
+        the mesh looks where that face was (the same face: its centre must stay inside that area)."""
+        if previous is None:
+            return self.landmarks(frame_rgb)
+        boxes, _ = self._detect_in(frame_rgb)
+        if len(boxes) > 0:
+            box = self.choose(boxes)
+            return None if box is None else self._mesh_in_box(frame_rgb, box)
+        followed = self._mesh_in_box(frame_rgb, _landmark_box(previous))
+        if followed is not None:
+            return followed
+        return self.landmarks(frame_rgb)
 
     def _mesh_in_box(self, frame_rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
         """Run the mesh on an enlarged crop around a detector box; landmarks in frame pixels or None."""
@@ -239,7 +278,7 @@ class FaceAnalyzer:
                     f"Frame {len(rows)} is {frame.shape[1]}x{frame.shape[0]} but the first frame was "
                     f"{size[1]}x{size[0]}; all frames of one video must have the same size."
                 )
-            rows.append(self.landmarks(frame))
+            rows.append(self._landmarks_after(frame, rows[-1] if rows else None))
             if progress is not None:
                 progress(len(rows))
         if size is None:
@@ -247,6 +286,44 @@ class FaceAnalyzer:
         track = FaceTrack.from_rows(rows, width=size[1], height=size[0])
         logger.info("face found in %d of %d frames", int(track.has_face.sum()), len(track))
         return track
+
+
+def _landmark_box(points: np.ndarray) -> np.ndarray:
+    """(x, y, w, h) bounding box of landmarks."""
+    low, high = points.min(axis=0), points.max(axis=0)
+    return np.array([low[0], low[1], high[0] - low[0], high[1] - low[1]], dtype=np.float32)
+
+
+def _tiles(height: int, width: int) -> list[tuple[int, int, int]]:
+    """(left, top, side) of square tiles that cover the frame with at least a quarter overlap.
+
+    A wide or tall frame gets tiles as big as its short side; a squarish one a 2x2 grid.
+    """
+    short, long = min(height, width), max(height, width)
+    side = short if long >= 1.3 * short else int(0.6 * short)
+
+    def starts(length: int) -> list[int]:
+        count = int(np.ceil(max(0, length - side) / (0.75 * side))) + 1
+        return sorted({int(round(v)) for v in np.linspace(0, length - side, count)})
+
+    return [(left, top, side) for top in starts(height) for left in starts(width)]
+
+
+def _suppress_duplicates(boxes: np.ndarray, scores: np.ndarray, overlap: float = 0.4) -> np.ndarray:
+    """Keep the best-scored of boxes that overlap (intersection over union above ``overlap``)."""
+    kept: list[int] = []
+    for index in np.argsort(-scores, kind="stable"):
+        if all(_iou(boxes[index], boxes[other]) <= overlap for other in kept):
+            kept.append(int(index))
+    return boxes[sorted(kept)].reshape(-1, 4)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(0.0, float(width)) * max(0.0, float(height))
+    union = float(a[2] * a[3] + b[2] * b[3]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _check_frame(frame: np.ndarray) -> np.ndarray:

@@ -126,6 +126,7 @@ class LipSyncPipeline:
         writer = video_io.FrameWriter(
             output, width, height, fps, audio_path=audio_info.path, crf=options.crf,
             audio_offset_s=options.av_offset_ms / 1000.0, protect=[video_info.path, audio_info.path],
+            total_frames=num_frames,
         )
         try:
             redrawn = self._generate(video_info, fps, frame_sources, faces, features, windows, options,

@@ -87,7 +87,9 @@ def blend_mask(
     left, top, side = _full_square(box)
     sx1, sy1, sx2, sy2 = (int(v) for v in square)
     if not (left <= sx1 < sx2 <= left + side and top <= sy1 < sy2 <= top + side):
-        raise InputError(f"square {tuple(square)} is not the face_square of box {tuple(box)}; use face_square(box, ...)")
+        raise InputError(
+            f"square {tuple(square)} is not the face_square of box {tuple(box)}; use face_square(box, ...)"
+        )
 
     points = landmarks - np.array([left, top], dtype=np.float32)
     if mode == "mouth":
@@ -216,9 +218,13 @@ def paste_face(frame: np.ndarray, face_256: np.ndarray, box: Box, square: Box, m
     x1, y1, x2, y2 = _check_box(box, frame)
     sx1, sy1, sx2, sy2 = _check_box(square, frame)
     if not (sx1 <= x1 and sy1 <= y1 and x2 <= sx2 and y2 <= sy2):
-        raise InputError(f"The face box {tuple(box)} is not inside the square {tuple(square)}; use face_square(box, ...).")
+        raise InputError(
+            f"The face box {tuple(box)} is not inside the square {tuple(square)}; use face_square(box, ...)."
+        )
     if mask.shape != (sy2 - sy1, sx2 - sx1):
-        raise InputError(f"The mask is {mask.shape} but the square is {(sy2 - sy1, sx2 - sx1)}; build it with blend_mask.")
+        raise InputError(
+            f"The mask is {mask.shape} but the square is {(sy2 - sy1, sx2 - sx1)}; build it with blend_mask."
+        )
 
     composed = frame[sy1:sy2, sx1:sx2].copy()
     composed[y1 - sy1 : y2 - sy1, x1 - sx1 : x2 - sx1] = cv2.resize(

@@ -220,13 +220,13 @@ class FaceAnalyzer:
         if previous is None:
             return self.landmarks(frame_rgb)
         boxes, _ = self._detect_in(frame_rgb)
-        if len(boxes) > 0:
-            box = self.choose(boxes)
-            return None if box is None else self._mesh_in_box(frame_rgb, box)
-        followed = self._mesh_in_box(frame_rgb, _landmark_box(previous))
-        if followed is not None:
-            return followed
-        return self.landmarks(frame_rgb)
+        if len(boxes) == 0:
+            followed = self._mesh_in_box(frame_rgb, _landmark_box(previous))
+            if followed is not None:
+                return followed
+            boxes = self._detect_in_tiles(frame_rgb)
+        box = self.choose(boxes)
+        return None if box is None else self._mesh_in_box(frame_rgb, box)
 
     def _mesh_in_box(self, frame_rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
         """Run the mesh on an enlarged crop around a detector box; landmarks in frame pixels or None."""

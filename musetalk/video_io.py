@@ -39,6 +39,15 @@ STILL_IMAGE_CODECS = frozenset(
      "pgmyuv", "pbm", "pam", "qoi", "sgi", "targa", "dpx", "exr", "pcx", "xbm", "xwd", "sunrast",
      "photocd", "hdr", "psd", "vbn", "apng"}
 )
+# Frame rates cameras and editors use; NTSC ones are exact fractions.
+STANDARD_RATES = tuple(
+    Fraction(n, d) for n, d in [(24000, 1001), (24, 1), (25, 1), (30000, 1001), (30, 1), (48, 1), (50, 1),
+                                (60000, 1001), (60, 1), (90, 1), (100, 1), (120000, 1001), (120, 1),
+                                (12, 1), (15, 1), (10, 1), (5, 1)]
+)
+# Containers whose key-frame index makes seeking land at or before the target; others are read
+# from the start when a reader begins at a later frame.
+INDEXED_FORMATS = frozenset({"mov", "mp4", "matroska", "webm", "avi"})
 AUDIO_BITRATE = "192k"
 # Lines of ffmpeg's log kept for error messages.
 STDERR_TAIL_LINES = 40
@@ -307,10 +316,19 @@ def _frame_timing(packets: _Packets, header_fps: float | None) -> tuple[float, b
     tolerance = max(1.0, 0.1 * median)
     is_vfr = any(abs(d - median) > tolerance for d in deltas)
     if not is_vfr:
-        mean = sum(deltas) / len(deltas)
-        return float(1 / (Fraction(mean).limit_denominator(1_000_000) * packets.time_base)), False
+        mean = Fraction(pts[-1] - pts[0], len(deltas))
+        return _snap_rate(float(1 / (mean * packets.time_base))), False
     _, duration = _stream_span(packets)
     return len(packets.pts) / duration, True
+
+
+def _snap_rate(fps: float) -> float:
+    """A rate measured from rounded timestamps (mkv counts milliseconds: 29.966 for 30000/1001)
+    snapped to the standard rate it is within 0.2 % of, else as measured."""
+    for standard in STANDARD_RATES:
+        if abs(fps - standard) <= 0.002 * standard:
+            return float(standard)
+    return fps
 
 
 def probe(path) -> MediaInfo:
@@ -457,36 +475,39 @@ class FrameReader:
         if self.info.is_image:
             limit = 1 if limit is None else min(limit, 1)
             return cmd + _file_input(self.path) + self._output_args(limit, None)
-        if self._resample:
-            return cmd + self._resampling_input() + self._output_args(limit, self._resampling_filter())
-        return cmd + self._seeking_input() + self._output_args(limit, None)
+        return cmd + self._seeking_input() + self._output_args(limit, self._video_filter())
+
+    # Seeking: -copyts keeps the file's own timestamps, so a read that starts at start_frame sees
+    # the same times as a read from the beginning; -noaccurate_seek starts decoding at the key
+    # frame before the seek point and a filter drops what comes before the wanted frame. This is
+    # exact where ffmpeg's own accurate seek is not: it rounds the seek time to the stream's time
+    # base, which in coarse ones (AVI: 1/fps) can keep the frame before.
+
+    def _seek_seconds(self) -> float:
+        """Where decoding may start, relative to the container's start (as -ss counts)."""
+        frames = self.start_frame if self._resample else self.start_frame - 0.5
+        return max(0.0, self.info.video_start + frames / self._fps)
 
     def _seeking_input(self) -> list[str]:
-        """Source frames one for one. Frame k shows at video_start + k/fps; ffmpeg's accurate seek keeps
-        frames at or after the seek time, so aim half a frame early to be safe from timestamp rounding."""
-        if self.start_frame == 0:
-            return _file_input(self.path)
-        offset = self.info.video_start - self.info.container_start
-        seek = max(0.0, offset + (self.start_frame - 0.5) / self._fps)
-        return ["-ss", f"{seek:.6f}"] + _file_input(self.path)
-
-    def _resampling_input(self) -> list[str]:
-        """Resampled frames: keep the file's own timestamps (-copyts) and start decoding at the key
-        frame before the wanted time, so the fps filter lays the same time grid as for a read from
-        the start; the frames before start_frame are then cut by count in the filter."""
-        if self.start_frame == 0:
+        if self.start_frame == 0 or not _seeks_by_index(self.info.format_name):
+            # No index of key frames (MPEG-TS, raw streams): a seek can land after the wanted frame,
+            # so decode from the start and let the filter drop the frames before it.
             return ["-copyts"] + _file_input(self.path)
-        offset = self.info.video_start - self.info.container_start
-        seek = max(0.0, offset + self.start_frame / self._fps)
-        return ["-copyts", "-noaccurate_seek", "-ss", f"{seek:.6f}"] + _file_input(self.path)
+        return ["-copyts", "-noaccurate_seek", "-ss", f"{self._seek_seconds():.6f}"] + _file_input(self.path)
 
-    def _resampling_filter(self) -> str:
-        # start_time pins slot 0 to the first frame; after a seek, fps pads the slots before the first
-        # decoded frame, which trim then drops, so slot k is frame k either way.
-        chain = f"fps=fps={_rate_arg(self._fps)}:start_time={self.info.video_start:.6f}"
+    def _video_filter(self) -> str | None:
+        first_frame = self.info.container_start + self.info.video_start  # as -copyts timestamps count
+        if self._resample:
+            # start_time pins slot 0 to the first frame; after a seek, fps fills the slots before the
+            # first decoded frame with copies, which trim drops, so slot k is frame k either way.
+            chain = f"fps=fps={_rate_arg(self._fps)}:start_time={first_frame:.6f}"
+            return chain + (f",trim=start_frame={self.start_frame}" if self.start_frame else "")
         if self.start_frame:
-            chain += f",trim=start_frame={self.start_frame}"
-        return chain
+            # Source frame k shows at first_frame + k/fps, give or take timestamp rounding: keep
+            # frames from half a frame before it, compared in seconds (no time-base rounding).
+            cutoff = first_frame + (self.start_frame - 0.5) / self._fps
+            return f"select=gte(t\\,{cutoff:.9f})"
+        return None
 
     def _output_args(self, limit: int | None, video_filter: str | None) -> list[str]:
         args = ["-map", "0:V:0", "-an", "-sn", "-dn"]
@@ -582,6 +603,11 @@ class FrameReader:
         # Last resort for a reader dropped without close(): never leave ffmpeg running.
         if getattr(self, "_proc", None) is not None:
             self.close()
+
+
+def _seeks_by_index(format_name: str) -> bool:
+    """Containers with an index of key frames, where a seek always lands at or before its target."""
+    return bool(INDEXED_FORMATS & set(format_name.split(",")))
 
 
 def read_frames(path, **kwargs) -> Iterator[np.ndarray]:

@@ -37,7 +37,7 @@ def make(out: Path, *args: str) -> Path:
     return out
 
 
-def indexed_source(seconds: float, fps: int = 25, extra: str = "") -> list[str]:
+def indexed_source(seconds: float, fps: int | str = 25, extra: str = "") -> list[str]:
     chain = f"color=c=black:s={W}x{H}:r={fps}:d={seconds},geq=lum='N*4+16':cb=128:cr=128{extra}"
     return ["-f", "lavfi", "-i", chain]
 
@@ -69,6 +69,15 @@ def media(tmp_path_factory) -> dict[str, Path]:
     files["indexed"] = make(
         d / "indexed.mp4", *indexed_source(2.0), "-c:v", "libx264", "-qp", "0", "-g", "10", "-bf", "2",
         "-pix_fmt", "yuv420p",
+    )
+    # AVI counts time in frames (time base 1001/30000): seeks must not round onto the frame before.
+    files["indexed_avi"] = make(
+        d / "indexed.avi", *indexed_source(1.0, fps="30000/1001"), "-c:v", "ffv1", "-g", "8", "-pix_fmt", "yuv420p",
+    )
+    # MPEG-TS starts at 1.4 s, the video a little after the audio, and has no key-frame index.
+    files["indexed_ts"] = make(
+        d / "indexed.ts", *indexed_source(1.0), "-f", "lavfi", "-i", "sine=duration=1",
+        "-c:v", "libx264", "-qp", "0", "-g", "8", "-pix_fmt", "yuv420p", "-c:a", "aac",
     )
     # 25 frames in the first second, then 10 frames 0.2 s apart: 35 frames, the last at 2.8 s.
     files["vfr"] = make(
@@ -215,6 +224,15 @@ def test_reader_yields_every_frame_in_order(media):
 def test_start_frame_seeks_to_the_exact_frame(media, start):
     frames = list(read_frames(media["indexed"], start_frame=start, max_frames=3))
     assert [frame_index(f) for f in frames] == [start, start + 1, start + 2]
+
+
+@pytest.mark.parametrize("source", ["indexed_avi", "indexed_ts"])
+def test_start_frame_seeks_exactly_in_other_containers(media, source):
+    info = probe(media[source])
+    assert info.num_frames in (25, 30) and not info.is_vfr
+    for start in range(1, info.num_frames):
+        frames = list(read_frames(media[source], info=info, start_frame=start, max_frames=2))
+        assert [frame_index(f) for f in frames] == [start, start + 1][: info.num_frames - start], start
 
 
 def test_seek_past_the_end_yields_nothing(media):

@@ -186,7 +186,8 @@ class MediaInfo:
     video_codec: str | None = None
     audio_codec: str | None = None
     format_name: str = ""
-    # Start of the first shown video frame and of the container, seconds (seeking needs both).
+    # Seconds from the container's start to the first shown video frame, and the container's own
+    # start timestamp (MPEG-TS often starts at 1.4 s); the reader's seeks need both.
     video_start: float = 0.0
     container_start: float = 0.0
 
@@ -374,7 +375,7 @@ def _media_info(path: str, header: _Header, packets: dict[str, _Packets]) -> Med
         raise InputError(f"the video stream of {path} holds no frames; the file is damaged or empty")
 
     width = height = rotation = num_frames = 0
-    fps, is_vfr, is_image, video_start, duration = 0.0, False, False, header.start, None
+    fps, is_vfr, is_image, video_start, duration = 0.0, False, False, 0.0, None
     if video is not None:
         width, height, rotation = _display_size(path, video)
         num_frames = len(video_packets.pts)
@@ -382,6 +383,7 @@ def _media_info(path: str, header: _Header, packets: dict[str, _Packets]) -> Med
         is_image = num_frames == 1 and audio is None and video.codec in STILL_IMAGE_CODECS
         if is_image:
             fps, duration = IMAGE_FPS, 1 / IMAGE_FPS
+            width, height, rotation = _decoded_image_size(path, (width, height, rotation))
         else:
             video_start, duration = _stream_span(video_packets)
     if duration is None and audio_packets and audio_packets.pts:
@@ -408,6 +410,30 @@ def _display_size(path: str, video: _Stream) -> tuple[int, int, int]:
     rotation = int(round(-video.rotation_ccw / 90.0)) * 90 % 360
     if rotation in (90, 270):
         width, height = height, width
+    return width, height, rotation
+
+
+_DIMENSIONS_RE = re.compile(r"^#dimensions 0: (\d+)x(\d+)", re.MULTILINE)
+_TRANSPOSE_RE = re.compile(r"\[transpose @ [^\]]*\].*rotation:(clockwise|counterclockwise)")
+
+
+def _decoded_image_size(path: str, from_header: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A photo's EXIF orientation is applied by ffmpeg's decoder but not listed in its header, so
+    decode the picture once (cheap) to learn the size the reader will really deliver."""
+    result = subprocess.run(
+        _ffmpeg_base("verbose") + _file_input(path) + ["-map", "0:V:0", "-frames:v", "1", "-f", "framecrc", "-"],
+        stdin=subprocess.DEVNULL, capture_output=True, check=False,
+    )
+    stderr = result.stderr.decode("utf-8", "replace")
+    dimensions = _DIMENSIONS_RE.search(result.stdout.decode("utf-8", "replace"))
+    if result.returncode != 0 or not dimensions:
+        raise InputError(f"the picture {path} cannot be decoded; is it damaged? ffmpeg said: {_tail(stderr.splitlines(), 2)}")
+    width, height = int(dimensions.group(1)), int(dimensions.group(2))
+    if (width, height) == from_header[:2]:
+        # Upside down (EXIF 3) leaves no trace in the log: the pixels come out right, the angle says 0.
+        return from_header
+    turn = _TRANSPOSE_RE.search(stderr)
+    rotation = 270 if turn and turn.group(1) == "counterclockwise" else 90
     return width, height, rotation
 
 

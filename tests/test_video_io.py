@@ -179,6 +179,30 @@ def test_image_probes_as_image_and_reads_one_frame(media, kind):
     assert len(frames) == 1 and frames[0].shape == (H, W, 3) and frames[0].dtype == np.uint8
 
 
+def with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an EXIF block (APP1) holding just the Orientation tag, as phones write it."""
+    entry = (0x0112).to_bytes(2, "little") + (3).to_bytes(2, "little") + (1).to_bytes(4, "little")
+    entry += orientation.to_bytes(2, "little") + b"\x00\x00"
+    tiff = b"II*\x00" + (8).to_bytes(4, "little") + (1).to_bytes(2, "little") + entry + (0).to_bytes(4, "little")
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def test_photo_exif_orientation_gives_the_size_the_reader_delivers(tmp_path):
+    upright = make(
+        tmp_path / "upright.jpg", "-f", "lavfi", "-i",
+        f"color=c=black:s={W}x{H},drawbox=x=0:y=0:w={W // 2}:h={H}:color=white:t=fill", "-frames:v", "1",
+    )
+    portrait = tmp_path / "portrait.jpg"
+    portrait.write_bytes(with_exif_orientation(upright.read_bytes(), 6))  # 6: turn 90 degrees clockwise
+    info = probe(portrait)
+    assert info.is_image and (info.width, info.height, info.rotation) == (H, W, 90)
+    frame = next(read_frames(portrait, info=info))
+    assert frame.shape == (W, H, 3)
+    # Turned clockwise, the white left half ends at the top.
+    assert frame[: W // 2].mean() > 200 and frame[W // 2 :].mean() < 50
+
+
 def test_text_file_raises_input_error(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("this is not a video\n" * 20)

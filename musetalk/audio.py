@@ -23,6 +23,8 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -274,6 +276,21 @@ def _span_gain(length: int, fade: int) -> np.ndarray:
 # --------------------------------------------------------------------------- Whisper features
 
 
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No transformers progress bar while loading: a 150 MB checkpoint loads in a blink, and the
+    command line's own bars are the ones a user should see."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
 class WhisperAudioEncoder:
     """Whisper-tiny encoder + feature extractor, loaded once.
 
@@ -330,7 +347,10 @@ class WhisperAudioEncoder:
                     "run `musetalk download` to fetch openai/whisper-tiny into the models folder"
                 )
         try:
-            model, info = WhisperModel.from_pretrained(whisper_dir, local_files_only=True, output_loading_info=True)
+            with _quiet_loading():
+                model, info = WhisperModel.from_pretrained(
+                    whisper_dir, local_files_only=True, output_loading_info=True
+                )
         except OSError as error:
             raise WeightsMissingError(
                 f"Whisper weights could not be read from {whisper_dir}: {error}; "

@@ -127,7 +127,9 @@ def load_vae(vae_dir: Path, device, dtype):
     """The sd-vae-ft-mse autoencoder from its folder (config.json + weights)."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
+    # Say which file to read: left to guess, diffusers logs an error for the format it did not find.
+    use_safetensors = (Path(vae_dir) / "diffusion_pytorch_model.safetensors").is_file()
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, use_safetensors=use_safetensors)
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

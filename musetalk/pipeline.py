@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from musetalk import audio as audio_lib
 from musetalk import blending, face, schedule, video_io, weights
 from musetalk.config import RunOptions
 from musetalk.engines import Engine
-from musetalk.errors import InputError, NoFaceError, WeightsMismatchError, WeightsMissingError
+from musetalk.errors import InputError, MuseTalkError, NoFaceError
 from musetalk.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -78,20 +79,12 @@ class LipSyncPipeline:
         torch_dtype = models.resolve_dtype(torch_device, dtype)
         root = weights.models_dir_or_default(models_dir)
         logger.info("loading MuseTalk %s on %s (%s)", version, torch_device, torch_dtype)
-        try:
+        with _corrupt_files_reported(files.unet.weights, version, root):
             unet = models.load_unet(files.unet.config, files.unet.weights, torch_device, torch_dtype)
-        except (WeightsMismatchError, WeightsMissingError):
-            raise
-        except Exception as error:  # a truncated or garbled file fails deep inside torch
-            raise weights.corrupt_weights_error(files.unet.weights, version, root, error) from error
-        try:
+        with _corrupt_files_reported(files.vae_dir, version, root):
             vae = models.load_vae(files.vae_dir, torch_device, torch_dtype)
-        except Exception as error:
-            raise weights.corrupt_weights_error(files.vae_dir, version, root, error) from error
-        try:
+        with _corrupt_files_reported(files.whisper_dir, version, root):
             encoder = audio_lib.WhisperAudioEncoder.from_pretrained(files.whisper_dir, torch_device, torch_dtype)
-        except Exception as error:
-            raise weights.corrupt_weights_error(files.whisper_dir, version, root, error) from error
         return cls(MuseTalkEngine(unet, vae, torch_device, torch_dtype), encoder, version, torch_device)
 
     # ------------------------------------------------------------------ the job
@@ -286,6 +279,18 @@ def _blend(frame: np.ndarray, new_face: np.ndarray, faces: SourceFaces, source: 
         upper_boundary_ratio=options.upper_boundary_ratio,
     )
     return blending.paste_face(frame, new_face, box, square, mask)
+
+
+@contextmanager
+def _corrupt_files_reported(path: Path, version: str, models_dir: Path) -> Iterator[None]:
+    """Our own errors pass as they are; anything else a loader raises means a damaged file
+    (a truncated or garbled checkpoint fails deep inside torch or safetensors)."""
+    try:
+        yield
+    except MuseTalkError:
+        raise
+    except Exception as error:
+        raise weights.corrupt_weights_error(path, version, models_dir, error) from error
 
 
 def _existing_file(path, role: str) -> str:

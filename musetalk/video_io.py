@@ -326,10 +326,8 @@ def _frame_timing(packets: _Packets, header_fps: float | None) -> tuple[float, b
 def _snap_rate(fps: float) -> float:
     """A rate measured from rounded timestamps (mkv counts milliseconds: 29.966 for 30000/1001)
     snapped to the standard rate it is within 0.2 % of, else as measured."""
-    for standard in STANDARD_RATES:
-        if abs(fps - standard) <= 0.002 * standard:
-            return float(standard)
-    return fps
+    nearest = min(STANDARD_RATES, key=lambda standard: abs(fps - standard))
+    return float(nearest) if abs(fps - nearest) <= 0.002 * nearest else fps
 
 
 def probe(path) -> MediaInfo:

@@ -20,7 +20,7 @@ from musetalk import audio as audio_lib
 from musetalk import blending, face, schedule, video_io, weights
 from musetalk.config import RunOptions
 from musetalk.engines import Engine
-from musetalk.errors import InputError, MuseTalkError, NoFaceError
+from musetalk.errors import InputError, MuseTalkError
 from musetalk.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class SourceFaces:
 
     track: face.FaceTrack
     boxes: np.ndarray  # [N, 4] crop boxes, -1 rows where there is no face
+    usable: np.ndarray  # [N] the engine redraws these: a face was found and its crop box has an area
 
     def __len__(self) -> int:
         return len(self.track)
@@ -188,15 +189,11 @@ class LipSyncPipeline:
             track = analyzer.analyze(frames_with_progress())
             if len(track) == 0:
                 raise InputError(f"no frame could be decoded from {info.path}; the file may be damaged")
-            if not track.has_face.any():
-                raise NoFaceError(
-                    f"no face was found in any frame of {info.path}; use a video or photo where one face "
-                    "is clearly visible (frontal, at least about 80 pixels tall)"
-                )
-            track = face.smooth_track(track, strength=options.smoothing, fps=fps)
+            track = face.smooth_track(track.require_face(info.path), strength=options.smoothing, fps=fps)
             boxes = face.crop_boxes(track, options.version, options.extra_margin, options.bbox_shift)
-        logger.info("faces in %d of %d source frames", int(track.has_face.sum()), len(track))
-        return SourceFaces(track, boxes)
+        usable = track.has_face & (boxes[:, 0] >= 0)
+        logger.info("faces in %d of %d source frames", int(usable.sum()), len(track))
+        return SourceFaces(track, boxes, usable)
 
     def _load_audio(self, path: str, options: RunOptions, timer: StageTimer) -> np.ndarray:
         with timer.stage("audio_decode"):
@@ -236,7 +233,7 @@ class LipSyncPipeline:
             with timer.stage("decode"):
                 batch_frames = [next(frames) for _ in positions]
             sources = [int(frame_sources[i]) for i in positions]
-            with_face = [k for k, s in enumerate(sources) if faces.track.has_face[s]]
+            with_face = [k for k, s in enumerate(sources) if faces.usable[s]]
             if with_face:
                 self._prepare_states(states, [sources[k] for k in with_face], [batch_frames[k] for k in with_face],
                                      faces, timer)

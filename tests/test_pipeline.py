@@ -169,7 +169,7 @@ def test_no_face_anywhere_is_one_clear_line(models_dir, speech_clip, tmp_path, c
     assert run_cli(models_dir, "--video", str(blank), "--audio", str(speech_clip), "--out", str(out)) == 2
     stderr = capsys.readouterr().err
     error = stderr.strip().split("\n")[-1].split("\r")[-1]  # the line after the progress bars
-    assert error.startswith("musetalk: error: no face was found in any frame")
+    assert error.startswith("musetalk: error: No face was found in any of the 25 frames")
     assert "Traceback" not in stderr
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [blank]
@@ -203,3 +203,20 @@ def test_missing_weights_say_how_to_fetch_them(face_clip, speech_clip, tmp_path,
 def test_pipeline_refuses_options_for_another_version(pipeline, face_clip, speech_clip, tmp_path):
     with pytest.raises(InputError, match="loaded with the v15 weights"):
         pipeline(face_clip, speech_clip, tmp_path / "x.mp4", RunOptions(version="v1"))
+
+
+def test_doctor_reports_each_check(models_dir, capsys):
+    assert cli.main(["doctor", "--models-dir", str(models_dir)]) == 0
+    report = capsys.readouterr().out
+    for name in ("ffmpeg", "mediapipe", "torch", "weights v15", "weights v1", "diffusers"):
+        assert any(line.startswith("ok") and f" {name} " in line for line in report.splitlines()), (name, report)
+
+
+def test_download_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert cli.main(["download", "--models-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("musetalk: error: could not fetch TMElyralab/MuseTalk/musetalkV15/musetalk.json")
+    assert error.count("\n") == 1

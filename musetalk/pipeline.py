@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,9 +19,11 @@ import numpy as np
 
 from musetalk import audio as audio_lib
 from musetalk import blending, face, schedule, video_io, weights
+from musetalk.avatar import Avatar, AvatarCache, avatar_key, file_hash
 from musetalk.config import RunOptions
 from musetalk.engines import Engine
 from musetalk.errors import InputError, MuseTalkError
+from musetalk.stages import BackgroundCall, prefetch, worker
 from musetalk.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, int, int], None]
 
 OUTPUT_SUFFIXES = (".mp4", ".mov", ".mkv")
+FRAMES_AHEAD = 16  # decoded frames waiting for the model
+BATCHES_BEHIND = 2  # generated batches waiting to be blended and encoded
 IMAGE_FPS = 25.0  # a photo is animated at the model's training rate
 
 
@@ -48,30 +53,24 @@ class LipSyncResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class SourceFaces:
-    """Face analysis of every source frame, in the output frame rate."""
-
-    track: face.FaceTrack
-    boxes: np.ndarray  # [N, 4] crop boxes, -1 rows where there is no face
-    usable: np.ndarray  # [N] the engine redraws these: a face was found and its crop box has an area
-
-    def __len__(self) -> int:
-        return len(self.track)
-
-
 class LipSyncPipeline:
     def __init__(self, engine: Engine, audio_encoder: audio_lib.WhisperAudioEncoder, version: str = "v15",
-                 device=None):
+                 device=None, avatar_cache: AvatarCache | None = None, overlap: bool = True):
         self.engine = engine
         self.audio_encoder = audio_encoder
         self.version = version
         self.device = device
+        self.avatar_cache = avatar_cache  # None: every run analyses the faces again
+        self.overlap = overlap  # False: decode, model, blend and encode take turns on one thread
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
-                        device: str = "auto", dtype=None) -> LipSyncPipeline:
-        """Build every model from its config and load its weights (official layout or HF cache)."""
+                        device: str = "auto", dtype=None,
+                        cache_dir: str | os.PathLike | None | bool = None) -> LipSyncPipeline:
+        """Build every model from its config and load its weights (official layout or HF cache).
+
+        ``cache_dir``: where prepared avatars are kept (None: the per-user default, False: no cache).
+        """
         from musetalk import models
         from musetalk.engines.musetalk import MuseTalkEngine
 
@@ -86,7 +85,9 @@ class LipSyncPipeline:
             vae = models.load_vae(files.vae_dir, torch_device, torch_dtype)
         with _corrupt_files_reported(files.whisper_dir, version, root):
             encoder = audio_lib.WhisperAudioEncoder.from_pretrained(files.whisper_dir, torch_device, torch_dtype)
-        return cls(MuseTalkEngine(unet, vae, torch_device, torch_dtype), encoder, version, torch_device)
+        engine = MuseTalkEngine(unet, vae, torch_device, torch_dtype, cache_id=_weights_id(files.vae_dir, torch_dtype))
+        avatar_cache = None if cache_dir is False else AvatarCache(cache_dir or None)
+        return cls(engine, encoder, version, torch_device, avatar_cache)
 
     # ------------------------------------------------------------------ the job
 
@@ -94,6 +95,7 @@ class LipSyncPipeline:
                  options: RunOptions | None = None, progress: ProgressCallback | None = None) -> LipSyncResult:
         progress = progress or (lambda stage, done, total: None)
         timer = StageTimer(self._synchronize)
+        started = time.perf_counter()
 
         # 1. Check inputs
         options = (options or RunOptions()).validate()
@@ -101,29 +103,30 @@ class LipSyncPipeline:
             video_info, audio_info = self.check_inputs(video, audio, output, options)
         fps = options.fps or (IMAGE_FPS if video_info.is_image else video_info.fps)
 
-        # 2. Analyse the face in every source frame (landmarks, smoothing, crop boxes)
-        faces = self._analyze_faces(video_info, fps, options, timer, progress)
+        # 2. Audio features (decode, silence gate, whisper) in a thread, beside the face analysis
+        audio_job = BackgroundCall(self._audio_features, audio_info.path, video_info, options, timer,
+                                   threaded=self.overlap)
 
-        # 3. Output length and which source frame each output frame shows
-        wav = self._load_audio(audio_info.path, options, timer)
-        num_frames = self._output_length(wav, fps, len(faces), video_info, options)
-        frame_sources = schedule.frame_schedule(num_frames, len(faces), options.loop)
+        # 3. The prepared avatar: face track, crop boxes and engine states, from the cache or made now
+        try:
+            avatar = self._prepare_avatar(video_info, fps, options, timer, progress)
+        finally:
+            wav_seconds, features, speech = audio_job.result()
 
-        # 4. Audio features: silence gate, whisper encoder, per-frame windows
-        wav = audio_lib.fit_length(wav, int(round(num_frames / fps * audio_lib.SAMPLE_RATE)))
-        features, speech = self._audio_features(wav, options, timer)
+        # 4. Output length, which source frame each output frame shows, and each frame's audio window
+        num_frames = self._output_length(wav_seconds, fps, len(avatar), video_info, options)
+        frame_sources = schedule.frame_schedule(num_frames, len(avatar), options.loop)
         windows = audio_lib.chunk_indices(num_frames, fps, options.version, options.audio_padding_left,
                                           options.audio_padding_right, num_steps=len(features))
 
-        # 5. Generate, blend and encode, streaming in batches
-        width, height = video_info.width, video_info.height
+        # 5. Generate, blend and encode: decoding, the model and blending + encoding overlap
         writer = video_io.FrameWriter(
-            output, width, height, fps, audio_path=audio_info.path, crf=options.crf,
+            output, video_info.width, video_info.height, fps, audio_path=audio_info.path, crf=options.crf,
             audio_offset_s=options.av_offset_ms / 1000.0, protect=[video_info.path, audio_info.path],
             total_frames=num_frames,
         )
         try:
-            redrawn = self._generate(video_info, fps, frame_sources, faces, features, windows, options,
+            redrawn = self._generate(video_info, fps, frame_sources, avatar, features, windows, options,
                                      writer, timer, progress)
             with timer.stage("encode"):
                 writer.close()  # flushes the encoder and moves the finished file into place
@@ -131,11 +134,19 @@ class LipSyncPipeline:
             writer.abort()  # no partial output, no temp file
             raise
 
-        # 6. The result
+        # 6. Keep what was prepared for the next run of this video
+        if self.avatar_cache is not None:
+            with timer.stage("cache_save"):
+                self.avatar_cache.save(avatar, self.engine.cache_id, video_info.path)
+
+        # 7. The result
+        timings = timer.as_dict()
+        timings["total"] = round(time.perf_counter() - started, 4)
         return LipSyncResult(
-            output_path=str(output), num_frames=num_frames, fps=fps, width=width, height=height,
-            duration=num_frames / fps, frames_with_face=redrawn, engine=self.engine.name,
-            version=options.version, timings=timer.as_dict(), speech_spans=list(speech.spans) if speech else [],
+            output_path=str(output), num_frames=num_frames, fps=fps, width=video_info.width,
+            height=video_info.height, duration=num_frames / fps, frames_with_face=redrawn,
+            engine=self.engine.name, version=options.version, timings=timings,
+            speech_spans=list(speech.spans) if speech else [],
         )
 
     def check_inputs(self, video, audio, output, options: RunOptions):
@@ -176,41 +187,49 @@ class LipSyncPipeline:
         with video_io.FrameReader(info.path, info=info, fps=rate, start_frame=start, max_frames=count) as reader:
             yield from reader
 
-    def _analyze_faces(self, info, fps, options: RunOptions, timer: StageTimer,
-                       progress: ProgressCallback) -> SourceFaces:
+    def _prepare_avatar(self, info, fps, options: RunOptions, timer: StageTimer,
+                        progress: ProgressCallback) -> Avatar:
+        """The cached avatar of this video and options, else a face analysis of every source frame."""
+        key = None
+        if self.avatar_cache is not None:
+            with timer.stage("cache_lookup"):
+                key = avatar_key(file_hash(info.path), fps, options)
+                cached = self.avatar_cache.load(key, self.engine.cache_id)
+            if cached is not None:
+                logger.info("prepared faces found in the cache (%d frames)", len(cached))
+                progress("faces", len(cached), len(cached))
+                return cached
+        return self._analyze_faces(key or "", info, fps, options, timer, progress)
+
+    def _analyze_faces(self, key: str, info, fps, options: RunOptions, timer: StageTimer,
+                       progress: ProgressCallback) -> Avatar:
         expected = 1 if info.is_image else max(1, int(round(info.duration * fps)))
 
         def frames_with_progress():
-            for index, frame in enumerate(self._open_reader(info, fps)):
-                progress("faces", index + 1, expected)
-                yield frame
+            frames = prefetch(self._open_reader(info, fps), FRAMES_AHEAD, "decode-faces", self.overlap)
+            try:
+                for index, frame in enumerate(frames):
+                    progress("faces", index + 1, expected)
+                    yield frame
+            finally:
+                frames.close()
 
         with timer.stage("face"), face.FaceAnalyzer(face_index=options.face_index) as analyzer:
             track = analyzer.analyze(frames_with_progress())
-            if len(track) == 0:
-                raise InputError(f"no frame could be decoded from {info.path}; the file may be damaged")
             track = face.smooth_track(track.require_face(info.path), strength=options.smoothing, fps=fps)
             boxes = face.crop_boxes(track, options.version, options.extra_margin, options.bbox_shift)
         usable = track.has_face & (boxes[:, 0] >= 0)
         logger.info("faces in %d of %d source frames", int(usable.sum()), len(track))
-        return SourceFaces(track, boxes, usable)
+        return Avatar(key, track, boxes, usable)
 
-    def _load_audio(self, path: str, options: RunOptions, timer: StageTimer) -> np.ndarray:
+    def _audio_features(self, path: str, video_info, options: RunOptions, timer: StageTimer):
+        """(seconds of audio, whisper features [T, L, D], what the silence gate kept)."""
         with timer.stage("audio_decode"):
-            return audio_lib.load_audio(path)
-
-    def _output_length(self, wav: np.ndarray, fps: float, num_source: int, video_info, options) -> int:
+            wav = audio_lib.load_audio(path)
+        seconds = len(wav) / audio_lib.SAMPLE_RATE
         if options.length == "video" and not video_info.is_image:
-            return num_source
-        num_frames = int(len(wav) / audio_lib.SAMPLE_RATE * fps)
-        if num_frames < 1:
-            raise InputError(
-                f"the audio lasts {len(wav) / audio_lib.SAMPLE_RATE:.3f} s, shorter than one frame at "
-                f"{fps:g} fps; give a longer audio"
-            )
-        return num_frames
-
-    def _audio_features(self, wav: np.ndarray, options: RunOptions, timer: StageTimer):
+            # The output may outlast the audio: the rest is silence, encoded like any pause.
+            wav = audio_lib.fit_length(wav, max(len(wav), int((video_info.duration + 1) * audio_lib.SAMPLE_RATE)))
         speech = None
         if options.silence_gate:
             with timer.stage("silence_gate"):
@@ -218,64 +237,98 @@ class LipSyncPipeline:
                 wav = audio_lib.gate_silence(wav, speech)
         with timer.stage("whisper"):
             features = self.audio_encoder.encode(wav)
-        return features, speech
+        return seconds, features, speech
 
-    def _generate(self, info, fps, frame_sources: np.ndarray, faces: SourceFaces, features: np.ndarray,
+    def _output_length(self, audio_seconds: float, fps: float, num_source: int, video_info, options) -> int:
+        if options.length == "video" and not video_info.is_image:
+            return num_source
+        num_frames = int(audio_seconds * fps)
+        if num_frames < 1:
+            raise InputError(
+                f"the audio lasts {audio_seconds:.3f} s, shorter than one frame at {fps:g} fps; give a longer audio"
+            )
+        return num_frames
+
+    def _generate(self, info, fps, frame_sources: np.ndarray, avatar: Avatar, features: np.ndarray,
                   windows: np.ndarray, options: RunOptions, writer, timer: StageTimer,
                   progress: ProgressCallback) -> int:
-        """Stream output frames through the engine in batches; returns how many had a face."""
-        states: dict[int, object] = {}  # engine state per source frame, kept until its last use
-        last_use = {int(s): i for i, s in enumerate(frame_sources)}
-        frames = schedule.scheduled_frames(frame_sources, lambda start, count: self._open_reader(info, fps, start, count))
-        redrawn = 0
-        for batch_start in range(0, len(frame_sources), options.batch_size):
-            positions = range(batch_start, min(batch_start + options.batch_size, len(frame_sources)))
-            with timer.stage("decode"):
-                batch_frames = [next(frames) for _ in positions]
-            sources = [int(frame_sources[i]) for i in positions]
-            with_face = [k for k, s in enumerate(sources) if faces.usable[s]]
-            if with_face:
-                self._prepare_states(states, [sources[k] for k in with_face], [batch_frames[k] for k in with_face],
-                                     faces, timer)
-                audio_batch = audio_lib.frame_features(features, windows[[positions[k] for k in with_face]])
-                new_faces = self.engine.generate([states[sources[k]] for k in with_face], audio_batch, timer)
-                with timer.stage("blend"):
-                    for k, new_face in zip(with_face, new_faces):
-                        batch_frames[k] = _blend(batch_frames[k], new_face, faces, sources[k], options)
-                redrawn += len(with_face)
+        """Stream output frames through the engine in batches; returns how many had a face.
+
+        Three threads: one decodes source frames in schedule order, this one runs the model,
+        one blends and encodes; bounded queues between them keep memory flat."""
+        total = len(frame_sources)
+
+        def blend_and_write(batch) -> None:
+            positions, frames, redrawn_faces = batch
+            with timer.stage("blend"):
+                for k, new_face in redrawn_faces.items():
+                    frames[k] = _blend(frames[k], new_face, avatar, int(frame_sources[positions[k]]), options)
             with timer.stage("encode"):
-                for frame in batch_frames:
+                for frame in frames:
                     writer.write(frame)
-            for position, source in zip(positions, sources):
-                if last_use[source] == position:
-                    states.pop(source, None)
-            progress("generate", positions[-1] + 1, len(frame_sources))
+            progress("generate", positions[-1] + 1, total)
+
+        open_frames = lambda start, count: self._open_reader(info, fps, start, count)  # noqa: E731
+        decoded = prefetch(schedule.scheduled_frames(frame_sources, open_frames), FRAMES_AHEAD, "decode",
+                           self.overlap)
+        writing = worker(blend_and_write, BATCHES_BEHIND, "blend-encode", self.overlap)
+        redrawn = 0
+        try:
+            for batch_start in range(0, total, options.batch_size):
+                positions = list(range(batch_start, min(batch_start + options.batch_size, total)))
+                with timer.stage("decode"):
+                    frames = [next(decoded) for _ in positions]
+                sources = [int(frame_sources[i]) for i in positions]
+                with_face = [k for k, source in enumerate(sources) if avatar.usable[source]]
+                new_faces = self._redraw(avatar, [sources[k] for k in with_face], [frames[k] for k in with_face],
+                                         windows[[positions[k] for k in with_face]], features, timer)
+                writing.put((positions, frames, dict(zip(with_face, new_faces))))
+                redrawn += len(with_face)
+            writing.finish()
+        except BaseException:
+            writing.abort()
+            raise
+        finally:
+            decoded.close()
         return redrawn
 
-    def _prepare_states(self, states: dict, sources: list[int], frames: list[np.ndarray], faces: SourceFaces,
-                        timer: StageTimer) -> None:
-        """Run the engine's per-source-frame preparation for the sources not prepared yet."""
-        todo = {}
+    def _redraw(self, avatar: Avatar, sources: list[int], frames: list[np.ndarray], windows: np.ndarray,
+                features: np.ndarray, timer: StageTimer) -> list[np.ndarray]:
+        """New face crops for these frames, preparing the source frames the avatar lacks."""
+        if not sources:
+            return []
+        missing = {}
         for source, frame in zip(sources, frames):
-            if source not in states and source not in todo:
-                todo[source] = frame
-        if not todo:
-            return
-        with timer.stage("crop"):
-            crops = np.stack([blending.crop_face(frame, faces.boxes[s]) for s, frame in todo.items()])
-        states.update(zip(todo, self.engine.prepare(crops, timer)))
+            if not avatar.prepared[source]:
+                missing.setdefault(source, frame)
+        if missing:
+            with timer.stage("crop"):
+                crops = np.stack([blending.crop_face(frame, avatar.boxes[s]) for s, frame in missing.items()])
+            avatar.store_states(list(missing), self.engine.prepare(crops, timer))
+        audio_batch = audio_lib.frame_features(features, windows)
+        return list(self.engine.generate(avatar.states[sources], audio_batch, timer))
 
 
-def _blend(frame: np.ndarray, new_face: np.ndarray, faces: SourceFaces, source: int, options: RunOptions) -> np.ndarray:
+def _blend(frame: np.ndarray, new_face: np.ndarray, avatar: Avatar, source: int, options: RunOptions) -> np.ndarray:
     height, width = frame.shape[:2]
-    box = faces.boxes[source]
+    box = avatar.boxes[source]
     square = blending.face_square(box, width, height)
     mask = blending.blend_mask(
-        faces.track.landmarks[source], box, square, mode=options.parsing_mode,
+        avatar.track.landmarks[source], box, square, mode=options.parsing_mode,
         left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
         upper_boundary_ratio=options.upper_boundary_ratio,
     )
     return blending.paste_face(frame, new_face, box, square, mask)
+
+
+def _weights_id(vae_dir: Path, dtype) -> str:
+    """What the engine's prepared states depend on: the VAE's files (by size and time) and the dtype."""
+    described = [str(dtype)]
+    for path in sorted(Path(vae_dir).iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            described.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "musetalk|" + "|".join(described)
 
 
 @contextmanager

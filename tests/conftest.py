@@ -13,6 +13,22 @@ from musetalk.video_io import ffmpeg_exe
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def avatar_cache_in_temp(tmp_path_factory):
+    """Prepared avatars go to a temp folder, never to the user's cache."""
+    import os
+
+    from musetalk.avatar import CACHE_DIR_ENV
+
+    previous = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("avatar-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = previous
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """Tiny UNets (v1.5 and v1.0), VAE and whisper, saved as the official download lays them out."""

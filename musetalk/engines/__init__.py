@@ -4,29 +4,33 @@ The pipeline owns files, faces, audio, masks, scheduling and blending. An engine
 turns 256x256 face crops plus per-frame audio features into new 256x256 face crops, in
 two calls so the per-source-frame work can be cached and reused:
 
-- ``prepare(crops)``: per source frame state (MuseTalk: the masked and reference latents),
-  returned as a sequence with one item per crop.
+- ``prepare(crops, timer)``: per source frame state as a tensor ``[B, ...]`` (MuseTalk: the
+  masked and reference latents); the pipeline keeps it on the CPU in the prepared avatar.
 - ``generate(states, audio_features, timer)``: new crops, uint8 ``[B, 256, 256, 3]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from musetalk.timing import StageTimer
+
+if TYPE_CHECKING:
+    import torch
 
 CROP_SIZE = 256
 
 
 class Engine(Protocol):
     name: str
+    # Identifies the weights and number format behind prepare(); None: its states are not cached.
+    cache_id: str | None
 
-    def prepare(self, crops: np.ndarray, timer: StageTimer) -> Sequence[Any]: ...
+    def prepare(self, crops: np.ndarray, timer: StageTimer) -> torch.Tensor: ...
 
-    def generate(self, states: Sequence[Any], audio_features: np.ndarray, timer: StageTimer) -> np.ndarray: ...
+    def generate(self, states: torch.Tensor, audio_features: np.ndarray, timer: StageTimer) -> np.ndarray: ...
 
 
 class IdentityEngine:
@@ -34,9 +38,12 @@ class IdentityEngine:
     encode) loses, with no model in the way."""
 
     name = "identity"
+    cache_id = None
 
-    def prepare(self, crops: np.ndarray, timer: StageTimer) -> list[np.ndarray]:
-        return list(crops)
+    def prepare(self, crops: np.ndarray, timer: StageTimer) -> torch.Tensor:
+        import torch
 
-    def generate(self, states: Sequence[np.ndarray], audio_features: np.ndarray, timer: StageTimer) -> np.ndarray:
-        return np.stack(states)
+        return torch.from_numpy(np.ascontiguousarray(crops))
+
+    def generate(self, states: torch.Tensor, audio_features: np.ndarray, timer: StageTimer) -> np.ndarray:
+        return states.numpy()

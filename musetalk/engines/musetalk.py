@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,7 +16,7 @@ logger = logging.getLogger(__name__)
 class MuseTalkEngine:
     name = "musetalk"
 
-    def __init__(self, unet, vae, device, dtype):
+    def __init__(self, unet, vae, device, dtype, cache_id: str | None = None):
         import torch
 
         self.unet = unet
@@ -25,6 +24,7 @@ class MuseTalkEngine:
         self.device = device
         self.dtype = dtype
         self.scaling_factor = vae_scaling_factor(vae)
+        self.cache_id = cache_id
         self._torch = torch
         self._encodings: dict[int, object] = {}
 
@@ -39,8 +39,8 @@ class MuseTalkEngine:
         pixels = self._torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
         return pixels.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
 
-    def prepare(self, crops: np.ndarray, timer: StageTimer) -> list:
-        """Per crop: cat(masked latent, reference latent) -> [8, 32, 32]."""
+    def prepare(self, crops: np.ndarray, timer: StageTimer):
+        """Per crop: cat(masked latent, reference latent) -> [B, 8, 32, 32]."""
         with timer.stage("vae_encode"), self._torch.inference_mode():
             reference = self._to_tensor(crops)
             masked = reference.clone()
@@ -49,14 +49,13 @@ class MuseTalkEngine:
             posterior = self.vae.encode(self._torch.cat([masked, reference])).latent_dist
             latents = posterior.mode() * self.scaling_factor
             masked_latents, reference_latents = latents.chunk(2)
-            states = self._torch.cat([masked_latents, reference_latents], dim=1)
-        return list(states)
+            return self._torch.cat([masked_latents, reference_latents], dim=1)
 
-    def generate(self, states: Sequence, audio_features: np.ndarray, timer: StageTimer) -> np.ndarray:
+    def generate(self, states, audio_features: np.ndarray, timer: StageTimer) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             with timer.stage("unet"):
-                latents = torch.stack(list(states))
+                latents = states.to(self.device, self.dtype)
                 audio = torch.from_numpy(audio_features).to(self.device, self.dtype)
                 audio = audio + self._positional_encoding(audio.shape[1])
                 timestep = torch.zeros((), device=self.device, dtype=torch.long)

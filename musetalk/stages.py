@@ -1,0 +1,201 @@
+"""Running pipeline stages side by side: a producer thread ahead of the consumer, and a worker
+thread behind it, each joined by a bounded queue so memory stays flat and a slow stage only
+makes the others wait. Errors cross to the caller's thread; closing stops the thread."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+_DONE = object()
+_POLL_S = 0.1  # how often a blocked thread looks whether it was told to stop
+
+
+class Prefetch(Iterator):
+    """Iterate ``iterable`` in a background thread, up to ``maxsize`` items ahead."""
+
+    def __init__(self, iterable: Iterable, maxsize: int, name: str):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._finished = False
+        self._thread = threading.Thread(target=self._produce, args=(iterable,), name=name, daemon=True)
+        self._thread.start()
+
+    def _produce(self, iterable: Iterable) -> None:
+        iterator = iter(iterable)
+        try:
+            for item in iterator:
+                if not _put(self._queue, item, self._stop):
+                    return
+        except BaseException as error:  # handed to the consumer, raised there
+            self._error = error
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # a generator must be closed by the thread that ran it
+            _put(self._queue, _DONE, self._stop)
+
+    def __next__(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        item = self._queue.get()
+        if item is _DONE:
+            self._finished = True
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the producer (it closes its iterable) and wait for it."""
+        self._stop.set()
+        _drain(self._queue)
+        self._thread.join()
+        self._finished = True
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class Worker:
+    """Run ``handle(item)`` for each item put, in a background thread, in order."""
+
+    def __init__(self, handle: Callable[[Any], None], maxsize: int, name: str):
+        self._handle = handle
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._consume, name=name, daemon=True)
+        self._thread.start()
+
+    def _consume(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            try:
+                self._handle(item)
+            except BaseException as error:
+                self._error = error
+                self._stop.set()
+                _drain(self._queue)
+                return
+
+    def put(self, item: Any) -> None:
+        """Queue an item; raises the worker's error as soon as one happened."""
+        self._raise_if_failed()
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+        self._raise_if_failed()
+
+    def finish(self) -> None:
+        """Wait until every queued item is handled; raise the worker's error if it failed."""
+        _put(self._queue, _DONE, self._stop)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Drop what is queued and stop."""
+        self._stop.set()
+        _drain(self._queue)
+        _put(self._queue, _DONE, threading.Event())
+        self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _put(target: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put unless told to stop; True when the item went in."""
+    while not stop.is_set():
+        try:
+            target.put(item, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _drain(source: queue.Queue) -> None:
+    while True:
+        try:
+            source.get_nowait()
+        except queue.Empty:
+            return
+
+
+class BackgroundCall:
+    """``function(*args)`` started in a thread now (or run at once when not ``threaded``);
+    ``result()`` waits and returns or raises."""
+
+    def __init__(self, function: Callable, *args: Any, threaded: bool = True):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(function, args), name=function.__name__,
+                                        daemon=True)
+        if threaded:
+            self._thread.start()
+        else:
+            self._run(function, args)
+
+    def _run(self, function: Callable, args: tuple) -> None:
+        try:
+            self._value = function(*args)
+        except BaseException as error:
+            self._error = error
+
+    def result(self) -> Any:
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class Inline:
+    """The same interfaces with no thread: items are produced and handled on the caller's
+    thread, one at a time (for debugging, and to check that overlap changes no output)."""
+
+    def __init__(self, iterable: Iterable | None = None, handle: Callable[[Any], None] | None = None):
+        self._iterator = iter(iterable) if iterable is not None else None
+        self._handle = handle
+
+    def __iter__(self) -> Inline:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def put(self, item: Any) -> None:
+        self._handle(item)
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def prefetch(iterable: Iterable, maxsize: int, name: str, threaded: bool = True) -> Prefetch | Inline:
+    return Prefetch(iterable, maxsize, name) if threaded else Inline(iterable=iterable)
+
+
+def worker(handle: Callable[[Any], None], maxsize: int, name: str, threaded: bool = True) -> Worker | Inline:
+    return Worker(handle, maxsize, name) if threaded else Inline(handle=handle)

@@ -1,4 +1,4 @@
-"""The ``musetalk`` command: run, download, doctor.
+"""The ``musetalk`` command: run, download, doctor, voices, tts.
 
 A user mistake ends as one clear line on stderr and a non-zero exit, never a traceback,
 and never with a partial output file left behind.
@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from musetalk import __version__
@@ -49,19 +50,78 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="a YAML file of jobs (official shape: one entry per job with "
                                       "video_path, audio_path and optional options), run in one model load")
     run.add_argument("--out-dir", default="results", help="where --config jobs write (default: results)")
+    run.add_argument("--no-cache", action="store_true",
+                     help="neither use nor keep prepared faces (see `musetalk cache`)")
+    run.add_argument("--score", action="store_true",
+                     help="measure each result afterwards (lip-sync, silence, identity, stability; see `musetalk score`)")
+    _add_speech_arguments(run, "imitate the voice of the video's own speaker (or of FILE); needs a source "
+                               "that clones, such as coqui")
     _add_model_arguments(run)
     _add_job_arguments(run)
     run.set_defaults(handler=_run)
 
+    voices = commands.add_parser("voices", help="list the audio sources (text to speech) and their voices")
+    voices.add_argument("--source", help="only this source, with all its voices")
+    voices.set_defaults(handler=_voices)
+
+    tts = commands.add_parser("tts", help="speak text into a WAV file, without a video")
+    tts.add_argument("--out", required=True, help="the WAV file to write")
+    _add_speech_arguments(tts, "imitate the voice in FILE (a video or audio file); needs a source that clones")
+    tts.set_defaults(handler=_tts)
+
     download = commands.add_parser("download", help="fetch the official weights once")
     download.add_argument("--models-dir", help="default: $MUSETALK_MODELS_DIR, else a per-user cache folder")
     download.add_argument("--version", dest="model_version", choices=("v15", "v1", "all"), default="v15")
+    download.add_argument("--scoring", action="store_true",
+                          help="also fetch LatentSync's SyncNet (1.4 GB) for the LSE-C/LSE-D scores of `musetalk score`")
     download.set_defaults(handler=_download)
+
+    score = commands.add_parser("score", help="measure a result: lip-sync, silence, identity, stability, SyncNet")
+    score.add_argument("--video", required=True, help="the result video to measure")
+    score.add_argument("--source", help="the original video or photo it was made from (for the identity scores)")
+    score.add_argument("--audio", help="the speech to judge against (default: the video's own sound)")
+    score.add_argument("--loop", choices=LOOP_MODES, default="pingpong",
+                       help="the --loop the result was made with, to pair its frames with the source's")
+    score.add_argument("--syncnet-stride", type=int, default=1,
+                       help="score every N-th SyncNet window only (N times faster on a CPU)")
+    score.add_argument("--json", action="store_true", help="print the scores as JSON")
+    score.add_argument("--models-dir", help="where `musetalk download --scoring` put the SyncNet weights")
+    score.add_argument("--device", default="auto", help="for SyncNet: auto, cuda, cuda:N, mps or cpu")
+    score.set_defaults(handler=_score)
+
+    bench = commands.add_parser("bench", help="time every stage of the real pipeline on a clip")
+    bench.add_argument("--video", help="a clip with sound to dub with itself (default: a generated one)")
+    bench.add_argument("--size", default="1280x720", help="generated clip size (default 1280x720)")
+    bench.add_argument("--seconds", type=float, default=10.0, help="generated clip length (default 10)")
+    bench.add_argument("--fps", type=float, default=25.0, help="generated clip frame rate (default 25)")
+    bench.add_argument("--model", choices=("tiny", "full", "weights"), default="tiny",
+                       help="tiny test models (pipeline overhead), full-size random weights, or the installed weights")
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--runs", type=int, default=2, help="the second and later runs find the avatar in the cache")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_model_arguments(bench)
+    bench.set_defaults(handler=_bench)
+
+    cache = commands.add_parser("cache", help="show or clear the prepared-avatar cache")
+    cache.add_argument("action", choices=("list", "clear"), nargs="?", default="list")
+    cache.set_defaults(handler=_cache)
 
     doctor = commands.add_parser("doctor", help="check ffmpeg, MediaPipe, weights, device and versions")
     doctor.add_argument("--models-dir")
     doctor.set_defaults(handler=_doctor)
     return parser
+
+
+def _add_speech_arguments(parser: argparse.ArgumentParser, clone_help: str) -> None:
+    speech = parser.add_argument_group("speech from text")
+    speech.add_argument("--text", help="words to speak (instead of --audio)")
+    speech.add_argument("--text-file", help="a UTF-8 text file to speak")
+    speech.add_argument("--source", default="espeak", help="the audio source (default espeak, offline); "
+                                                           "musetalk voices lists them")
+    speech.add_argument("--voice", help="a voice id of the source (default: the source's own)")
+    speech.add_argument("--tts-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an option of the source, e.g. rate=150 (repeatable)")
+    speech.add_argument("--clone-voice", nargs="?", const=True, metavar="FILE", help=clone_help)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,16 +163,21 @@ def job_options(args: argparse.Namespace, entry: dict | None = None) -> RunOptio
 
 
 def _run(args: argparse.Namespace) -> int:
+    speech_given = args.text is not None or args.text_file is not None
     if args.config:
-        if args.video or args.audio or args.out:
-            raise InputError("give either --config or --video/--audio/--out, not both")
+        if args.video or args.audio or args.out or speech_given:
+            raise InputError("give either --config or --video/--audio (or --text)/--out, not both")
         jobs = load_jobs(args.config, Path(args.out_dir))
     else:
-        missing = [flag for flag, value in (("--video", args.video), ("--audio", args.audio), ("--out", args.out))
-                   if not value]
+        if speech_given and args.audio:
+            raise InputError("give either --audio or --text/--text-file, not both")
+        if args.clone_voice is not None and not speech_given:
+            raise InputError("--clone-voice goes with --text or --text-file")
+        missing = [flag for flag, value in (("--video", args.video), ("--audio or --text", args.audio or speech_given),
+                                            ("--out", args.out)) if not value]
         if missing:
             raise InputError(f"musetalk run needs {', '.join(missing)} (or --config jobs.yaml)")
-        jobs = [(args.video, args.audio, args.out, {})]
+        jobs = [(args.video, _speech_for_run(args) if speech_given else args.audio, args.out, {})]
 
     pipelines: dict[str, object] = {}  # one model load per version for all jobs
     for video, audio, out, entry in jobs:
@@ -121,13 +186,100 @@ def _run(args: argparse.Namespace) -> int:
         if pipeline is None:
             from musetalk.pipeline import LipSyncPipeline
 
-            pipeline = LipSyncPipeline.from_pretrained(args.models_dir, options.version, args.device, args.dtype)
+            pipeline = LipSyncPipeline.from_pretrained(args.models_dir, options.version, args.device, args.dtype,
+                                                       cache_dir=False if args.no_cache else None)
             pipelines[options.version] = pipeline
         with _ProgressBars() as bars:
             result = pipeline(video, audio, out, options, progress=bars.update)
         _say(f"wrote {result.output_path}: {result.num_frames} frames at {result.fps:g} fps, "
              f"{result.width}x{result.height}, {result.duration:.2f} s, face in {result.frames_with_face} frames")
         _say("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+        if args.score:
+            _score_result(result, video, audio, options, args)
+    return 0
+
+
+def _score_result(result, video: str, audio: str, options: RunOptions, args: argparse.Namespace) -> None:
+    """Measure a finished job against its inputs; fills ``result.metrics`` and prints the table."""
+    from musetalk import metrics
+
+    with _ProgressBars() as bars:
+        scores = metrics.score_video(result.output_path, source=video, audio=audio, progress=bars.update,
+                                     models_dir=args.models_dir, loop=options.loop, device=args.device)
+    result.metrics.update({name: value for name, value in scores.as_dict().items() if value is not None})
+    _say(metrics.format_table(scores))
+
+
+def _score(args: argparse.Namespace) -> int:
+    import json
+
+    from musetalk import metrics
+
+    with _ProgressBars() as bars:
+        scores = metrics.score_video(args.video, source=args.source, audio=args.audio, progress=bars.update,
+                                     models_dir=args.models_dir, loop=args.loop, device=args.device,
+                                     syncnet_stride=args.syncnet_stride)
+    if args.json:
+        _say(json.dumps({"video": args.video, "source": args.source, "scores": scores.as_dict(),
+                         "reasons": scores.reasons}, indent=2))
+    else:
+        _say(metrics.format_table(scores))
+    return 0
+
+
+def _speech_for_run(args: argparse.Namespace) -> str:
+    """The WAV to dub with, spoken from --text / --text-file before any model loads."""
+    if not os.path.isfile(args.video):
+        raise InputError(f"the video {args.video} does not exist")
+    clip = _speak(args, clone_from=args.video if args.clone_voice is True else args.clone_voice)
+    _say(f"speech: {clip.duration:.2f} s from {clip.source} (voice {clip.voice})")
+    return clip.path
+
+
+def _speak(args: argparse.Namespace, clone_from: str | None, out_path: str | None = None):
+    """Text of --text / --text-file spoken by the chosen source, with a progress bar over its sentences."""
+    from musetalk import speech
+
+    if args.text is not None and args.text_file is not None:
+        raise InputError("give either --text or --text-file, not both")
+    if args.text is None and args.text_file is None:
+        raise InputError('give the words to speak: --text "..." or --text-file script.txt')
+    text = speech.read_text_file(args.text_file) if args.text_file is not None else args.text
+    options = {}
+    for pair in args.tts_option:
+        name, equals, value = pair.partition("=")
+        if not equals or not name.strip():
+            raise InputError(f"--tts-option takes NAME=VALUE, got {pair!r}")
+        options[name.strip()] = value
+    with _ProgressBars() as bars:
+        return speech.speech_for_video(text, args.source, args.voice, options, clone_from=clone_from,
+                                       progress=lambda done, total: bars.update("speech", done, total),
+                                       out_path=out_path)
+
+
+def _voices(args: argparse.Namespace) -> int:
+    from musetalk import plugins
+
+    sources = [plugins.get_source(args.source)] if args.source else list(plugins.audio_sources().values())
+    for source in sources:
+        ok, reason = source.available()
+        clones = ", clones voices" if source.can_clone else ""
+        _say(f"{source.id}: {source.label} ({'usable' if ok else 'NOT usable'}{clones}): {reason}")
+        if source.options:
+            _say("  options: " + ", ".join(f"{name}={value!r}" for name, value in source.options.items()))
+        if ok or args.source:
+            for voice in source.voices():
+                _say(f"  {voice.id:<32} {voice.label}" + (f" [{voice.language}]" if voice.language else ""))
+    for problem in plugins.plugin_problems():
+        _say(f"plugin problem: {problem}", stream=sys.stderr)
+    return 0
+
+
+def _tts(args: argparse.Namespace) -> int:
+    if args.clone_voice is True:
+        raise InputError("musetalk tts --clone-voice needs FILE: the video or audio whose voice to imitate")
+    clip = _speak(args, args.clone_voice, out_path=args.out)
+    _say(f"wrote {clip.path}: {clip.duration:.2f} s of speech from {clip.source} (voice {clip.voice})")
     return 0
 
 
@@ -161,10 +313,41 @@ def _relative_to(folder: Path, value) -> str:
     return str(Path(value) if os.path.isabs(str(value)) else folder / str(value))
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from musetalk import bench
+
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size must look like 1280x720, not {args.size!r}") from None
+    with _ProgressBars() as bars:
+        report = bench.run_bench(args.model, args.video, width, height, args.seconds, args.fps, args.models_dir,
+                                 args.device, args.dtype, args.batch_size, args.runs, progress=bars.update)
+    for line in ([report.as_json()] if args.json else bench.format_report(report)):
+        _say(line)
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from musetalk.avatar import AvatarCache
+
+    cache = AvatarCache()
+    if args.action == "clear":
+        _say(f"removed {cache.clear() / 2**20:.1f} MB from {cache.root}")
+        return 0
+    entries = cache.entries()
+    for entry in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        _say(f"{entry.key}  {entry.size / 2**20:7.1f} MB  {entry.frames:6d} frames  used {used}  {entry.video}")
+    _say(f"{len(entries)} entries, {sum(e.size for e in entries) / 2**20:.1f} MB of "
+         f"{cache.limit_bytes / 2**20:.0f} MB in {cache.root}")
+    return 0
+
+
 def _download(args: argparse.Namespace) -> int:
     from musetalk import weights
 
-    paths = weights.download(args.model_version, args.models_dir)
+    paths = weights.download(args.model_version, args.models_dir, scoring=args.scoring)
     _say(f"{len(paths)} files ready in {weights.models_dir_or_default(args.models_dir)}")
     return 0
 
@@ -182,7 +365,8 @@ def _doctor(args: argparse.Namespace) -> int:
 class _ProgressBars:
     """One tqdm bar per pipeline stage, on stderr."""
 
-    LABELS = {"faces": "face analysis", "generate": "generating"}
+    LABELS = {"faces": "face analysis", "generate": "generating", "speech": "speaking"}
+    UNITS = {"speech": "sentence"}
 
     def __init__(self):
         self.bars: dict[str, object] = {}
@@ -192,7 +376,8 @@ class _ProgressBars:
 
         bar = self.bars.get(stage)
         if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=self.LABELS.get(stage, stage), unit="frame",
+            bar = self.bars[stage] = tqdm(total=total, desc=self.LABELS.get(stage, stage),
+                                          unit=self.UNITS.get(stage, "frame"),
                                           leave=False, file=sys.stderr)
         if total != bar.total:
             bar.total = max(total, done)

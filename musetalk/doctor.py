@@ -18,7 +18,7 @@ class Check:
 
 
 def check(models_dir=None) -> list[Check]:
-    return [_ffmpeg(), _mediapipe(), _torch(), _device(), *_weights(models_dir), *_versions()]
+    return [_ffmpeg(), _mediapipe(), _torch(), _device(), *_weights(models_dir), *_audio_sources(), *_versions()]
 
 
 def _ffmpeg() -> Check:
@@ -78,6 +78,23 @@ def _weights(models_dir) -> list[Check]:
             detail = f"ready in {root}"
         rows.append(Check(f"weights {version}", not missing, detail, required=False))
     return rows
+
+
+def _audio_sources() -> list[Check]:
+    """One row per audio source (text to speech), then one per plugin that failed; none is required."""
+    try:
+        from musetalk import plugins
+
+        sources = plugins.audio_sources()
+        rows = []
+        for source in sources.values():
+            ok, reason = source.available()
+            origin = f" [{source.distribution}]" if source.distribution not in (None, "musetalk-studio") else ""
+            rows.append(Check(f"speech {source.id}", ok, f"{source.label}{origin}: {reason}", required=False))
+        problems = plugins.plugin_problems()  # after available(): a source that raised there is listed too
+    except Exception as error:  # the plugin machinery itself: reported like any other failed check
+        return [Check("audio sources", False, f"{type(error).__name__}: {error}", required=False)]
+    return rows + [Check("plugin problem", False, line, required=False) for line in problems]
 
 
 def _versions() -> list[Check]:

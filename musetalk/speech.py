@@ -546,14 +546,16 @@ def speech_for_video(
     clone_from: str | os.PathLike | None = None,
     progress: ProgressCallback | None = None,
     cache_dir: str | os.PathLike | None = None,
+    out_path: str | os.PathLike | None = None,
 ) -> AudioClip:
-    """Speech for dubbing a video: ``clone_from`` (the video itself, usually) gives the voice to imitate.
+    """Speech for dubbing: ``clone_from`` (usually the video being dubbed) gives the voice to imitate.
 
     The reference clip is cut into a temporary folder and removed afterwards; its content
     is part of the cache key, so dubbing the same video again reuses the speech.
     """
     if clone_from is None:
-        return synthesize_text(text, source, voice, options, progress=progress, cache_dir=cache_dir)
+        return synthesize_text(text, source, voice, options, progress=progress, cache_dir=cache_dir,
+                               out_path=out_path)
     audio_source = usable_source(source)
     if not audio_source.can_clone:
         raise InputError(f"the audio source {source!r} cannot clone a voice; drop --clone-voice, or use a source "
@@ -561,4 +563,4 @@ def speech_for_video(
     with tempfile.TemporaryDirectory(prefix="musetalk-reference-") as folder:
         reference = reference_clip(clone_from, os.path.join(folder, "reference.wav"))
         return synthesize_text(text, source, voice, options, reference_audio=reference, progress=progress,
-                               cache_dir=cache_dir)
+                               cache_dir=cache_dir, out_path=out_path)

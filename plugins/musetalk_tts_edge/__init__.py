@@ -62,7 +62,7 @@ class EdgeSource:
     def available(self) -> tuple[bool, str]:
         if importlib.util.find_spec("edge_tts") is None:
             return False, "edge-tts is not installed: pip install musetalk-studio[edge]"
-        return True, "online: needs the internet when speaking"
+        return True, "installed; speaking needs the internet"
 
     def voices(self) -> list[Voice]:
         with self._lock:

@@ -41,6 +41,7 @@ __all__ = [
     "plugin_problems",
 ]
 
+OWN_DISTRIBUTION = "musetalk-studio"
 DEFAULT_SOURCE = "espeak"  # offline and installed with the package: what text is spoken with unless told
 REQUIRED_ATTRIBUTES = ("id", "label", "can_clone", "options", "available", "voices", "synthesize")
 OPTION_TYPES = (bool, int, float, str)
@@ -117,8 +118,12 @@ class PluginManager(pluggy.PluginManager):
                 self.report(f"plugin {where} failed to load: {_error_line(error)}")
 
     def collect_sources(self) -> None:
-        """Call each plugin's register_audio_sources on its own, so one that raises spoils only itself."""
-        for impl in self.hook.register_audio_sources.get_hookimpls():
+        """Call each plugin's register_audio_sources on its own, so one that raises spoils only itself.
+
+        The project's own plugins go first: an installed package cannot take over their ids.
+        """
+        impls = self.hook.register_audio_sources.get_hookimpls()
+        for impl in sorted(impls, key=lambda impl: self._distributions.get(self.get_name(impl.plugin)) != OWN_DISTRIBUTION):
             plugin_name = self.get_name(impl.plugin) or repr(impl.plugin)
             register = _Registrar(self, plugin_name, self._distributions.get(plugin_name))
             try:

@@ -44,6 +44,7 @@ class Component:
 _MUSETALK = "TMElyralab/MuseTalk"
 _VAE = "stabilityai/sd-vae-ft-mse"
 _WHISPER = "openai/whisper-tiny"
+_LATENTSYNC = "ByteDance/LatentSync"
 
 COMPONENTS: dict[str, Component] = {
     "unet-v15": Component(
@@ -76,6 +77,12 @@ COMPONENTS: dict[str, Component] = {
             WeightFile(_WHISPER, "whisper", ("model.safetensors", "pytorch_model.bin")),
         ),
     ),
+}
+
+# Optional: LatentSync's SyncNet, only for the LSE-C / LSE-D scores (`musetalk download --scoring`),
+# in the folder the official MuseTalk layout gives it (models/syncnet/latentsync_syncnet.pt).
+SCORING_COMPONENTS = {
+    "syncnet": Component("syncnet", (WeightFile(_LATENTSYNC, "syncnet", ("latentsync_syncnet.pt",)),)),
 }
 
 VERSION_COMPONENTS = {
@@ -184,8 +191,15 @@ def corrupt_weights_error(path: Path, version: str, models_dir: Path, cause: Exc
     )
 
 
-def download(version: str = "v15", models_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Fetch what ``version`` ("v15", "v1" or "all") needs into the official layout, with progress.
+def syncnet_weights(models_dir: str | os.PathLike | None = None) -> Path | None:
+    """The SyncNet checkpoint used for scoring (models directory or HF cache), or None."""
+    found = _resolve_component(SCORING_COMPONENTS["syncnet"], models_dir_or_default(models_dir))
+    return found[0] if found else None
+
+
+def download(version: str = "v15", models_dir: str | os.PathLike | None = None, scoring: bool = False) -> list[Path]:
+    """Fetch what ``version`` ("v15", "v1" or "all") needs into the official layout, with progress;
+    ``scoring`` adds the SyncNet weights (1.4 GB) that the LSE-C / LSE-D scores need.
 
     Files already present are skipped; an interrupted download resumes. Returns the paths.
     """
@@ -195,8 +209,11 @@ def download(version: str = "v15", models_dir: str | os.PathLike | None = None) 
 
     root = models_dir_or_default(models_dir)
     fetched: list[Path] = []
-    for name in VERSION_COMPONENTS[version]:
-        for weight in COMPONENTS[name].files:
+    components = [COMPONENTS[name] for name in VERSION_COMPONENTS[version]]
+    if scoring:
+        components += list(SCORING_COMPONENTS.values())
+    for component in components:
+        for weight in component.files:
             present = _find_local(weight, root)
             if present is not None:
                 fetched.append(present)

@@ -29,6 +29,7 @@ import numpy as np
 
 from musetalk.config import RunOptions
 from musetalk.face import FaceTrack
+from musetalk.weights import user_cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +89,7 @@ def avatar_key(video_hash: str, fps: float, options: RunOptions) -> str:
 
 def default_cache_dir() -> Path:
     configured = os.environ.get(CACHE_DIR_ENV)
-    if configured:
-        return Path(configured).expanduser()
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home) / "musetalk-studio" / "avatars"
+    return Path(configured).expanduser() if configured else user_cache_root() / "avatars"
 
 
 def default_limit_bytes() -> int:

@@ -107,13 +107,16 @@ class ModelFiles:
     whisper_dir: Path
 
 
+def user_cache_root() -> Path:
+    """This project's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache)."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "musetalk-studio"
+
+
 def default_models_dir() -> Path:
     """$MUSETALK_MODELS_DIR, else a per-user cache folder."""
     configured = os.environ.get(MODELS_DIR_ENV)
-    if configured:
-        return Path(configured).expanduser()
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home) / "musetalk-studio" / "models"
+    return Path(configured).expanduser() if configured else user_cache_root() / "models"
 
 
 def models_dir_or_default(models_dir: str | os.PathLike | None) -> Path:

@@ -1,0 +1,37 @@
+import json
+
+from musetalk import cli
+
+
+def test_bench_reports_every_stage_and_the_cached_rerun(capsys):
+    assert cli.main(["bench", "--model", "tiny", "--size", "192x144", "--seconds", "1", "--device", "cpu",
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["width"], report["height"], report["model"]) == (192, 144, "tiny")
+    assert report["floor_fps"] > 0
+    first, again = report["runs"]
+    assert first["frames"] == again["frames"] == 25
+    for stage in ("face", "whisper", "vae_encode", "unet", "vae_decode", "blend", "encode"):
+        assert first["stages"][stage] > 0, stage
+    assert "face" not in again["stages"] and "vae_encode" not in again["stages"]
+    assert first["peak_ram_mb"] > 100 and first["realtime_factor"] > 0
+
+
+def test_cache_command_lists_and_clears(models_dir, face_clip, speech_clip, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MUSETALK_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli.main(["run", "--models-dir", str(models_dir), "--device", "cpu", "--video", str(face_clip),
+                     "--audio", str(speech_clip), "--out", str(tmp_path / "out.mp4")]) == 0
+    capsys.readouterr()
+    assert cli.main(["cache"]) == 0
+    listing = capsys.readouterr().out
+    assert "1 entries" in listing and str(face_clip) in listing
+    assert cli.main(["cache", "clear"]) == 0
+    assert cli.main(["cache"]) == 0
+    assert "0 entries" in capsys.readouterr().out
+
+
+def test_no_cache_leaves_nothing(models_dir, face_clip, speech_clip, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSETALK_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli.main(["run", "--models-dir", str(models_dir), "--device", "cpu", "--no-cache", "--video",
+                     str(face_clip), "--audio", str(speech_clip), "--out", str(tmp_path / "out.mp4")]) == 0
+    assert not (tmp_path / "cache").exists()

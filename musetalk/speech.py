@@ -426,10 +426,11 @@ def _join(clips: list[AudioClip], pieces: list[TextPiece], cache: SpeechCache, k
     for clip, piece in zip(clips, pieces):
         samples, _ = read_wav(clip.path, sample_rate)
         start, end = _sound_bounds(samples, sample_rate)
-        shift = (position - start) / sample_rate
-        events += [SpeechEvent(e.kind, round(max(0.0, e.time + shift), 4), e.text,
-                               e.position + piece.start if e.position >= 0 else -1)
-                   for e in clip.events if start / sample_rate - 1e-3 <= e.time <= end / sample_rate + 1e-3]
+        # an event in the trimmed silence (a sentence's first word at 0 s) moves to the edge of the sound
+        first, last = start / sample_rate, end / sample_rate
+        events += [SpeechEvent(e.kind, round(position / sample_rate + min(max(e.time, first), last) - first, 4),
+                               e.text, e.position + piece.start if e.position >= 0 else -1)
+                   for e in clip.events]
         pause = np.zeros(int((PAUSE_AFTER[piece.ends] if piece.ends != "end" else TAIL_S) * sample_rate),
                          dtype=np.float32)
         parts += [samples[start:end], pause]

@@ -18,6 +18,7 @@ import wave
 
 from musetalk.errors import InputError, MuseTalkError
 from musetalk.plugins import AudioClip, SpeechEvent, Voice, hookimpl
+from musetalk_tts_espeak.library import VoiceEntry
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class EspeakSource:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self._engine = None
+        self._voices: dict[str, tuple[Voice, str]] | None = None
         self._engine_lock = threading.Lock()
 
     # ------------------------------------------------------------------ engine
@@ -79,14 +81,31 @@ class EspeakSource:
         return True, f"eSpeak NG {engine.version}"
 
     def voices(self) -> list[Voice]:
-        entries = self.engine().list_voices()
-        first_languages = [entry.languages[0] if entry.languages else entry.identifier for entry in entries]
-        voices = []
+        """Each voice under its own language code; a language spoken by two voices (Cantonese) under the
+        voice file's name; and the short codes people type ("en", "fr") for eSpeak's preferred voice."""
+        return sorted((voice for voice, _ in self._voice_files().values()), key=lambda voice: voice.id)
+
+    def _voice_files(self) -> dict[str, tuple[Voice, str]]:
+        """Voice id -> (Voice, the voice file eSpeak loads: "gmw/en"); eSpeak finds every voice by its file."""
+        with self._engine_lock:
+            if self._voices is not None:
+                return self._voices
+        entries = [entry for entry in self.engine().list_voices() if entry.languages]
+        first_languages = [entry.languages[0] for entry in entries]
+        voices: dict[str, tuple[Voice, str]] = {}
         for entry, language in zip(entries, first_languages):
-            # a language spoken by two voices (Cantonese twice) is told apart by the voice file
             voice_id = language if first_languages.count(language) == 1 else entry.identifier
-            voices.append(Voice(voice_id, entry.name, language))
-        return sorted(voices, key=lambda voice: voice.id)
+            voices[voice_id] = (Voice(voice_id, entry.name, language), entry.identifier)
+        preferred: dict[str, tuple[int, VoiceEntry]] = {}
+        for entry in entries:
+            for language, priority in zip(entry.languages[1:], entry.priorities[1:]):
+                if language not in voices and priority < preferred.get(language, (256, None))[0]:
+                    preferred[language] = (priority, entry)
+        for language, (_, entry) in preferred.items():
+            voices[language] = (Voice(language, entry.name, language), entry.identifier)
+        with self._engine_lock:
+            self._voices = voices
+        return voices
 
     def variants(self) -> list[str]:
         """Names accepted by the ``variant`` option."""
@@ -104,7 +123,9 @@ class EspeakSource:
             raise InputError(f"eSpeak has no voice variant {variant!r}; try one of "
                              f"{', '.join(self.variants()[:20])}, ...")
         voice = voice or self.default_voice
-        name = f"{voice}+{variant}" if variant else voice
+        known = self._voice_files().get(voice)
+        name = known[1] if known else voice  # a voice id, or any name eSpeak itself understands
+        name = f"{name}+{variant}" if variant else name
         try:
             speech = engine.speak(text, name, rate, pitch)
         except ValueError:

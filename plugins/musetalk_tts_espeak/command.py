@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -48,9 +49,11 @@ class EspeakCommand:
         listing = self._run(["--voices=variant" if variants else "--voices"]).stdout.decode("utf-8", "replace")
         entries = []
         for line in listing.splitlines()[1:]:  # columns: Pty Language Age/Gender VoiceName File Other Languages
-            columns = line.split()
-            if len(columns) >= 5:
-                entries.append(VoiceEntry(columns[3].replace("_", " "), (columns[1],), columns[4]))
+            columns = line.split(maxsplit=5)
+            if len(columns) >= 5 and columns[0].isdigit():
+                others = re.findall(r"\((\S+) (\d+)\)", columns[5] if len(columns) > 5 else "")
+                entries.append(VoiceEntry(columns[3].replace("_", " "), (columns[1], *(n for n, _ in others)),
+                                          columns[4], (int(columns[0]), *(int(p) for _, p in others))))
         return entries
 
     def speak(self, text: str, voice: str, rate: int, pitch: int) -> Speech:

@@ -51,8 +51,9 @@ _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), 
 @dataclass(frozen=True)
 class VoiceEntry:
     name: str  # "English (America)"
-    languages: tuple[str, ...]  # by priority: ("en-us", "en")
+    languages: tuple[str, ...]  # the voice's own first, then others it also speaks: ("en-us", "en")
     identifier: str  # file under espeak-ng-data/voices: "gmw/en-US", "!v/f3"
+    priorities: tuple[int, ...] = ()  # one per language; smaller = eSpeak's better choice for that language
 
 
 @dataclass
@@ -121,8 +122,9 @@ class EspeakLibrary:
             index = 0
             while found[index]:
                 voice = found[index].contents
-                entries.append(VoiceEntry(voice.name.decode("utf-8", "replace"), _languages(voice.languages),
-                                          voice.identifier.decode("utf-8", "replace")))
+                pairs = _languages(voice.languages)
+                entries.append(VoiceEntry(voice.name.decode("utf-8", "replace"), tuple(n for _, n in pairs),
+                                          voice.identifier.decode("utf-8", "replace"), tuple(p for p, _ in pairs)))
                 index += 1
         return entries
 
@@ -146,16 +148,16 @@ class EspeakLibrary:
             for kind, position_ms, text_position, length, name in events])
 
 
-def _languages(pointer: int | None) -> tuple[str, ...]:
+def _languages(pointer: int | None) -> list[tuple[int, str]]:
     """Decode eSpeak's language list: (priority byte, zero-terminated name) pairs ending with a zero byte."""
     if not pointer:
-        return ()
+        return []
     languages, offset = [], 0
-    while ctypes.string_at(pointer + offset, 1) != b"\x00":
+    while (priority := ctypes.string_at(pointer + offset, 1)[0]) != 0:
         name = ctypes.string_at(pointer + offset + 1)
-        languages.append(name.decode("utf-8", "replace"))
+        languages.append((priority, name.decode("utf-8", "replace")))
         offset += 2 + len(name)
-    return tuple(languages)
+    return languages
 
 
 @lru_cache(maxsize=1)

@@ -354,17 +354,21 @@ def mel_windows(mel: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- visual input
 
 
-def lower_face(frame: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-    """The lower half of the aligned 256x256 face: uint8 RGB [128, 256, 3]."""
-    import cv2
-
+def face_alignment(landmarks: np.ndarray) -> np.ndarray:
+    """Affine matrix [2, 3] from frame pixels to the aligned 256x256 face: a similarity taking the
+    brow centres and the nose onto LatentSync's template, then its 210x280 crop stretched to 256x256."""
     points = np.stack([landmarks[list(BROW_IMAGE_LEFT)].mean(0), landmarks[list(BROW_IMAGE_RIGHT)].mean(0),
                        landmarks[list(NOSE)].mean(0)]).astype(np.float64)
-    matrix = _similarity(points, TEMPLATE)
-    # Then the 210x280 crop is stretched to 256x256, and only rows 128..255 are kept.
-    stretch = np.array([[FACE_SIZE / ALIGNED_SIZE[0], 0, 0], [0, FACE_SIZE / ALIGNED_SIZE[1], -FACE_SIZE / 2]])
-    full = stretch @ np.vstack([matrix, [0, 0, 1]])
-    return cv2.warpAffine(frame, full, (FACE_SIZE, FACE_SIZE // 2), flags=cv2.INTER_LINEAR,
+    stretch = np.diag([FACE_SIZE / ALIGNED_SIZE[0], FACE_SIZE / ALIGNED_SIZE[1]])
+    return stretch @ _similarity(points, TEMPLATE)
+
+
+def lower_face(frame: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """The lower half (rows 128..255) of the aligned 256x256 face: uint8 RGB [128, 256, 3]."""
+    import cv2
+
+    matrix = face_alignment(landmarks) - np.array([[0, 0, 0], [0, 0, FACE_SIZE / 2]])
+    return cv2.warpAffine(frame, matrix, (FACE_SIZE, FACE_SIZE // 2), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(FILL_VALUE,) * 3)
 
 

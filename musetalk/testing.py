@@ -17,7 +17,9 @@ from pathlib import Path
 FULL_UNET_CONFIG = "musetalk.json"
 
 TINY_UNET = {
-    "block_out_channels": [32, 32, 32, 64],
+    # One attention head per block (attention_head_dim 8) and 8 groups: as small as the blocks allow.
+    "block_out_channels": [8, 8, 8, 16],
+    "norm_num_groups": 8,
     "layers_per_block": 1,
     "sample_size": 32,
 }

@@ -122,8 +122,10 @@ class PluginManager(pluggy.PluginManager):
 
         The project's own plugins go first: an installed package cannot take over their ids.
         """
-        impls = self.hook.register_audio_sources.get_hookimpls()
-        for impl in sorted(impls, key=lambda impl: self._distributions.get(self.get_name(impl.plugin)) != OWN_DISTRIBUTION):
+        def not_own(impl) -> bool:
+            return self._distributions.get(self.get_name(impl.plugin)) != OWN_DISTRIBUTION
+
+        for impl in sorted(self.hook.register_audio_sources.get_hookimpls(), key=not_own):
             plugin_name = self.get_name(impl.plugin) or repr(impl.plugin)
             register = _Registrar(self, plugin_name, self._distributions.get(plugin_name))
             try:

@@ -423,7 +423,7 @@ def _join(clips: list[AudioClip], pieces: list[TextPiece], cache: SpeechCache, k
     parts = [np.zeros(int(LEAD_IN_S * sample_rate), dtype=np.float32)]
     events: list[SpeechEvent] = []
     position = parts[0].size
-    for clip, piece in zip(clips, pieces):
+    for clip, piece in zip(clips, pieces, strict=True):
         samples, _ = read_wav(clip.path, sample_rate)
         start, end = _sound_bounds(samples, sample_rate)
         # an event in the trimmed silence (a sentence's first word at 0 s) moves to the edge of the sound

@@ -50,10 +50,12 @@ def speech_fraction(path: str) -> float:
 
 
 def test_text_is_split_into_sentences_with_their_pauses():
-    text = "Hello Mr. Smith. How are you?  I'm fine! Dr. J. Watson paid 3.5 dollars...\n\nA new paragraph. 这是中文。还有一句！"
+    text = ("Hello Mr. Smith. How are you?  I'm fine! Dr. J. Watson paid 3.5 dollars...\n\n"
+            "A new paragraph. 这是中文。还有一句！")
     pieces = speech.split_text(text)
     assert [p.text for p in pieces] == ["Hello Mr. Smith.", "How are you?", "I'm fine!",
-                                        "Dr. J. Watson paid 3.5 dollars...", "A new paragraph.", "这是中文。", "还有一句！"]
+                                        "Dr. J. Watson paid 3.5 dollars...", "A new paragraph.",
+                                        "这是中文。", "还有一句！"]
     assert [p.ends for p in pieces] == ["sentence", "sentence", "sentence", "paragraph", "sentence", "sentence", "end"]
     for piece in pieces:
         assert text[piece.start:piece.start + len(piece.text)] == piece.text

@@ -180,7 +180,9 @@ def _offline(error: BaseException | None) -> bool:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)) or type(error).__name__ in OFFLINE_ERRORS:
+        if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)):
+            return True
+        if type(error).__name__ in OFFLINE_ERRORS:
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -93,12 +93,12 @@ class EspeakSource:
         entries = [entry for entry in self.engine().list_voices() if entry.languages]
         first_languages = [entry.languages[0] for entry in entries]
         voices: dict[str, tuple[Voice, str]] = {}
-        for entry, language in zip(entries, first_languages):
+        for entry, language in zip(entries, first_languages, strict=True):
             voice_id = language if first_languages.count(language) == 1 else entry.identifier
             voices[voice_id] = (Voice(voice_id, entry.name, language), entry.identifier)
         preferred: dict[str, tuple[int, VoiceEntry]] = {}
         for entry in entries:
-            for language, priority in zip(entry.languages[1:], entry.priorities[1:]):
+            for language, priority in zip(entry.languages[1:], entry.priorities[1:], strict=True):
                 if language not in voices and priority < preferred.get(language, (256, None))[0]:
                     preferred[language] = (priority, entry)
         for language, (_, entry) in preferred.items():

@@ -173,10 +173,11 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError("give either --audio or --text/--text-file, not both")
         if args.clone_voice is not None and not speech_given:
             raise InputError("--clone-voice goes with --text or --text-file")
-        missing = [flag for flag, value in (("--video", args.video), ("--audio or --text", args.audio or speech_given),
+        missing = [flag for flag, value in (("--video", args.video), ("--audio", args.audio or speech_given),
                                             ("--out", args.out)) if not value]
         if missing:
-            raise InputError(f"musetalk run needs {', '.join(missing)} (or --config jobs.yaml)")
+            raise InputError(f"musetalk run needs {', '.join(missing)} (--text or --text-file instead of --audio; "
+                             f"or --config jobs.yaml)")
         jobs = [(args.video, _speech_for_run(args) if speech_given else args.audio, args.out, {})]
 
     pipelines: dict[str, object] = {}  # one model load per version for all jobs

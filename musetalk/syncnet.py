@@ -411,10 +411,13 @@ class SyncNetScorer:
         self.batch_size = max(1, int(batch_size))
 
     def visual_embeddings(self, frames: Iterable[np.ndarray], landmarks: Iterable[np.ndarray | None],
-                          progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings of every 16-frame window (25 fps frames, one landmark row or None per frame).
+                          progress: Callable[[int], None] | None = None,
+                          stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of every ``stride``-th 16-frame window (25 fps frames, one landmark row or None
+        per frame).
 
-        Returns ``(embeddings [W, D], valid [W])``; a window with a frame without a face is invalid.
+        Returns ``(embeddings [W, D], valid [W])`` for every window start; a window that was skipped
+        or has a frame without a face is invalid.
         """
         buffer: deque[np.ndarray | None] = deque(maxlen=WINDOW_FRAMES)
         pending: list[tuple[int, torch.Tensor]] = []
@@ -425,7 +428,7 @@ class SyncNetScorer:
             if len(buffer) == WINDOW_FRAMES:
                 start = index - WINDOW_FRAMES + 1
                 count = start + 1
-                if all(crop is not None for crop in buffer):
+                if start % stride == 0 and all(crop is not None for crop in buffer):
                     pending.append((start, _to_tensor(list(buffer))))
                 if len(pending) >= self.batch_size:
                     results.update(self._embed_visual(pending))

@@ -149,6 +149,22 @@ class Exploding:
         return (exec, ("raise SystemExit('unpickled')",))
 
 
+def test_windows_need_a_face_in_all_16_frames_and_follow_the_stride(tiny_models_dir):
+    import cv2
+
+    image = cv2.cvtColor(cv2.imread(str(FACE)), cv2.COLOR_BGR2RGB)
+    with face.FaceAnalyzer() as analyzer:
+        points = analyzer.landmarks(image)
+    scorer = syncnet.SyncNetScorer(syncnet.load_syncnet(tiny_models_dir / "syncnet" / "latentsync_syncnet.pt"))
+    rows = [points] * 20
+    embeddings, valid = scorer.visual_embeddings([image] * 20, rows)
+    assert embeddings.shape == (5, 16) and valid.all()  # window starts 0..4
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    assert scorer.visual_embeddings([image] * 20, rows, stride=2)[1].tolist() == [True, False, True, False, True]
+    rows[2] = None  # no face in frame 2: the windows starting at 0, 1 and 2 hold it
+    assert scorer.visual_embeddings([image] * 20, rows)[1].tolist() == [False, False, False, True, True]
+
+
 @pytest.fixture(scope="module")
 def talking_clip(tmp_path_factory) -> Path:
     media = tmp_path_factory.mktemp("syncnet-media")

@@ -1,0 +1,416 @@
+"""MuseTalk Studio in the browser: upload or speak, preview, generate, compare side by side.
+
+Only the UI lives here: every event calls ``musetalk.studio`` and has an ``api_name``, so the
+app is an API for ``gradio_client`` too. Models load once, in ``main()``; importing this file
+loads nothing heavy (not even Gradio).
+
+    python app.py [--host 0.0.0.0] [--port 7860] [--models-dir DIR] [--device auto]
+
+Limits and folders come from the MUSETALK_* variables listed in ``musetalk.studio.ENVIRONMENT``
+(the flags below override them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import logging
+import sys
+
+from musetalk import studio as studio_lib
+from musetalk.config import RunOptions
+from musetalk.errors import MuseTalkError
+from musetalk.studio import Speech, Studio, StudioConfig
+
+logger = logging.getLogger("musetalk.app")
+
+TITLE = "MuseTalk Studio"
+FACE_CHOICES = [("The largest face", "largest"), ("1st from the left", "0"), ("2nd from the left", "1"),
+                ("3rd from the left", "2"), ("4th from the left", "3")]
+MASK_CHOICES = [("Jaw: lower face down to the jaw (default)", "jaw"), ("Raw: lower face as found", "raw"),
+                ("Mouth: lips only (keeps a beard or moustache)", "mouth")]
+LOOP_CHOICES = [("Forward and back (ping-pong)", "pingpong"), ("From the start again", "loop"),
+                ("Hold the last frame", "freeze")]
+LENGTH_CHOICES = [("As long as the audio", "audio"), ("As long as the video", "video")]
+VERSION_CHOICES = [("MuseTalk 1.5", "v15"), ("MuseTalk 1.0", "v1")]
+SPEECH_FROM = [("Audio file or recording", "audio"), ("Text", "text")]
+DEFAULT_VARIANTS = [["Jaw mask", "", "", "", "jaw", ""], ["Lips only", "", "", "", "mouth", ""]]
+# ZeroGPU attaches a GPU only inside functions marked with spaces.GPU, for at most this long.
+GPU_SECONDS = 300
+CSS = """
+#status {font-size: 0.9em}
+#preview-image img {object-fit: contain}
+"""
+INTRO = """# MuseTalk Studio
+Give a video (or a photo) of a face and new speech; get the same video with the lips speaking
+the new audio and everything else untouched. **Preview** checks the crop and the mask on the first
+frame in a second, **Generate** makes the dub, the **Compare** tab runs several variants side by side."""
+
+
+# --------------------------------------------------------------------------- plain functions
+
+
+def run_options(version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face,
+                smoothing=0.5, length="audio", loop="pingpong", silence_gate=True, batch_size=8,
+                quality=18) -> RunOptions:
+    """RunOptions from the controls' values (sliders give floats, the face menu strings)."""
+    face_index = None if face in (None, "", "largest") else int(face)
+    return RunOptions(
+        version=version, extra_margin=int(extra_margin), bbox_shift=int(bbox_shift), parsing_mode=mask_mode,
+        left_cheek_width=int(left_cheek_width), right_cheek_width=int(right_cheek_width), face_index=face_index,
+        smoothing=float(smoothing), length=length, loop=loop, silence_gate=bool(silence_gate),
+        batch_size=int(batch_size), crf=int(quality),
+    ).validate()
+
+
+def speech_request(speech_from, audio, text, source, voice, clone_voice) -> Speech:
+    """The job's speech from the speech controls: only the chosen kind is passed on."""
+    if speech_from == "text":
+        return Speech(text=text or "", source=source or None, voice=voice or None, clone=bool(clone_voice))
+    return Speech(audio=audio or None)
+
+
+def speech_sources() -> tuple[dict, list[str]]:
+    """Usable audio sources by id, and a line for each one that is not (with what to do)."""
+    from musetalk import plugins
+
+    usable, notes = {}, []
+    for source_id, source in plugins.audio_sources().items():
+        ok, reason = source.available()
+        if ok:
+            usable[source_id] = source
+        else:
+            notes.append(f"{source.label}: {reason}")
+    notes += [f"plugin problem: {line}" for line in plugins.plugin_problems()]
+    return usable, notes
+
+
+def voice_choices(source) -> tuple[list[tuple[str, str]], str | None]:
+    """(menu entries, default voice id) of a source."""
+    if source is None:
+        return [], None
+    voices = source.voices()
+    choices = [(f"{voice.label} ({voice.id})" if voice.label != voice.id else voice.id, voice.id) for voice in voices]
+    default = source.default_voice or (voices[0].id if voices else None)
+    return choices, default
+
+
+def user_errors(function):
+    """Errors a person can act on reach the page (and API clients) as their message; anything
+    else is logged with its trace and shown as one line, never as a trace."""
+    import gradio as gr
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except gr.Error:
+            raise
+        except MuseTalkError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:
+            logger.exception("unexpected failure in %s", function.__name__)
+            raise gr.Error(f"Something went wrong inside the studio ({type(error).__name__}: {error}). "
+                           "The server log has the details; please report it.", print_exception=False) from None
+
+    return wrapper
+
+
+def on_gpu(function):
+    """On a ZeroGPU Space the GPU is attached only inside functions marked with ``spaces.GPU``;
+    elsewhere (and without the ``spaces`` package) the function is returned as it is."""
+    try:
+        import spaces
+    except ImportError:
+        return function
+    return spaces.GPU(duration=GPU_SECONDS)(function)
+
+
+def status_text(services: Studio) -> str:
+    lines = [f"**Weights** ({services.models_dir()}):", *[f"- {line}" for line in services.weights_status().splitlines()]]
+    _, notes = speech_sources()
+    if notes:
+        lines += ["", "**Speech sources not available:**", *[f"- {note}" for note in notes]]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def build_demo(services: Studio):
+    """The Blocks app around ``services`` (a Studio whose models are loaded, or load on first use)."""
+    import gradio as gr
+
+    sources, _ = speech_sources()
+    default_source = "espeak" if "espeak" in sources else next(iter(sources), None)
+    voices, default_voice = voice_choices(sources.get(default_source))
+    defaults = RunOptions(version=services.config.version)
+
+    with gr.Blocks(title=TITLE, delete_cache=(3600, int(services.config.keep_minutes * 60))) as demo:
+        history = gr.State([])
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=True):
+            status = gr.Markdown(status_text(services), elem_id="status")
+            download = gr.Button("Download weights", size="sm", scale=0, min_width=180)
+
+        with gr.Row():
+            with gr.Column(scale=5):
+                video = gr.File(label="Face video or photo", file_types=["video", "image"], type="filepath",
+                                elem_id="video-upload")
+                speech_from = gr.Radio(SPEECH_FROM, value="audio", label="New speech from", elem_id="speech-from")
+                with gr.Group(visible=True) as audio_group:
+                    audio = gr.Audio(label="Speech: upload a file or record", sources=["upload", "microphone"],
+                                     type="filepath", elem_id="speech-audio")
+                with gr.Group(visible=False) as text_group:
+                    text = gr.Textbox("", label="Text to speak", lines=3, max_lines=12, elem_id="speech-text",
+                                      placeholder="Type what the face should say.",
+                                      max_length=services.config.max_text_chars)
+                    with gr.Row():
+                        # Custom values pass: the API may name any installed source or voice, and the
+                        # library's own message says what is wrong with one that does not exist.
+                        source = gr.Dropdown([(s.label, s.id) for s in sources.values()], value=default_source,
+                                             label="Speech source", elem_id="speech-source", allow_custom_value=True)
+                        voice = gr.Dropdown(voices, value=default_voice, label="Voice", elem_id="speech-voice",
+                                            allow_custom_value=True)
+                    clone_voice = gr.Checkbox(label="Clone the voice from the video", value=False,
+                                              visible=bool(default_source and sources[default_source].can_clone))
+                with gr.Accordion("Advanced options", open=False):
+                    with gr.Row():
+                        version = gr.Dropdown(VERSION_CHOICES, value=defaults.version, label="Model version")
+                        face = gr.Dropdown(FACE_CHOICES, value="largest", label="Face to dub")
+                    mask_mode = gr.Radio(MASK_CHOICES, value=defaults.parsing_mode, label="Blend mask")
+                    with gr.Row():
+                        extra_margin = gr.Slider(0, 60, value=defaults.extra_margin, step=1, precision=0,
+                                                 label="Extra margin below the chin (v1.5, px)")
+                        bbox_shift = gr.Slider(-40, 40, value=defaults.bbox_shift, step=1, precision=0,
+                                               label="Box shift (v1.0; + opens the mouth more)")
+                    with gr.Row():
+                        left_cheek_width = gr.Slider(0, 256, value=defaults.left_cheek_width, step=1, precision=0,
+                                                     label="Left cheek width (jaw mask)")
+                        right_cheek_width = gr.Slider(0, 256, value=defaults.right_cheek_width, step=1, precision=0,
+                                                      label="Right cheek width (jaw mask)")
+                    with gr.Row():
+                        length = gr.Radio(LENGTH_CHOICES, value=defaults.length, label="Output length")
+                        loop = gr.Radio(LOOP_CHOICES, value=defaults.loop, label="Audio longer than the video")
+                    with gr.Row():
+                        silence_gate = gr.Checkbox(value=defaults.silence_gate,
+                                                   label="Silence gate: mouth rests in pauses")
+                        smoothing = gr.Slider(0, 1, value=defaults.smoothing, step=0.05,
+                                              label="Face tracking smoothing")
+                    with gr.Row():
+                        batch_size = gr.Slider(1, 64, value=defaults.batch_size, step=1, precision=0,
+                                               label="Batch size (frames per model call)")
+                        quality = gr.Slider(0, 51, value=defaults.crf, step=1, precision=0,
+                                            label="Output quality (CRF: 0 best, 18 visually lossless, 51 worst)")
+                    measure = gr.Checkbox(value=True, label="Measure the results (lip-sync, silence, identity)")
+                with gr.Row():
+                    preview_button = gr.Button("Preview crop and mask", elem_id="preview-button")
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+
+            with gr.Column(scale=7):
+                with gr.Tabs():
+                    with gr.Tab("Result", id="result"):
+                        preview_image = gr.Image(label="Preview: crop box (yellow), paste-back square (blue), "
+                                                       "redrawn area (green)", type="numpy", interactive=False,
+                                                 height=300, elem_id="preview-image")
+                        preview_note = gr.Markdown()
+                        result_video = gr.Video(label="Dubbed video", interactive=False, elem_id="result-video")
+                        side_video = gr.Video(label="Side by side with the original (the dub's sound)",
+                                              interactive=False, elem_id="side-by-side-video")
+                        summary = gr.Markdown(elem_id="result-summary")
+                        timings = gr.Dataframe(headers=["stage", "seconds", "frames per second"], interactive=False,
+                                               label="What the run took", elem_id="timings")
+                        scores = gr.Dataframe(headers=["score", "value", "good"], interactive=False,
+                                              label="Scores of the result", elem_id="scores")
+                    with gr.Tab("Compare", id="compare"):
+                        gr.Markdown(
+                            f"Up to {services.config.max_variants} variants of this job on the same video. An "
+                            "empty cell keeps what is set on the left. *speech source*: `audio` for the audio "
+                            "above, or a source id (`espeak`, ...) to speak the text; *voice*: a voice id; "
+                            "*version*: `v15` or `v1`; *mask*: `jaw`, `raw` or `mouth`. The face data of the "
+                            "video is prepared once and reused by every variant.")
+                        variants = gr.Dataframe(value=DEFAULT_VARIANTS, headers=studio_lib.VARIANT_COLUMNS,
+                                                datatype="str", type="array", interactive=True,
+                                                label="Variants", elem_id="variants")
+                        with gr.Row():
+                            add_variant = gr.Button("Add the current settings", size="sm")
+                            clear_variants = gr.Button("Clear", size="sm")
+                            compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
+                        grid_video = gr.Video(label="Comparison (the first variant's sound)", interactive=False,
+                                              elem_id="grid-video")
+                        comparison = gr.Dataframe(label="One row per variant", interactive=False,
+                                                  elem_id="comparison-table")
+                        variant_files = gr.File(label="Each variant's video", file_count="multiple",
+                                                interactive=False)
+                    with gr.Tab("History", id="history"):
+                        history_table = gr.Dataframe(headers=["time", "kind", "label", "summary"], interactive=False,
+                                                     label="Results of this browser session", elem_id="history")
+                        history_downloads = gr.File(label="Their files", file_count="multiple", interactive=False)
+
+        option_inputs = [version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face,
+                         smoothing, length, loop, silence_gate, batch_size, quality]
+        speech_inputs = [speech_from, audio, text, source, voice, clone_voice]
+        history_outputs = [history, history_table, history_downloads]
+
+        # ------------------------------------------------------------- handlers
+
+        def refresh_status():
+            return status_text(services)
+
+        def download_weights(version, progress=gr.Progress(track_tqdm=True)):
+            services.fetch_weights(version, lambda fraction, text: progress(fraction, desc=text))
+            return status_text(services)
+
+        def show_speech_inputs(speech_from):
+            return gr.Group(visible=speech_from == "audio"), gr.Group(visible=speech_from == "text")
+
+        def voices_of(source):
+            choices, default = voice_choices(sources.get(source))
+            can_clone = bool(source in sources and sources[source].can_clone)
+            return gr.Dropdown(choices=choices, value=default), gr.Checkbox(visible=can_clone, value=False)
+
+        def preview(video, version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face):
+            options = run_options(version, extra_margin, bbox_shift, mask_mode, left_cheek_width,
+                                  right_cheek_width, face)
+            shown = services.preview(video, options)
+            return shown.image, shown.message
+
+        def generate(video, speech_from, audio, text, source, voice, clone_voice, version, extra_margin,
+                     bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face, smoothing, length, loop,
+                     silence_gate, batch_size, quality, measure, history, progress=gr.Progress(track_tqdm=True)):
+            options = run_options(version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width,
+                                  face, smoothing, length, loop, silence_gate, batch_size, quality)
+            speech = speech_request(speech_from, audio, text, source, voice, clone_voice)
+            job = services.generate(video, speech, options, lambda fraction, what: progress(fraction, desc=what),
+                                    score=bool(measure))
+            history = studio_lib.history_add(history, "dub", job.speech, [job.output, job.side_by_side],
+                                             job.summary())
+            return (job.output, job.side_by_side, job.summary(), job.timing_rows(), job.score_rows(),
+                    *_history_views(history))
+
+        def add_current(variants, speech_from, source, voice, version, mask_mode, extra_margin):
+            rows = [row for row in (variants or []) if any(str(cell or "").strip() for cell in row)]
+            if len(rows) >= services.config.max_variants:
+                raise gr.Error(f"a comparison holds up to {services.config.max_variants} variants; "
+                               "clear some rows first", print_exception=False)
+            speech_cell = studio_lib.AUDIO_SOURCE_CELL if speech_from == "audio" else (source or "")
+            voice_cell = (voice or "") if speech_from == "text" else ""
+            label = f"{len(rows) + 1}: {speech_cell} {voice_cell} {version} {mask_mode}".replace("  ", " ")
+            return rows + [[label, speech_cell, voice_cell, version, mask_mode, str(int(extra_margin))]]
+
+        def clear():
+            return []
+
+        def compare(video, speech_from, audio, text, source, voice, clone_voice, version, extra_margin,
+                    bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face, smoothing, length, loop,
+                    silence_gate, batch_size, quality, measure, variants, history,
+                    progress=gr.Progress(track_tqdm=True)):
+            options = run_options(version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width,
+                                  face, smoothing, length, loop, silence_gate, batch_size, quality)
+            speech = speech_request(speech_from, audio, text, source, voice, clone_voice)
+            chosen = studio_lib.variants_from_rows(variants or [], speech, options)
+            made = services.compare(video, chosen, lambda fraction, what: progress(fraction, desc=what),
+                                    score=bool(measure))
+            files = [made.grid] + [job.output for job in made.results]
+            summary = f"{len(made.results)} variants: " + "; ".join(job.label for job in made.results)
+            history = studio_lib.history_add(history, "comparison", summary, files, f"sound of {made.audio_from}")
+            table = {"headers": made.table_headers(), "data": made.table_rows()}
+            return (made.grid, table, [job.output for job in made.results], *_history_views(history))
+
+        # ------------------------------------------------------------- events
+
+        light = {"concurrency_limit": None}  # quick UI updates never wait behind a dub
+        gpu = {"concurrency_id": "gpu", "concurrency_limit": 1}  # one model job at a time
+        demo.load(user_errors(refresh_status), outputs=status, api_name="status", **light)
+        download.click(user_errors(download_weights), inputs=version, outputs=status, api_name="download_weights",
+                       **gpu)
+        speech_from.change(show_speech_inputs, inputs=speech_from, outputs=[audio_group, text_group],
+                           api_name="speech_from", **light)
+        source.change(user_errors(voices_of), inputs=source, outputs=[voice, clone_voice], api_name="voices", **light)
+        preview_button.click(
+            user_errors(preview),
+            inputs=[video, version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face],
+            outputs=[preview_image, preview_note], api_name="preview", concurrency_id="preview", concurrency_limit=2,
+        )
+        generate_button.click(
+            user_errors(on_gpu(generate)), inputs=[video, *speech_inputs, *option_inputs, measure, history],
+            outputs=[result_video, side_video, summary, timings, scores, *history_outputs], api_name="generate",
+            **gpu,
+        )
+        add_variant.click(user_errors(add_current),
+                          inputs=[variants, speech_from, source, voice, version, mask_mode, extra_margin],
+                          outputs=variants, api_name="add_variant", **light)
+        clear_variants.click(clear, outputs=variants, api_name="clear_variants", **light)
+        compare_button.click(
+            user_errors(on_gpu(compare)),
+            inputs=[video, *speech_inputs, *option_inputs, measure, variants, history],
+            outputs=[grid_video, comparison, variant_files, *history_outputs], api_name="compare", **gpu,
+        )
+    return demo
+
+
+def _history_views(history: list[dict]) -> tuple:
+    """The history state, its table and its files (None when there are none: an empty file list)."""
+    return history, studio_lib.history_rows(history), studio_lib.history_files(history) or None
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def serve(demo, services: Studio, host: str | None = None, port: int | None = None,
+          prevent_thread_lock: bool = False, quiet: bool = False):
+    """Queue (one model job at a time, a bounded line) and launch; returns what launch returns."""
+    import gradio as gr
+
+    demo.queue(default_concurrency_limit=1, max_size=services.config.queue_size)
+    return demo.launch(
+        server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock, quiet=quiet,
+        max_file_size=f"{services.config.max_upload_mb}mb",
+        # Results are copied from the request folders into Gradio's cache; nothing else is served.
+        allowed_paths=[str(services.work_dir)],
+        theme=gr.themes.Soft(), css=CSS, footer_links=["api", "gradio", "settings"],
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py", description="Serve MuseTalk Studio in the browser.")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, help="port (default 7860, or $GRADIO_SERVER_PORT)")
+    parser.add_argument("--models-dir", help="weights folder (default $MUSETALK_MODELS_DIR or the user cache)")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--dtype", default="auto", help="auto, fp16, bf16 or fp32")
+    parser.add_argument("--version", dest="model_version", choices=("v15", "v1"), default="v15",
+                        help="the model version loaded at start-up")
+    parser.add_argument("--work-dir", help=f"request folders (default ${studio_lib.ENVIRONMENT['work_dir']} "
+                                           "or a temporary folder)")
+    parser.add_argument("--max-upload-mb", type=int, help="largest upload")
+    parser.add_argument("--max-seconds", type=float, help="longest video or speech")
+    parser.add_argument("--queue-size", type=int, help="requests waiting beyond the one running")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("musetalk").setLevel(logging.INFO)
+    try:
+        config = StudioConfig.from_env(
+            models_dir=args.models_dir, device=args.device, dtype=args.dtype, version=args.model_version,
+            work_dir=args.work_dir, max_upload_mb=args.max_upload_mb, max_seconds=args.max_seconds,
+            queue_size=args.queue_size,
+        )
+        services = Studio(config)
+        atexit.register(services.close)
+        services.load_models()  # the one model load of this process (or on first use, without weights)
+    except MuseTalkError as error:
+        sys.stderr.write(f"app.py: error: {error}\n")
+        return 2
+    serve(build_demo(services), services, host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,686 @@
+"""The studio's work, free of any UI: what ``app.py`` calls and the tests call directly.
+
+- limits on what a request may bring (upload size, duration, text length, variants);
+- one folder per request under the work folder, removed on failure and pruned by age;
+- the weights: what is missing, fetched on request (or on the first run) with progress;
+- models loaded once per version and kept for the life of the process;
+- the preview picture (crop box, paste-back square and blend mask on the first face frame);
+- one dub with its side-by-side video and a table of what each stage took;
+- a comparison of several variants of one job as a labelled grid and one row per variant;
+- a browser session's history as plain data the UI keeps per session.
+
+Progress goes to one callback, ``progress(fraction_of_the_request, what_is_happening)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from musetalk import compare, metrics, video_io, weights
+from musetalk.config import RunOptions
+from musetalk.errors import InputError, NoFaceError
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]  # (fraction of the request done, what is happening)
+
+# Environment variables the app (and its container or Space) is configured with.
+ENVIRONMENT = {
+    "work_dir": "MUSETALK_WORK_DIR",
+    "max_upload_mb": "MUSETALK_MAX_UPLOAD_MB",
+    "max_seconds": "MUSETALK_MAX_SECONDS",
+    "max_text_chars": "MUSETALK_MAX_TEXT_CHARS",
+    "queue_size": "MUSETALK_QUEUE_SIZE",
+    "keep_minutes": "MUSETALK_KEEP_MINUTES",
+}
+# The preview looks this far into the video for a first frame with a face.
+PREVIEW_SEARCH_FRAMES = 50
+HISTORY_LIMIT = 20
+STAGE_NAMES = {
+    "probe": "read the inputs",
+    "face": "face analysis",
+    "audio_decode": "audio decode",
+    "silence_gate": "silence gate",
+    "whisper": "audio features (Whisper)",
+    "decode": "video decode",
+    "crop": "face crops",
+    "vae_encode": "VAE encode",
+    "unet": "UNet",
+    "vae_decode": "VAE decode",
+    "blend": "blend",
+    "encode": "video encode",
+    "cache_lookup": "prepared faces: lookup",
+    "cache_save": "prepared faces: save",
+    "speech": "speech synthesis",
+    "scores": "scores",
+    "side_by_side": "side-by-side video",
+    "total": "whole job",
+}
+
+
+def _no_progress(fraction: float, text: str) -> None:
+    """The default callback: progress is only logged."""
+    logger.debug("%3.0f%% %s", fraction * 100, text)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class StudioConfig:
+    # Weights folder (None: $MUSETALK_MODELS_DIR, else the per-user cache folder).
+    models_dir: str | None = None
+    # auto, cuda, cuda:N, mps or cpu.
+    device: str = "auto"
+    # auto (fp16 on CUDA, fp32 elsewhere), fp16, bf16 or fp32.
+    dtype: str = "auto"
+    # The model version loaded at start-up and preselected in the app.
+    version: str = "v15"
+    # Where request folders go (None: a new temporary folder, removed when the studio closes).
+    work_dir: str | None = None
+    # Largest upload accepted, in megabytes.
+    max_upload_mb: int = 200
+    # Longest video, audio or synthesized speech accepted, in seconds.
+    max_seconds: float = 120.0
+    # Longest text accepted for speech.
+    max_text_chars: int = 3000
+    # Most variants in one comparison.
+    max_variants: int = 4
+    # Requests waiting in line beyond the one running; more are turned away.
+    queue_size: int = 16
+    # Request folders older than this are removed (results stay downloadable this long).
+    keep_minutes: float = 120.0
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> StudioConfig:
+        """Defaults, then the MUSETALK_* variables in ENVIRONMENT, then ``overrides`` (None ignored)."""
+        environ = os.environ if environ is None else environ
+        defaults = cls()
+        values = {}
+        for name, variable in ENVIRONMENT.items():
+            if environ.get(variable):
+                values[name] = _parse_setting(variable, environ[variable], getattr(defaults, name))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return dataclasses.replace(defaults, **values).validate()
+
+    def validate(self) -> StudioConfig:
+        for name in ("max_upload_mb", "max_seconds", "max_text_chars", "max_variants", "queue_size", "keep_minutes"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"the studio setting {name} must be positive, not {getattr(self, name)!r}")
+        if self.max_variants > compare.MAX_PANELS - 1:
+            raise InputError(f"max_variants can be at most {compare.MAX_PANELS - 1} (one grid cell is the original)")
+        return self
+
+
+def _parse_setting(variable: str, text: str, default):
+    try:
+        return type(default)(text) if default is not None else text
+    except ValueError:
+        raise InputError(f"{variable}={text!r} is not a valid {type(default).__name__}; fix or unset it") from None
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Speech:
+    """The new speech of a job: an audio file, or text for a speech source."""
+
+    audio: str | None = None  # an uploaded or recorded audio file
+    text: str | None = None
+    source: str | None = None  # audio source id for text (None: espeak, the offline default)
+    voice: str | None = None  # the source's voice id (None: the source's default)
+    clone: bool = False  # imitate the voice of the video's own speech (sources that can clone)
+
+    @property
+    def is_text(self) -> bool:
+        return bool(self.text and self.text.strip())
+
+    def describe(self) -> str:
+        if not self.is_text:
+            return "the audio you gave" if self.audio else "no speech"
+        voice = "voice cloned from the video" if self.clone else (self.voice or "default voice")
+        return f"{self.source or 'espeak'}, {voice}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One cell of a comparison: its own speech and options, the same video."""
+
+    label: str
+    speech: Speech
+    options: RunOptions
+
+
+@dataclass
+class Preview:
+    image: np.ndarray  # RGB frame with the overlay drawn
+    frame_index: int
+    box: tuple[int, int, int, int]
+    message: str
+
+
+@dataclass
+class JobResult:
+    """One dub and what it took."""
+
+    label: str
+    speech: str  # what the speech was, in words
+    options: RunOptions
+    result: object  # musetalk.pipeline.LipSyncResult
+    audio_path: str
+    side_by_side: str | None
+    timings: dict[str, float]  # seconds per stage, the studio's own steps included
+    scores: object | None = None  # musetalk.metrics.Scores, when the result was measured
+
+    @property
+    def output(self) -> str:
+        return self.result.output_path
+
+    def timing_rows(self) -> list[list]:
+        """[stage, seconds, output frames per second] for every stage, the whole job last."""
+        frames = self.result.num_frames
+        rows = []
+        for stage, seconds in self.timings.items():
+            if stage != "total":
+                rows.append([STAGE_NAMES.get(stage, stage), round(seconds, 3), _rate(frames, seconds)])
+        total = self.timings.get("total", sum(self.timings.values()))
+        rows.append([STAGE_NAMES["total"], round(total, 3), _rate(frames, total)])
+        return rows
+
+    def summary(self) -> str:
+        result = self.result
+        line = (f"{result.num_frames} frames, {result.width}x{result.height} at {result.fps:g} fps, "
+                f"{result.duration:.2f} s; the face was redrawn in {result.frames_with_face} frames "
+                f"({result.engine} {result.version}, speech: {self.speech}).")
+        return line
+
+    def score_rows(self) -> list[list[str]]:
+        """[score, value, what is good] per score (empty when the result was not measured)."""
+        return [list(row) for row in self.scores.table_rows()] if self.scores is not None else []
+
+
+@dataclass
+class Comparison:
+    grid: str
+    results: list[JobResult]
+    audio_from: str  # label of the variant whose sound the grid carries
+
+    def table_headers(self) -> list[str]:
+        return ["variant", "speech", "version", "mask", "extra margin", "frames", "seconds of video",
+                "job seconds", "frames per second"] + self._score_labels()
+
+    def _score_labels(self) -> list[str]:
+        """Scores that at least one variant has a value for, in the metrics' own order."""
+        measured = [dict((row[0], row[1]) for row in job.score_rows()) for job in self.results]
+        labels = [label for label, _value, _good in (self.results[0].score_rows() if measured else [])]
+        return [label for label in labels if any(not rows.get(label, "n/a").startswith("n/a") for rows in measured)]
+
+    def table_rows(self) -> list[list]:
+        labels = self._score_labels()
+        rows = []
+        for job in self.results:
+            total = job.timings.get("total", 0.0)
+            values = {row[0]: row[1] for row in job.score_rows()}
+            rows.append([
+                job.label, job.speech, job.options.version, job.options.parsing_mode, job.options.extra_margin,
+                job.result.num_frames, round(job.result.duration, 2), round(total, 2),
+                _rate(job.result.num_frames, total),
+            ] + ["n/a" if values.get(label, "n/a").startswith("n/a") else values[label] for label in labels])
+        return rows
+
+
+def _rate(frames: int, seconds: float) -> float | None:
+    return round(frames / seconds, 1) if seconds > 0 else None
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Span:
+    """A part of a request: maps the part's own 0..1 progress into [start, end] of the whole."""
+
+    def __init__(self, progress: Progress, start: float = 0.0, end: float = 1.0):
+        self.progress, self.start, self.end = progress, start, end
+
+    def __call__(self, fraction: float, text: str) -> None:
+        self.progress(self.start + (self.end - self.start) * min(1.0, max(0.0, fraction)), text)
+
+    def part(self, start: float, end: float) -> _Span:
+        width = self.end - self.start
+        return _Span(self.progress, self.start + width * start, self.start + width * end)
+
+
+def pipeline_progress(span: _Span, label: str = "") -> Callable[[str, int, int], None]:
+    """The pipeline's (stage, done, total) reports as steps of one bar: face analysis, audio
+    features, generation, encoding."""
+    prefix = f"{label}: " if label else ""
+
+    def report(stage: str, done: int, total: int) -> None:
+        share = done / total if total else 1.0
+        if stage == "faces":
+            span(0.05 + 0.3 * share, f"{prefix}face analysis, frame {done} of {total}")
+            if done >= total:
+                span(0.37, f"{prefix}audio features")
+        elif stage == "generate":
+            span(0.4 + 0.52 * share, f"{prefix}generating, frame {done} of {total}")
+            if done >= total:
+                span(0.94, f"{prefix}encoding the video")
+        else:
+            span(0.05, f"{prefix}{stage} {done}/{total}")
+
+    return report
+
+
+# --------------------------------------------------------------------------- variants as table rows
+
+# The comparison table's columns; an empty cell keeps what the job itself is set to.
+VARIANT_COLUMNS = ["label", "speech source", "voice", "version", "mask", "extra margin"]
+AUDIO_SOURCE_CELL = "audio"  # "speech source" cell for the uploaded or recorded audio
+
+
+def variants_from_rows(rows: Sequence[Sequence], speech: Speech, options: RunOptions) -> list[Variant]:
+    """Variants from the table's rows; blank rows are skipped. A "speech source" of ``audio``
+    uses the audio given for the job, a source id speaks the job's text with that source."""
+    variants = []
+    for number, row in enumerate(rows, start=1):
+        cells = [str(cell).strip() if cell is not None else "" for cell in list(row) + [""] * len(VARIANT_COLUMNS)]
+        label, source, voice, version, mask, margin = cells[: len(VARIANT_COLUMNS)]
+        if not any((label, source, voice, version, mask, margin)):
+            continue
+        where = f"variant row {number}"
+        variant_speech = _variant_speech(speech, source, voice, where)
+        changes = {}
+        if version:
+            changes["version"] = version
+        if mask:
+            changes["parsing_mode"] = mask
+        if margin:
+            try:
+                changes["extra_margin"] = int(float(margin))
+            except ValueError:
+                raise InputError(f"{where}: extra margin must be a whole number of pixels, not {margin!r}") from None
+        try:
+            variant_options = options.replace(**changes).validate()
+        except InputError as error:
+            raise InputError(f"{where}: {error}") from None
+        parts = [part for part in (source and variant_speech.describe(), version, mask, margin and f"margin {margin}")
+                 if part]
+        variants.append(Variant(label or f"{len(variants) + 1}: {', '.join(parts) or 'as set above'}",
+                                variant_speech, variant_options))
+    return variants
+
+
+def _variant_speech(speech: Speech, source: str, voice: str, where: str) -> Speech:
+    if not source:
+        return dataclasses.replace(speech, voice=voice or speech.voice) if speech.is_text else speech
+    if source.lower() == AUDIO_SOURCE_CELL:
+        if not speech.audio:
+            raise InputError(f"{where} uses the audio, but no audio was given; upload or record it above")
+        return Speech(audio=speech.audio)
+    text = speech.text if speech.is_text else None
+    if not text:
+        raise InputError(f"{where} speaks with {source!r}, but there is no text; type it in the Text box above")
+    return Speech(text=text, source=source, voice=voice or None, clone=speech.clone and source == speech.source)
+
+
+# --------------------------------------------------------------------------- history
+
+
+def history_add(history: list[dict] | None, kind: str, label: str, files: Sequence[str], summary: str) -> list[dict]:
+    """A new history list with this result first (the UI keeps one list per browser session)."""
+    entry = {"time": time.strftime("%H:%M:%S"), "kind": kind, "label": label, "files": [str(f) for f in files],
+             "summary": summary}
+    return [entry] + list(history or [])[: HISTORY_LIMIT - 1]
+
+
+def history_rows(history: list[dict] | None) -> list[list[str]]:
+    return [[entry["time"], entry["kind"], entry["label"], entry["summary"]] for entry in history or []]
+
+
+def history_files(history: list[dict] | None) -> list[str]:
+    """The session's result files that are still kept (old request folders are pruned)."""
+    return [path for entry in history or [] for path in entry["files"] if os.path.isfile(path)]
+
+
+# --------------------------------------------------------------------------- request folders
+
+
+class JobFolders:
+    """One folder per request under ``root``; folders older than ``keep_seconds`` are removed
+    whenever a new one is made (so results stay downloadable for that long)."""
+
+    def __init__(self, root: Path, keep_seconds: float):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep_seconds = keep_seconds
+
+    def new(self, kind: str) -> Path:
+        self.prune()
+        return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.root))
+
+    def prune(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        removed = 0
+        for folder in self.root.iterdir():
+            try:
+                old = folder.is_dir() and now - folder.stat().st_mtime > self.keep_seconds
+            except FileNotFoundError:
+                continue  # removed by a request running beside this one
+            if old:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        if removed:
+            logger.info("removed %d request folders older than %.0f minutes", removed, self.keep_seconds / 60)
+        return removed
+
+    @staticmethod
+    def discard(folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the studio
+
+
+class Studio:
+    """What the app does, behind plain method calls. Thread-safe: the models of a version are
+    loaded once, under a lock, and every request writes only into its own folder."""
+
+    def __init__(self, config: StudioConfig | None = None, load_pipeline: Callable | None = None,
+                 download_weights: Callable | None = None):
+        self.config = (config or StudioConfig()).validate()
+        self._load_pipeline = load_pipeline or _load_pipeline
+        self._download_weights = download_weights or weights.download
+        self._pipelines: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._owns_work_dir = self.config.work_dir is None
+        root = Path(self.config.work_dir) if self.config.work_dir else Path(tempfile.mkdtemp(prefix="musetalk-studio-"))
+        self.jobs = JobFolders(root, self.config.keep_minutes * 60)
+
+    @property
+    def work_dir(self) -> Path:
+        return self.jobs.root
+
+    def close(self) -> None:
+        """Remove the work folder if the studio made it."""
+        if self._owns_work_dir:
+            shutil.rmtree(self.jobs.root, ignore_errors=True)
+
+    # ------------------------------------------------------------------ weights and models
+
+    def models_dir(self) -> Path:
+        return weights.models_dir_or_default(self.config.models_dir)
+
+    def missing_weights(self, version: str | None = None) -> list[Path]:
+        return weights.missing_files(version or self.config.version, self.config.models_dir)
+
+    def weights_status(self) -> str:
+        """One line per version: ready, or which files are missing and how they are fetched."""
+        lines = []
+        for version in ("v15", "v1"):
+            missing = self.missing_weights(version)
+            name = "MuseTalk 1.5" if version == "v15" else "MuseTalk 1.0"
+            if not missing:
+                loaded = " (loaded)" if version in self._pipelines else ""
+                lines.append(f"{name}: ready{loaded}")
+            else:
+                names = ", ".join(str(path.relative_to(self.models_dir())) for path in missing)
+                lines.append(f"{name}: missing {names}; fetched on the first run, or with Download weights")
+        return "\n".join(lines)
+
+    def fetch_weights(self, version: str | None = None, progress: Progress | None = None) -> str:
+        """Download what ``version`` lacks (nothing when complete); returns the new status."""
+        version = version or self.config.version
+        progress = progress or _no_progress
+        if self.missing_weights(version):
+            progress(0.0, f"downloading the MuseTalk {version} weights (once, about 3.6 GB for everything)")
+            logger.info("fetching the %s weights into %s", version, self.models_dir())
+            self._download_weights(version, self.config.models_dir)
+        progress(1.0, "weights ready")
+        return self.weights_status()
+
+    def pipeline(self, version: str, progress: Progress | None = None):
+        """The loaded pipeline of ``version``: fetched and loaded on first use, then kept."""
+        progress = progress or _no_progress
+        with self._lock:
+            if version not in self._pipelines:
+                if self.missing_weights(version):
+                    self.fetch_weights(version, _Span(progress, 0.0, 0.8))
+                progress(0.85, f"loading the MuseTalk {version} models")
+                self._pipelines[version] = self._load_pipeline(
+                    self.config.models_dir, version, self.config.device, self.config.dtype)
+            return self._pipelines[version]
+
+    def load_models(self) -> bool:
+        """At start-up: load the default version when its weights are present; True when loaded."""
+        missing = self.missing_weights()
+        if missing:
+            logger.warning("MuseTalk %s weights are missing (%s); the app will fetch them on request",
+                           self.config.version, ", ".join(str(p) for p in missing))
+            return False
+        self.pipeline(self.config.version)
+        return True
+
+    # ------------------------------------------------------------------ limits
+
+    def check_video(self, path) -> video_io.MediaInfo:
+        """The upload as a video or photo within the limits, else InputError saying what to change."""
+        if not path:
+            raise InputError("upload a video or a photo of a face first")
+        self._check_size(path, "video")
+        info = video_io.probe(path)
+        if not info.has_video:
+            raise InputError(f"{Path(path).name} has no picture; upload a video or a photo of a face")
+        if not info.is_image and info.duration > self.config.max_seconds:
+            raise InputError(f"the video lasts {info.duration:.1f} s; this studio takes videos up to "
+                             f"{self.config.max_seconds:g} s ({ENVIRONMENT['max_seconds']}); trim it first")
+        return info
+
+    def check_audio(self, path, what: str = "audio") -> video_io.MediaInfo:
+        self._check_size(path, what)
+        info = video_io.probe(path)
+        if not info.has_audio:
+            raise InputError(f"the {what} {Path(path).name} has no sound; give an audio file or a recording")
+        if info.duration > self.config.max_seconds:
+            raise InputError(f"the {what} lasts {info.duration:.1f} s; this studio takes up to "
+                             f"{self.config.max_seconds:g} s of speech ({ENVIRONMENT['max_seconds']}); "
+                             "use a shorter one")
+        return info
+
+    def _check_size(self, path, what: str) -> None:
+        if not os.path.isfile(path):
+            raise InputError(f"the {what} file {Path(path).name} does not exist; upload it again")
+        megabytes = os.path.getsize(path) / 1e6
+        if megabytes > self.config.max_upload_mb:
+            raise InputError(f"the {what} is {megabytes:.0f} MB; this studio takes files up to "
+                             f"{self.config.max_upload_mb} MB ({ENVIRONMENT['max_upload_mb']})")
+
+    # ------------------------------------------------------------------ preview
+
+    def preview(self, video, options: RunOptions | None = None) -> Preview:
+        """The first frame with a face, with the crop box (yellow), the paste-back square (blue)
+        and the area the model redraws (green) drawn on it. Needs no weights; about a second."""
+        from musetalk import blending, face
+
+        options = (options or RunOptions()).validate()
+        info = self.check_video(video)
+        index, frame, landmarks = self._first_face(info, options.face_index)
+        track = face.FaceTrack.from_rows([landmarks], info.width, info.height)
+        box = face.crop_boxes(track, options.version, options.extra_margin, options.bbox_shift)[0]
+        if box[0] < 0:
+            raise NoFaceError(f"the face in frame {index} lies outside the picture; use a video where the face is whole")
+        square = blending.face_square(box, info.width, info.height)
+        mask = blending.blend_mask(landmarks, box, square, mode=options.parsing_mode,
+                                   left_cheek_width=options.left_cheek_width,
+                                   right_cheek_width=options.right_cheek_width,
+                                   upper_boundary_ratio=options.upper_boundary_ratio)
+        image = blending.draw_overlay(frame, box, square, mask)
+        x1, y1, x2, y2 = (int(v) for v in box)
+        message = (f"Frame {index}: the model sees the yellow box ({x2 - x1}x{y2 - y1} px), the new face is "
+                   f"pasted back into the blue square, and only the green area changes "
+                   f"({options.parsing_mode} mask).")
+        return Preview(image, index, (x1, y1, x2, y2), message)
+
+    @staticmethod
+    def _first_face(info: video_io.MediaInfo, face_index: int | None):
+        from musetalk.face import FaceAnalyzer
+
+        with FaceAnalyzer(face_index=face_index) as analyzer, \
+                video_io.FrameReader(info.path, info=info, max_frames=PREVIEW_SEARCH_FRAMES) as reader:
+            for index, frame in enumerate(reader):
+                landmarks = analyzer.landmarks(frame)
+                if landmarks is not None:
+                    return index, frame, landmarks
+        which = "the largest face" if face_index is None else f"face number {face_index + 1} from the left"
+        raise NoFaceError(f"no face ({which}) in the first {PREVIEW_SEARCH_FRAMES} frames; use a video where one "
+                          "face is visible and reasonably lit, or change the face choice")
+
+    # ------------------------------------------------------------------ speech
+
+    def check_speech(self, speech: Speech) -> None:
+        """The cheap checks of a speech request, made before any model loads or anything is spoken."""
+        if speech.is_text and speech.audio:
+            raise InputError("give the new speech either as audio or as text, not both")
+        if speech.is_text:
+            length = len(speech.text.strip())
+            if length > self.config.max_text_chars:
+                raise InputError(f"the text has {length} characters; this studio speaks up to "
+                                 f"{self.config.max_text_chars} ({ENVIRONMENT['max_text_chars']}); shorten it")
+        elif speech.audio:
+            self.check_audio(speech.audio)
+        else:
+            raise InputError("give the new speech: upload or record audio, or type text and choose a voice")
+
+    def speech_audio(self, speech: Speech, video: str, progress: Progress | None = None) -> str:
+        """The audio file of the job's speech: the given file, or text spoken by an audio source."""
+        self.check_speech(speech)
+        if speech.is_text:
+            return self._synthesize(speech, video, progress or _no_progress)
+        return speech.audio
+
+    def _synthesize(self, speech: Speech, video: str, progress: Progress) -> str:
+        from musetalk import speech as speech_lib
+
+        text = speech.text.strip()
+        source = speech.source or "espeak"
+        what = f"speaking the text with {source}" + (" in the video's own voice" if speech.clone else "")
+        progress(0.0, what)
+        clip = speech_lib.speech_for_video(
+            text, source, speech.voice or None, clone_from=video if speech.clone else None,
+            progress=lambda done, total: progress(done / total if total else 1.0, f"{what}: part {done} of {total}"),
+        )
+        self.check_audio(clip.path, "synthesized speech")
+        return clip.path
+
+    # ------------------------------------------------------------------ one dub
+
+    def generate(self, video, speech: Speech, options: RunOptions | None = None,
+                 progress: Progress | None = None, score: bool = True) -> JobResult:
+        """Dub ``video`` with ``speech``; the result, its side-by-side video, timings and
+        (``score``) the result's scores."""
+        options = (options or RunOptions()).validate()
+        self.check_video(video)
+        self.check_speech(speech)
+        span = _Span(progress or _no_progress)
+        folder = self.jobs.new("generate")
+        try:
+            job = self._dub(video, speech, options, folder, "Dubbed", "dubbed", span.part(0.0, 0.93), score)
+            span(0.94, "side-by-side video")
+            started = time.perf_counter()
+            composition = compare.side_by_side(
+                video, job.output, folder / "side_by_side.mp4",
+                original_schedule=compare.dub_schedule(video, job.result.num_frames, job.result.fps, options.loop),
+                fps=job.result.fps,
+            )
+            job.side_by_side = composition.path
+            job.timings["side_by_side"] = round(time.perf_counter() - started, 4)
+            job.timings["total"] = round(job.timings.get("total", 0.0) + job.timings["side_by_side"], 4)
+            span(1.0, "done")
+            return job
+        except BaseException:
+            self.jobs.discard(folder)
+            raise
+
+    def _dub(self, video, speech: Speech, options: RunOptions, folder: Path, label: str, name: str,
+             span: _Span, score: bool) -> JobResult:
+        """Speech to audio, then the pipeline: ``name``.mp4 in ``folder``."""
+        started = time.perf_counter()
+        pipeline = self.pipeline(options.version, span.part(0.0, 0.05))
+        speech_started = time.perf_counter()
+        audio = self.speech_audio(speech, video, span.part(0.05, 0.1))
+        speech_seconds = time.perf_counter() - speech_started
+        output = folder / f"{name}.mp4"
+        result = pipeline(video, audio, output, options,
+                          progress=pipeline_progress(span.part(0.1, 0.9 if score else 1.0), label))
+        timings = dict(result.timings)
+        if speech.is_text:
+            timings["speech"] = round(speech_seconds, 4)
+        scores = None
+        if score:
+            span(0.92, f"{label}: measuring lip-sync, silence and identity")
+            scoring_started = time.perf_counter()
+            scores = metrics.score_video(output, source=video, audio=audio, loop=options.loop)
+            timings["scores"] = round(time.perf_counter() - scoring_started, 4)
+        timings["total"] = round(time.perf_counter() - started, 4)
+        return JobResult(label=label, speech=speech.describe(), options=options, result=result, audio_path=audio,
+                         side_by_side=None, timings=timings, scores=scores)
+
+    # ------------------------------------------------------------------ comparisons
+
+    def compare(self, video, variants: Sequence[Variant], progress: Progress | None = None,
+                score: bool = True) -> Comparison:
+        """Run every variant on the same video (its prepared faces are reused through the
+        pipeline's avatar cache) and put them in one labelled grid beside the original."""
+        variants = list(variants)
+        if not 2 <= len(variants) <= self.config.max_variants:
+            raise InputError(f"a comparison needs 2 to {self.config.max_variants} variants, not {len(variants)}")
+        for variant in variants:
+            variant.options.validate()
+            self.check_speech(variant.speech)
+        self.check_video(video)
+        span = _Span(progress or _no_progress)
+        folder = self.jobs.new("compare")
+        try:
+            share = 0.9 / len(variants)
+            results = [
+                self._dub(video, variant.speech, variant.options, folder, variant.label,
+                          f"{index + 1}-{_slug(variant.label)}", span.part(index * share, (index + 1) * share), score)
+                for index, variant in enumerate(variants)
+            ]
+            span(0.92, "composing the comparison grid")
+            first = results[0]
+            panels = [compare.Panel(str(video), "Original", compare.dub_schedule(
+                video, first.result.num_frames, first.result.fps, first.options.loop))]
+            panels += [compare.Panel(job.output, f"{job.label} (sound)" if job is first else job.label)
+                       for job in results]
+            grid = compare.compose_grid(panels, folder / "comparison.mp4", audio_path=first.output,
+                                        fps=first.result.fps)
+            span(1.0, "done")
+            return Comparison(grid=grid.path, results=results, audio_from=first.label)
+        except BaseException:
+            self.jobs.discard(folder)
+            raise
+
+
+def _load_pipeline(models_dir, version: str, device: str, dtype: str):
+    from musetalk.pipeline import LipSyncPipeline
+
+    return LipSyncPipeline.from_pretrained(models_dir, version, device, dtype)
+
+
+def _slug(label: str) -> str:
+    """A file name made from a label (labels come from users: nothing but safe characters)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()[:40]
+    return slug or "result"

@@ -1,0 +1,208 @@
+"""The studio app launched in-process with the tiny models and driven through gradio_client,
+as an API user would: generate from an upload and from text, preview, compare, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from musetalk import compare
+from musetalk.studio import Studio, StudioConfig
+from musetalk.video_io import probe
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTO = Path(__file__).parent / "data" / "face.jpg"
+
+
+def load_app_module():
+    """app.py lives at the repository root, outside the package: load it by path."""
+    spec = importlib.util.spec_from_file_location("musetalk_app", ROOT / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def launched_app(services: Studio):
+    """The app on 127.0.0.1 at a free port, in this process; yields its URL."""
+    app = load_app_module()
+    demo = app.build_demo(services)
+    _, url, _ = app.serve(demo, services, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def services(models_dir, tmp_path_factory):
+    config = StudioConfig(models_dir=str(models_dir), device="cpu", work_dir=str(tmp_path_factory.mktemp("work")),
+                          max_seconds=20, max_upload_mb=20)
+    studio = Studio(config)
+    assert studio.load_models(), "the tiny v1.5 weights are all there"
+    yield studio
+    studio.close()
+
+
+@pytest.fixture(scope="module")
+def client(services, tmp_path_factory, monkeypatch_module):
+    from gradio_client import Client
+
+    monkeypatch_module.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    with launched_app(services) as url:
+        yield Client(url, verbose=False, analytics_enabled=False,
+                     download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def check_dub(path, source: Path, frames: int) -> None:
+    """A dub like the core tests check it: the input's size, the audio's length, with sound."""
+    info, original = probe(path), probe(source)
+    assert (info.width, info.height) == (original.width, original.height)
+    assert info.num_frames == frames
+    assert info.duration == pytest.approx(frames / 25, abs=0.05)
+    assert info.has_audio
+
+
+def check_side_by_side(path, source: Path, frames: int) -> None:
+    info, original = probe(path), probe(source)
+    assert info.width == 2 * original.width + compare.GAP
+    assert info.height > original.height  # the label band above the pictures
+    assert info.num_frames == frames and info.has_audio
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_importing_the_app_loads_nothing_heavy():
+    code = "import app, sys; heavy = {'torch', 'gradio', 'mediapipe', 'diffusers'} & set(sys.modules); print(heavy)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "set()"
+
+
+def test_every_event_is_an_api_endpoint(services):
+    app = load_app_module()
+    demo = app.build_demo(services)
+    names = [dependency.get("api_name") for dependency in demo.config["dependencies"]]
+    assert names and all(names), names
+    assert {"generate", "preview", "compare", "download_weights", "status", "voices"} <= set(names)
+
+
+def test_status_says_the_weights_are_ready(client):
+    status = client.predict(api_name="/status")
+    assert "MuseTalk 1.5: ready (loaded)" in status
+
+
+def test_generate_from_an_upload(client, face_clip, speech_clip):
+    from gradio_client import handle_file
+
+    dub, side, summary, timings, scores, history, files = client.predict(
+        video=handle_file(str(face_clip)), audio=handle_file(str(speech_clip)), measure=False, api_name="/generate")
+    check_dub(dub, face_clip, 40)
+    check_side_by_side(side, face_clip, 40)
+    assert "40 frames" in summary
+    stages = [row[0] for row in timings["data"]]
+    assert stages[-1] == "whole job" and "face analysis" in stages and "side-by-side video" in stages
+    assert all(row[1] >= 0 for row in timings["data"])
+    assert scores["data"] == []  # not measured when asked not to
+    assert len(history["data"]) >= 1 and len(files) >= 2
+
+
+def test_generate_from_text_with_the_default_source(client, face_clip):
+    from gradio_client import handle_file
+
+    dub, side, summary, timings, scores, history, _ = client.predict(
+        video=handle_file(str(face_clip)), audio=None, speech_from="text", text="Hello there, this is a test.",
+        source="espeak", voice="en-us", api_name="/generate")
+    frames = probe(dub).num_frames
+    assert frames > 25  # more than a second of speech
+    check_dub(dub, face_clip, frames)
+    check_side_by_side(side, face_clip, frames)
+    assert "espeak, en-us" in summary
+    assert "speech synthesis" in [row[0] for row in timings["data"]]
+    measured = {row[0]: row[1] for row in scores["data"]}
+    assert "Lip-sync correlation" in measured and "Frames with a face" in measured
+
+
+def test_preview_draws_the_box_and_mask_on_the_first_frame(client, face_clip):
+    from gradio_client import handle_file
+    from PIL import Image
+
+    image_path, note = client.predict(video=handle_file(str(face_clip)), mask_mode="mouth", api_name="/preview")
+    image = np.asarray(Image.open(image_path).convert("RGB")).astype(int)
+    assert image.shape[:2] == (252, 216)
+    greenish = (image[..., 1] - np.maximum(image[..., 0], image[..., 2])) > 60
+    assert greenish.sum() > 50, "the blend mask is tinted green"
+    assert note.startswith("Frame 0:") and "mouth mask" in note
+
+
+def test_compare_two_variants(client, face_clip, speech_clip):
+    from gradio_client import handle_file
+
+    grid, table, files, history, _ = client.predict(
+        video=handle_file(str(face_clip)), audio=handle_file(str(speech_clip)), measure=False,
+        variants={"headers": ["label", "speech source", "voice", "version", "mask", "extra margin"],
+                  "data": [["Jaw", "", "", "", "jaw", ""], ["Lips", "audio", "", "", "mouth", "20"]]},
+        api_name="/compare")
+    info, source = probe(grid), probe(face_clip)
+    assert info.width == 3 * source.width + 2 * compare.GAP  # the original and two variants in a row
+    assert info.num_frames == 40 and info.has_audio
+    assert [row[0] for row in table["data"]] == ["Jaw", "Lips"]
+    assert [row[3] for row in table["data"]] == ["jaw", "mouth"] and table["data"][1][4] == 20
+    assert len(files) == 2
+    for path in files:
+        check_dub(path, face_clip, 40)
+    assert history["data"][0][1] == "comparison"
+
+
+def test_bad_input_is_the_librarys_message(client, face_clip, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    not_media = tmp_path / "notes.mp4"
+    not_media.write_text("this is not a video")
+    cases = [
+        (dict(video=handle_file(str(not_media)), audio=handle_file(str(face_clip))), "is not a video, image or audio"),
+        (dict(video=handle_file(str(face_clip)), audio=None), "give the new speech"),
+        (dict(video=handle_file(str(face_clip)), audio=None, speech_from="text", text="hi", source="nonesuch"),
+         "unknown audio source 'nonesuch'"),
+        (dict(video=handle_file(str(face_clip)), audio=None, speech_from="text", text="hi", source="espeak",
+              voice="xx-nonesuch"), "xx-nonesuch"),
+        (dict(video=handle_file(str(face_clip)), audio=handle_file(str(face_clip))), "has no sound"),
+    ]
+    for arguments, expected in cases:
+        with pytest.raises(AppError) as raised:
+            client.predict(**arguments, api_name="/generate")
+        assert expected in str(raised.value)
+        assert "Traceback" not in str(raised.value)
+    with pytest.raises(AppError, match="2 to 4 variants"):
+        client.predict(video=handle_file(str(face_clip)), audio=handle_file(str(face_clip)),
+                       variants={"headers": ["label"], "data": [["only one"]]}, api_name="/compare")
+
+
+def test_a_photo_and_the_voice_menu(client, speech_clip):
+    from gradio_client import handle_file
+
+    image_path, note = client.predict(video=handle_file(str(PHOTO)), api_name="/preview")
+    assert note.startswith("Frame 0:")
+    voice_menu, clone = client.predict(source="espeak", api_name="/voices")  # menus come back as updates
+    assert voice_menu["value"] == "en-us" and ["English (America) (en-us)", "en-us"] in voice_menu["choices"]
+    assert clone["visible"] is False  # eSpeak cannot clone a voice

@@ -1,0 +1,145 @@
+"""The studio's service layer without a server: settings, limits, request folders, variants,
+history, weights fetched on first use with progress through the real stages."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from musetalk import studio as studio_lib
+from musetalk.config import RunOptions
+from musetalk.errors import InputError
+from musetalk.studio import Speech, Studio, StudioConfig
+from musetalk.testing import save_tiny_models
+from musetalk.video_io import probe
+
+
+def test_settings_come_from_the_environment_and_flags_win():
+    environ = {"MUSETALK_MAX_SECONDS": "30", "MUSETALK_MAX_UPLOAD_MB": "50", "MUSETALK_QUEUE_SIZE": "3"}
+    config = StudioConfig.from_env(environ, max_upload_mb=80, queue_size=None)
+    assert (config.max_seconds, config.max_upload_mb, config.queue_size) == (30.0, 80, 3)
+    with pytest.raises(InputError, match="MUSETALK_MAX_SECONDS='long' is not a valid float"):
+        StudioConfig.from_env({"MUSETALK_MAX_SECONDS": "long"})
+    with pytest.raises(InputError, match="queue_size must be positive"):
+        StudioConfig.from_env({}, queue_size=0)
+
+
+def test_request_folders_are_pruned_by_age(tmp_path):
+    folders = studio_lib.JobFolders(tmp_path / "work", keep_seconds=60)
+    old, fresh = folders.new("generate"), folders.new("compare")
+    (old / "result.mp4").write_bytes(b"x")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert folders.prune() == 1
+    assert not old.exists() and fresh.is_dir()
+    assert fresh.name.startswith("compare-")
+
+
+def test_a_studio_removes_the_work_folder_it_made(tmp_path):
+    made = Studio(StudioConfig(models_dir=str(tmp_path)))
+    folder = made.jobs.new("generate")
+    made.close()
+    assert not folder.exists() and not made.work_dir.exists()
+    given = tmp_path / "kept"
+    Studio(StudioConfig(models_dir=str(tmp_path), work_dir=str(given))).close()
+    assert given.is_dir(), "a work folder named by the user is left in place"
+
+
+def test_variants_from_table_rows():
+    text = Speech(text="Hello", source="espeak", voice="en-us")
+    base = RunOptions(extra_margin=12)
+    rows = [["", "", "de", "", "mouth", ""], ["", "", "", "", "", ""], ["Older model", "", "", "v1", "", "5"]]
+    first, second = studio_lib.variants_from_rows(rows, text, base)
+    assert first.speech.voice == "de" and first.speech.text == "Hello"
+    assert first.options.parsing_mode == "mouth" and first.options.extra_margin == 12
+    assert first.label == "1: mouth"
+    assert second.label == "Older model" and second.options.version == "v1" and second.options.extra_margin == 5
+
+    both = Speech(audio="speech.wav")
+    audio_variant, = studio_lib.variants_from_rows([["", "audio", "", "", "", ""]], both, base)
+    assert audio_variant.speech == Speech(audio="speech.wav")
+    with pytest.raises(InputError, match="variant row 1 speaks with 'espeak', but there is no text"):
+        studio_lib.variants_from_rows([["", "espeak", "", "", "", ""]], both, base)
+    with pytest.raises(InputError, match="variant row 1 uses the audio, but no audio was given"):
+        studio_lib.variants_from_rows([["", "audio", "", "", "", ""]], text, base)
+    with pytest.raises(InputError, match="variant row 2: version must be one of v15, v1"):
+        studio_lib.variants_from_rows([["a"], ["b", "", "", "v3"]], text, base)
+    with pytest.raises(InputError, match="extra margin must be a whole number"):
+        studio_lib.variants_from_rows([["a", "", "", "", "", "wide"]], text, base)
+
+
+def test_history_keeps_the_latest_and_lists_files_still_there(tmp_path):
+    kept = tmp_path / "kept.mp4"
+    kept.write_bytes(b"x")
+    history = None
+    for index in range(studio_lib.HISTORY_LIMIT + 3):
+        history = studio_lib.history_add(history, "dub", f"job {index}", [kept, tmp_path / "pruned.mp4"], "ok")
+    assert len(history) == studio_lib.HISTORY_LIMIT
+    assert studio_lib.history_rows(history)[0][2] == f"job {studio_lib.HISTORY_LIMIT + 2}"
+    assert studio_lib.history_files(history[:2]) == [str(kept), str(kept)]
+
+
+def test_limits_on_what_a_request_brings(tmp_path, face_clip, speech_clip):
+    strict = Studio(StudioConfig(models_dir=str(tmp_path), work_dir=str(tmp_path / "work"), max_seconds=1.0,
+                                 max_text_chars=10))
+    with pytest.raises(InputError, match=r"the video lasts 1.2 s; this studio takes videos up to 1 s"):
+        strict.check_video(face_clip)
+    with pytest.raises(InputError, match=r"the audio lasts 1.6 s"):
+        strict.check_audio(speech_clip)
+    with pytest.raises(InputError, match="upload a video or a photo"):
+        strict.check_video(None)
+    with pytest.raises(InputError, match="either as audio or as text, not both"):
+        strict.speech_audio(Speech(audio=str(speech_clip), text="hi"), str(face_clip))
+    with pytest.raises(InputError, match="the text has 26 characters; this studio speaks up to 10"):
+        strict.speech_audio(Speech(text="a sentence far too long..."), str(face_clip))
+    tiny = Studio(StudioConfig(models_dir=str(tmp_path), work_dir=str(tmp_path / "work"), max_upload_mb=1))
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"\0" * 1_100_000)
+    with pytest.raises(InputError, match="the audio is 1 MB; this studio takes files up to 1 MB"):
+        tiny.check_audio(big)
+    with pytest.raises(InputError, match="a comparison needs 2 to 4 variants, not 1"):
+        tiny.compare(face_clip, [studio_lib.Variant("one", Speech(audio=str(speech_clip)), RunOptions())])
+
+
+def test_without_weights_the_studio_says_so_and_fetches_them_on_the_first_run(tmp_path, face_clip, speech_clip):
+    models = tmp_path / "models"
+    fetched = []
+
+    def fake_download(version, models_dir):
+        """Stands in for the network only: the files it writes go through the real loader."""
+        fetched.append(version)
+        save_tiny_models(Path(models_dir), versions=(version,))
+
+    made = Studio(StudioConfig(models_dir=str(models), device="cpu", work_dir=str(tmp_path / "work")),
+                  download_weights=fake_download)
+    assert not made.load_models()
+    assert "MuseTalk 1.5: missing musetalkV15/musetalk.json" in made.weights_status()
+    assert "fetched on the first run" in made.weights_status()
+
+    reports = []
+    job = made.generate(face_clip, Speech(audio=str(speech_clip)), RunOptions(length="video"),
+                        progress=lambda fraction, text: reports.append((fraction, text)), score=False)
+    assert fetched == ["v15"]
+    assert "MuseTalk 1.5: ready (loaded)" in made.weights_status()
+    assert probe(job.output).num_frames == 30
+    assert probe(job.side_by_side).num_frames == 30
+
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    steps = ["downloading", "loading", "face analysis", "audio features", "generating", "encoding",
+             "side-by-side", "done"]
+    texts = [text for _, text in reports]
+    positions = [next(i for i, text in enumerate(texts) if step in text) for step in steps]
+    assert positions == sorted(positions), texts
+    made.close()
+
+
+def test_a_failed_request_leaves_no_folder(tmp_path, face_clip):
+    made = Studio(StudioConfig(models_dir=str(tmp_path), work_dir=str(tmp_path / "work")),
+                  load_pipeline=lambda *args: object())
+    with pytest.raises(InputError, match="give the new speech"):
+        made.generate(face_clip, Speech())
+    assert list(made.work_dir.iterdir()) == []

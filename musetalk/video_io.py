@@ -3,6 +3,11 @@
 ffmpeg always runs from an argument list (never a shell), reads local files only, and
 frames travel through pipes: no per-frame files and memory flat in a video's length.
 
+What an input may make ffmpeg do is bounded: only the ``file`` protocol, only the demuxers
+in ``INPUT_FORMATS`` (no playlists or lists that name other files or URLs, no image-sequence
+patterns), decoders refuse frames above ``MAX_INPUT_PIXELS``, every command that runs to
+completion has a time limit, and a reader whose ffmpeg stops delivering is stopped.
+
 There is no ffprobe here on purpose (imageio-ffmpeg ships ffmpeg alone), so ``probe`` reads
 the stream list that ``ffmpeg -i`` prints and counts frames by demuxing the video packets
 without decoding them (``-c copy -f framecrc``), which is cheap even for long videos.
@@ -11,6 +16,7 @@ without decoding them (``-c copy -f framecrc``), which is cheap even for long vi
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import os
@@ -19,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -51,6 +58,24 @@ INDEXED_FORMATS = frozenset({"mov", "mp4", "matroska", "webm", "avi"})
 AUDIO_BITRATE = "192k"
 # Lines of ffmpeg's log kept for error messages.
 STDERR_TAIL_LINES = 40
+# Demuxers an input may be read with: the containers, audio files and pictures people upload.
+# Left out on purpose: playlists and lists (hls, concat, dash, ...) that open further files or
+# URLs named inside them. image2 (pictures by extension) reads a '%d' in a path as a pattern and
+# opens the other files it matches, so it is allowed only for paths without '%'.
+INPUT_FORMATS = (
+    "mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "flv", "mpegts", "mpeg", "asf",
+    "ogg", "ivf", "gif", "mp3", "aac", "ac3", "flac", "wav", "w64", "aiff", "caf", "amr", "wv",
+    "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif_pipe", "jpegxl_pipe", "qoi_pipe",
+)
+SEQUENCE_FORMAT = "image2"
+# Larger pictures are refused before anything decodes them: a PNG of a few kilobytes can declare
+# 30000x30000 pixels (gigabytes once decoded). 100 MP still admits 8K video and most camera photos.
+MAX_INPUT_PIXELS = 100_000_000
+# Seconds an ffmpeg command that runs to completion (probe, audio decoding) may take; far more
+# than an hour-long file needs, so reaching it means ffmpeg is stuck on a damaged file.
+COMMAND_TIMEOUT_S = 600.0
+# Seconds a FrameReader waits for ffmpeg to deliver one frame before it stops ffmpeg.
+STALL_TIMEOUT_S = 120.0
 # framecrc prints AV_NOPTS_VALUE for a missing timestamp.
 NO_PTS = -(2**63)
 # A packet that the demuxer flags AV_PKT_FLAG_DISCARD (before an mp4 edit list's start) is never shown.
@@ -88,9 +113,18 @@ def _ffmpeg_base(loglevel: str = "warning") -> list[str]:
 
 
 def _file_input(path: str) -> list[str]:
-    """Input arguments for a local file: only the file protocol, and a `file:` prefix so that a
-    name containing ':' is never read as a protocol (e.g. 'http:x.mp4')."""
-    return ["-protocol_whitelist", "file,pipe", "-i", "file:" + os.path.abspath(path)]
+    """Input arguments for a local file: only the file protocol, only the demuxers of
+    INPUT_FORMATS (and image2 where the path holds no pattern), and a `file:` prefix so that a
+    name containing ':' is never read as a protocol (e.g. 'http:x.mp4') nor one starting with
+    '-' as an option."""
+    path = os.path.abspath(path)
+    formats = INPUT_FORMATS if "%" in path else (*INPUT_FORMATS, SEQUENCE_FORMAT)
+    return ["-protocol_whitelist", "file", "-format_whitelist", ",".join(formats), "-i", "file:" + path]
+
+
+def _decoding_limits() -> list[str]:
+    """Input options for a decoding command: frames above MAX_INPUT_PIXELS are refused, whatever the header said."""
+    return ["-max_pixels", str(MAX_INPUT_PIXELS)]
 
 
 def _rate_arg(fps: float) -> str:
@@ -145,6 +179,39 @@ class _StderrDrain:
         return _tail(self.lines, count)
 
 
+class _Watchdog:
+    """Kills a child that keeps its reader waiting more than ``limit`` seconds for output (a
+    damaged file must never hold a job forever). Waiting for the reader's own consumer never counts."""
+
+    def __init__(self, proc: subprocess.Popen, limit: float) -> None:
+        self._proc, self._limit = proc, limit
+        self._waiting_since: float | None = None
+        self._stop = threading.Event()
+        self.fired = False
+        self._thread = threading.Thread(target=self._run, name="ffmpeg-watchdog", daemon=True)
+        self._thread.start()
+
+    def waiting(self) -> None:
+        self._waiting_since = time.monotonic()
+
+    def served(self) -> None:
+        self._waiting_since = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self._limit / 4)):
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > self._limit:
+                self.fired = True
+                if self._proc.poll() is None:
+                    self._proc.kill()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
 def _stop_process(proc: subprocess.Popen) -> None:
     """Kill (if still running) and reap a child so it never outlives its owner."""
     if proc.poll() is None:
@@ -152,11 +219,23 @@ def _stop_process(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _run_bounded(cmd: list[str], what: str) -> subprocess.CompletedProcess:
+    """Run a command to completion within COMMAND_TIMEOUT_S; past it ffmpeg is killed and reaped."""
+    try:
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False,
+                              timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        raise FFmpegError(
+            f"ffmpeg did not finish within {COMMAND_TIMEOUT_S:g} s to {what}; the file is probably damaged "
+            f"(or far too long): give a shorter or re-encoded file"
+        ) from error
+
+
 def run_ffmpeg(args: list[str], what: str) -> subprocess.CompletedProcess:
     """Run one ffmpeg command to completion; FFmpegError with the tail of its log if it fails."""
     cmd = _ffmpeg_base("error") + args
     logger.debug("running %s", cmd)
-    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    result = _run_bounded(cmd, what)
     if result.returncode != 0:
         log = result.stderr.decode("utf-8", "replace").splitlines()
         raise FFmpegError(f"ffmpeg failed to {what} (exit code {result.returncode}):\n{_tail(log)}")
@@ -190,6 +269,27 @@ class MediaInfo:
     # start timestamp (MPEG-TS often starts at 1.4 s); the reader's seeks need both.
     video_start: float = 0.0
     container_start: float = 0.0
+    # (width, height) the file's frames have when width/height were changed by resized(): a
+    # FrameReader then scales every frame down to width x height. None: frames are read as stored.
+    native_size: tuple[int, int] | None = None
+
+    def resized(self, width: int, height: int) -> MediaInfo:
+        """The same file, read at width x height (FrameReader scales each frame)."""
+        native = self.native_size or (self.width, self.height)
+        if (width, height) == native:
+            return dataclasses.replace(self, width=width, height=height, native_size=None)
+        return dataclasses.replace(self, width=int(width), height=int(height), native_size=native)
+
+
+def fit_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest even size with the same aspect ratio and at most max_pixels pixels
+    (width x height itself when it already fits)."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    fitted_width = max(2, int(width * scale) // 2 * 2)
+    fitted_height = max(2, int(height * scale) // 2 * 2)
+    return fitted_width, fitted_height
 
 
 @dataclass
@@ -339,7 +439,7 @@ def probe(path) -> MediaInfo:
         + ["-map", "0:V:0?", "-map", "0:a:0?", "-c", "copy", "-f", "framecrc", "-"]
     )
     logger.debug("probing %s", path)
-    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    result = _run_bounded(cmd, f"read the streams of {path}")
     stderr = result.stderr.decode("utf-8", "replace")
     header = _parse_header(stderr)
     _raise_for_unreadable(path, result.returncode, stderr, header)
@@ -349,6 +449,8 @@ def probe(path) -> MediaInfo:
 
 def _raise_for_unreadable(path: str, returncode: int, stderr: str, header: _Header) -> None:
     lines = stderr.splitlines()
+    if "Format not on whitelist" in stderr:
+        _raise_refused_format(path)
     if not header.format_name:
         raise InputError(
             f"{path} is not a video, image or audio file that ffmpeg can read (or it is corrupt or cut "
@@ -364,6 +466,19 @@ def _raise_for_unreadable(path: str, returncode: int, stderr: str, header: _Head
         raise InputError(f"ffmpeg could not read the streams of {path}; is it damaged? ffmpeg said:\n{_tail(lines)}")
 
 
+def _raise_refused_format(path: str) -> None:
+    if "%" in os.path.abspath(path):
+        raise InputError(
+            f"the path {path} contains '%', which ffmpeg would read as a pattern naming other files; rename "
+            f"the file (or its folder) without it"
+        )
+    raise InputError(
+        f"{path} is a kind of file this studio does not open (a playlist, a list of other files, or an "
+        f"unusual container); give an mp4/mov/mkv/webm/avi video, a jpg/png/webp image or a "
+        f"wav/mp3/m4a/ogg/flac audio file"
+    )
+
+
 def _media_info(path: str, header: _Header, packets: dict[str, _Packets]) -> MediaInfo:
     video = next((s for s in header.streams if s.kind == "Video" and "(attached pic)" not in s.details), None)
     audio = next((s for s in header.streams if s.kind == "Audio"), None)
@@ -376,6 +491,7 @@ def _media_info(path: str, header: _Header, packets: dict[str, _Packets]) -> Med
     fps, is_vfr, is_image, video_start, duration = 0.0, False, False, 0.0, None
     if video is not None:
         width, height, rotation = _display_size(path, video)
+        _check_pixel_count(path, width, height)
         num_frames = len(video_packets.pts)
         fps, is_vfr = _frame_timing(video_packets, _header_fps(video))
         is_image = num_frames == 1 and audio is None and video.codec in STILL_IMAGE_CODECS
@@ -411,6 +527,14 @@ def _display_size(path: str, video: _Stream) -> tuple[int, int, int]:
     return width, height, rotation
 
 
+def _check_pixel_count(path: str, width: int, height: int) -> None:
+    if width * height > MAX_INPUT_PIXELS:
+        raise InputError(
+            f"the picture of {path} is {width}x{height}, {width * height / 1e6:.0f} megapixels; at most "
+            f"{MAX_INPUT_PIXELS / 1e6:.0f} are read: scale it down first (e.g. to 3840x2160)"
+        )
+
+
 _DIMENSIONS_RE = re.compile(r"^#dimensions 0: (\d+)x(\d+)", re.MULTILINE)
 _TRANSPOSE_RE = re.compile(r"\[transpose @ [^\]]*\].*rotation:(clockwise|counterclockwise)")
 
@@ -418,9 +542,10 @@ _TRANSPOSE_RE = re.compile(r"\[transpose @ [^\]]*\].*rotation:(clockwise|counter
 def _decoded_image_size(path: str, from_header: tuple[int, int, int]) -> tuple[int, int, int]:
     """A photo's EXIF orientation is applied by ffmpeg's decoder but not listed in its header, so
     decode the picture once (cheap) to learn the size the reader will really deliver."""
-    result = subprocess.run(
-        _ffmpeg_base("verbose") + _file_input(path) + ["-map", "0:V:0", "-frames:v", "1", "-f", "framecrc", "-"],
-        stdin=subprocess.DEVNULL, capture_output=True, check=False,
+    result = _run_bounded(
+        _ffmpeg_base("verbose") + _decoding_limits() + _file_input(path)
+        + ["-map", "0:V:0", "-frames:v", "1", "-f", "framecrc", "-"],
+        f"decode the picture {path}",
     )
     stderr = result.stderr.decode("utf-8", "replace")
     dimensions = _DIMENSIONS_RE.search(result.stdout.decode("utf-8", "replace"))
@@ -459,9 +584,11 @@ class FrameReader:
     resampled to its average rate; fps=X resamples to X frames per second (ffmpeg's fps filter:
     frames are repeated or dropped, never blended). start_frame counts frames at the output rate and
     seeks instead of decoding from the beginning; max_frames stops early. A still picture yields one
-    frame whatever start_frame is (every frame of a still is the same).
+    frame whatever start_frame is (every frame of a still is the same). An info made by
+    MediaInfo.resized() makes ffmpeg scale every frame to its width x height.
 
     Use as a context manager or iterate to the end; close() kills and reaps ffmpeg either way.
+    ffmpeg is stopped (FFmpegError) when it delivers no frame for STALL_TIMEOUT_S seconds.
     """
 
     def __init__(self, path, info: MediaInfo | None = None, fps: float | None = None,
@@ -486,6 +613,7 @@ class FrameReader:
         self._frame_bytes = self.width * self.height * 3
         self._proc: subprocess.Popen | None = None
         self._stderr: _StderrDrain | None = None
+        self._watchdog: _Watchdog | None = None
         self._closed = False
 
     @property
@@ -494,12 +622,19 @@ class FrameReader:
         return self._fps
 
     def _command(self) -> list[str]:
-        cmd = _ffmpeg_base()
+        cmd = _ffmpeg_base() + _decoding_limits()
         limit = self.max_frames
         if self.info.is_image:
             limit = 1 if limit is None else min(limit, 1)
-            return cmd + _file_input(self.path) + self._output_args(limit, None)
-        return cmd + self._seeking_input() + self._output_args(limit, self._video_filter())
+            return cmd + _file_input(self.path) + self._output_args(limit, self._scale_filter())
+        chain = ",".join(f for f in (self._video_filter(), self._scale_filter()) if f)
+        return cmd + self._seeking_input() + self._output_args(limit, chain or None)
+
+    def _scale_filter(self) -> str | None:
+        if self.info.native_size is None or self.info.native_size == (self.width, self.height):
+            return None
+        # area averaging: the sharpest artefact-free way down; after the frame selection so only kept frames scale
+        return f"scale={self.width}:{self.height}:flags=area"
 
     # Seeking: -copyts keeps the file's own timestamps, so a read that starts at start_frame sees
     # the same times as a read from the beginning; -noaccurate_seek starts decoding at the key
@@ -550,6 +685,7 @@ class FrameReader:
             bufsize=max(self._frame_bytes, 1 << 16),
         )
         self._stderr = _StderrDrain(self._proc.stderr)
+        self._watchdog = _Watchdog(self._proc, STALL_TIMEOUT_S)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         if self._closed:
@@ -574,11 +710,14 @@ class FrameReader:
         buffer = bytearray(self._frame_bytes)
         view = memoryview(buffer)
         filled = 0
+        self._watchdog.waiting()
         while filled < self._frame_bytes:
             count = self._proc.stdout.readinto(view[filled:])
             if not count:
                 break
             filled += count
+        self._watchdog.served()
+        self._raise_if_stalled()
         if filled == 0:
             return None
         if filled < self._frame_bytes:
@@ -589,6 +728,14 @@ class FrameReader:
                 f"picture size does not match {self.width}x{self.height}. ffmpeg said:\n{self._stderr.tail()}"
             )
         return np.frombuffer(buffer, dtype=np.uint8).reshape(self.height, self.width, 3)
+
+    def _raise_if_stalled(self) -> None:
+        if self._watchdog.fired:
+            self._proc.wait()
+            raise FFmpegError(
+                f"ffmpeg delivered no frame of {self.path} for {STALL_TIMEOUT_S:g} s after {self.frames_read} "
+                f"frames and was stopped; the file is probably damaged: re-encode it or give another"
+            )
 
     def _finish(self) -> None:
         returncode = self._proc.wait()
@@ -606,6 +753,8 @@ class FrameReader:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        if self._watchdog is not None:
+            self._watchdog.stop()
         _stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()

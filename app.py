@@ -38,6 +38,7 @@ SPEECH_FROM = [("Audio file or recording", "audio"), ("Text", "text")]
 DEFAULT_VARIANTS = [["Jaw mask", "", "", "", "jaw", ""], ["Lips only", "", "", "", "mouth", ""]]
 # ZeroGPU attaches a GPU only inside functions marked with spaces.GPU, for at most this long.
 GPU_SECONDS = 300
+VIDEO_HEIGHT = 360  # pixels a result player takes on the page (the file keeps its own size)
 CSS = """
 #status {font-size: 0.9em}
 #preview-image img {object-fit: contain}
@@ -108,11 +109,13 @@ def user_errors(function):
         except gr.Error:
             raise
         except MuseTalkError as error:
-            raise gr.Error(str(error), print_exception=False) from None
+            # duration None: the message stays until closed (a long job's failure is easy to miss).
+            raise gr.Error(str(error), duration=None, print_exception=False) from None
         except Exception as error:
             logger.exception("unexpected failure in %s", function.__name__)
             raise gr.Error(f"Something went wrong inside the studio ({type(error).__name__}: {error}). "
-                           "The server log has the details; please report it.", print_exception=False) from None
+                           "The server log has the details; please report it.", duration=None,
+                           print_exception=False) from None
 
     return wrapper
 
@@ -150,9 +153,10 @@ def build_demo(services: Studio):
     with gr.Blocks(title=TITLE, delete_cache=(3600, int(services.config.keep_minutes * 60))) as demo:
         history = gr.State([])
         gr.Markdown(INTRO)
-        with gr.Row(equal_height=True):
+        with gr.Row():
             status = gr.Markdown(status_text(services), elem_id="status")
-            download = gr.Button("Download weights", size="sm", scale=0, min_width=180)
+            with gr.Column(scale=0, min_width=200):
+                download = gr.Button("Download weights", size="sm")
 
         with gr.Row():
             with gr.Column(scale=5):
@@ -215,9 +219,10 @@ def build_demo(services: Studio):
                                                        "redrawn area (green)", type="numpy", interactive=False,
                                                  height=300, elem_id="preview-image")
                         preview_note = gr.Markdown()
-                        result_video = gr.Video(label="Dubbed video", interactive=False, elem_id="result-video")
+                        result_video = gr.Video(label="Dubbed video", interactive=False, height=VIDEO_HEIGHT,
+                                                elem_id="result-video")
                         side_video = gr.Video(label="Side by side with the original (the dub's sound)",
-                                              interactive=False, elem_id="side-by-side-video")
+                                              interactive=False, height=VIDEO_HEIGHT, elem_id="side-by-side-video")
                         summary = gr.Markdown(elem_id="result-summary")
                         timings = gr.Dataframe(headers=["stage", "seconds", "frames per second"], interactive=False,
                                                label="What the run took", elem_id="timings")
@@ -238,7 +243,7 @@ def build_demo(services: Studio):
                             clear_variants = gr.Button("Clear", size="sm")
                             compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
                         grid_video = gr.Video(label="Comparison (the first variant's sound)", interactive=False,
-                                              elem_id="grid-video")
+                                              height=2 * VIDEO_HEIGHT, elem_id="grid-video")
                         comparison = gr.Dataframe(label="One row per variant", interactive=False,
                                                   elem_id="comparison-table")
                         variant_files = gr.File(label="Each variant's video", file_count="multiple",

@@ -1,0 +1,136 @@
+"""A real browser on the studio: headless Chromium (the system package) driven by Selenium opens
+the page, shows a bad request's message, uploads a clip, types text, generates, and finds the
+result and the side-by-side video; it saves a screenshot of the page.
+
+Set MUSETALK_SCREENSHOT_DIR to keep the screenshots (the README's picture is made this way).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from test_app import launched_app, services  # noqa: F401  (the module's fixture: the studio with tiny models)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+WAIT_FOR_PAGE = 60
+WAIT_FOR_DUB = 480  # a shared CI machine can be slow; a failure keeps a screenshot
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason="needs the Chromium browser and its driver: apt-get install chromium chromium-driver (.ci/run does)",
+)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1400,2000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page(services, browser, monkeypatch_module):  # noqa: F811
+    monkeypatch_module.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    with launched_app(services) as url:
+        browser.get(url)
+        yield browser
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def wait_for(driver, condition, seconds: float, what: str):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, seconds, poll_frequency=0.25).until(condition)
+    except TimeoutException:
+        shot = keep_screenshot(driver, f"timeout-{what.replace(' ', '-')}.png")
+        raise AssertionError(f"the page did not show {what} within {seconds} s (screenshot: {shot})") from None
+
+
+def keep_screenshot(driver, name: str, folder: Path | None = None) -> Path:
+    fallback = Path(tempfile.gettempdir()) / "musetalk-browser-screenshots"
+    folder = Path(os.environ.get("MUSETALK_SCREENSHOT_DIR") or folder or fallback)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    driver.save_screenshot(str(path))
+    return path
+
+
+def element(driver, selector: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, selector)
+
+
+def page_text(driver) -> str:
+    return element(driver, "body").text
+
+
+def video_source(selector: str):
+    """A condition: the <video> inside ``selector`` has a source, which it returns."""
+
+    def loaded(driver):
+        from selenium.common.exceptions import NoSuchElementException
+
+        try:
+            return element(driver, f"{selector} video").get_attribute("src") or False
+        except NoSuchElementException:
+            return False
+
+    return loaded
+
+
+def test_dub_from_text_in_the_browser(page, face_clip, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#video-upload input[type=file]"), WAIT_FOR_PAGE,
+             "the upload field")
+    assert "MuseTalk Studio" in page.title
+
+    # A request without speech is answered with the library's message, not a trace.
+    element(page, "#video-upload input[type=file]").send_keys(str(face_clip))
+    wait_for(page, lambda d: face_clip.name in page_text(d), WAIT_FOR_PAGE, "the uploaded file's name")
+    element(page, "#generate-button").click()
+    wait_for(page, lambda d: "give the new speech" in page_text(d), WAIT_FOR_PAGE, "the missing-speech message")
+    assert "Traceback" not in page_text(page)
+
+    # Text for the default offline voice, then Generate.
+    page.find_element(By.XPATH, "//*[@id='speech-from']//label[normalize-space()='Text']").click()
+    text_box = wait_for(page, lambda d: d.find_element(By.CSS_SELECTOR, "#speech-text textarea").is_displayed()
+                        and d.find_element(By.CSS_SELECTOR, "#speech-text textarea"), WAIT_FOR_PAGE, "the text box")
+    text_box.send_keys("Hello from the browser test.")
+    element(page, "#preview-button").click()
+    wait_for(page, lambda d: "the model sees the yellow box" in page_text(d), WAIT_FOR_PAGE, "the preview")
+    element(page, "#generate-button").click()
+
+    result = wait_for(page, video_source("#result-video"), WAIT_FOR_DUB, "the dubbed video")
+    side = wait_for(page, video_source("#side-by-side-video"), WAIT_FOR_PAGE, "the side-by-side video")
+    assert result != side
+    wait_for(page, lambda d: "the face was redrawn" in page_text(d), WAIT_FOR_PAGE, "the summary")
+    assert "whole job" in page_text(page)  # the timings table
+    shot = keep_screenshot(page, "studio.png", tmp_path)
+    assert shot.stat().st_size > 20_000

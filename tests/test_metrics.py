@@ -193,12 +193,12 @@ def test_a_shaking_face_has_box_jitter(flags, media, tone_wav):
 
 @pytest.fixture(scope="module")
 def speech_wav(media) -> tuple[Path, np.ndarray]:
-    """The first 3.6 s of the example speech: speech, a short pause, speech, a 0.8 s pause, speech."""
+    """1.7 s of the example speech from 1.9 s: about 0.8 s of speech, then a 0.8 s pause."""
     path = media / "speech.wav"
-    ffmpeg("-i", str(EXAMPLES / "speech.wav"), "-t", "3.6", str(path))
+    ffmpeg("-ss", "1.9", "-t", "1.7", "-i", str(EXAMPLES / "speech.wav"), str(path))
     wav = audio_lib.load_audio(path)
-    speaking = audio_lib.detect_speech(wav).frame_mask(90, FPS)
-    assert 15 <= (~speaking).sum() <= 40  # the test needs both
+    speaking = audio_lib.detect_speech(wav).frame_mask(42, FPS)
+    assert 15 <= (~speaking).sum() <= 27  # the test needs both
     return path, speaking
 
 
@@ -306,21 +306,17 @@ def test_scores_of_a_real_pipeline_result_through_the_command_line(models_dir, f
     assert cli.main(["run", "--models-dir", str(models_dir), "--device", "cpu", "--video", str(face_clip),
                      "--audio", str(speech_clip), "--out", str(out), "--score"]) == 0
     printed = capsys.readouterr().out
-    assert "Lip-sync correlation" in printed and "Upper face vs source (PSNR)" in printed
+    rows = {label: printed.split(label, 1)[1].split("\n", 1)[0].split()[0]
+            for label, _, _ in metrics.SCORE_INFO.values() if label in printed}
+    assert len(rows) == len(metrics.SCORE_INFO)  # one table row per score
 
-    assert cli.main(["score", "--video", str(out), "--source", str(face_clip), "--json",
-                     "--models-dir", str(models_dir)]) == 0
-    report = json.loads(capsys.readouterr().out)
-    values = report["scores"]
     # The tiny models paint noise over the lower face; the rest of the frame is the source's.
-    assert values["face_coverage"] > 0.5
-    assert values["identity_psnr"] > 28 and values["identity_ssim"] > 0.85
-    assert -1.0 <= values["sync_correlation"] <= 1.0
-    if values["sync_lag_ms"] is not None:
-        assert abs(values["sync_lag_ms"]) <= 200
-    assert 0.0 <= values["silent_closed_share"] <= 1.0  # the speech clip has a 0.3 s pause
-    assert values["box_jitter"] >= 0 and values["mouth_jitter"] >= 0
-    assert values["lse_c"] is None and report["reasons"]["lse_c"] == metrics.SYNCNET_MISSING
+    assert float(rows["Frames with a face"].rstrip("%")) > 50
+    assert float(rows["Upper face vs source (PSNR)"]) > 28 and float(rows["Upper face vs source (SSIM)"]) > 0.85
+    assert -1.0 <= float(rows["Lip-sync correlation"]) <= 1.0
+    assert 0 <= float(rows["Silent frames with the mouth closed"].rstrip("%")) <= 100  # a 0.3 s pause
+    assert float(rows["Face box jitter"]) >= 0 and float(rows["Lip jitter not explained by the audio"]) >= 0
+    assert rows["SyncNet distance (LSE-D)"] == "n/a:"
 
 
 def test_score_command_reports_a_missing_file_in_one_line(tmp_path, capsys):

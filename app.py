@@ -16,7 +16,10 @@ import argparse
 import atexit
 import functools
 import logging
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from musetalk import studio as studio_lib
 from musetalk.config import RunOptions
@@ -131,7 +134,8 @@ def on_gpu(function):
 
 
 def status_text(services: Studio) -> str:
-    lines = [f"**Weights** ({services.models_dir()}):", *[f"- {line}" for line in services.weights_status().splitlines()]]
+    # No server paths on the page: it may be public (the folder is in the server's log and --help).
+    lines = ["**Weights:**", *[f"- {line}" for line in services.weights_status().splitlines()]]
     _, notes = speech_sources()
     if notes:
         lines += ["", "**Speech sources not available:**", *[f"- {note}" for note in notes]]
@@ -221,8 +225,10 @@ def build_demo(services: Studio):
                         preview_note = gr.Markdown()
                         result_video = gr.Video(label="Dubbed video", interactive=False, height=VIDEO_HEIGHT,
                                                 elem_id="result-video")
-                        side_video = gr.Video(label="Side by side with the original (the dub's sound)",
-                                              interactive=False, height=VIDEO_HEIGHT, elem_id="side-by-side-video")
+                        # The composed videos carry their own labels: Gradio's would cover them.
+                        gr.Markdown("**Side by side with the original** (the dub's sound)")
+                        side_video = gr.Video(label="Side by side", show_label=False, interactive=False,
+                                              elem_id="side-by-side-video")
                         summary = gr.Markdown(elem_id="result-summary")
                         timings = gr.Dataframe(headers=["stage", "seconds", "frames per second"], interactive=False,
                                                label="What the run took", elem_id="timings")
@@ -242,8 +248,9 @@ def build_demo(services: Studio):
                             add_variant = gr.Button("Add the current settings", size="sm")
                             clear_variants = gr.Button("Clear", size="sm")
                             compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
-                        grid_video = gr.Video(label="Comparison (the first variant's sound)", interactive=False,
-                                              height=2 * VIDEO_HEIGHT, elem_id="grid-video")
+                        gr.Markdown("**Comparison** (the first variant's sound)")
+                        grid_video = gr.Video(label="Comparison", show_label=False, interactive=False,
+                                              elem_id="grid-video")
                         comparison = gr.Dataframe(label="One row per variant", interactive=False,
                                                   elem_id="comparison-table")
                         variant_files = gr.File(label="Each variant's video", file_count="multiple",
@@ -363,6 +370,42 @@ def _history_views(history: list[dict]) -> tuple:
 # --------------------------------------------------------------------------- serving
 
 
+def use_source_checkout(root: Path | None = None) -> Path | None:
+    """Make a source checkout that pip never installed work like an installed one.
+
+    A Hugging Face Space installs requirements.txt only, so the project's own entry points
+    (its audio-source plugins in ``plugins/``) are unknown to ``importlib.metadata``. Here the
+    distribution record an install would write is written to a temporary folder on
+    ``sys.path`` (name, version and entry points read from pyproject.toml) and ``plugins/`` is
+    put on the path: plugins are then found exactly as after ``pip install``. Does nothing
+    when the project is installed; returns the temporary folder (removed at exit) or None.
+    """
+    from importlib import metadata
+
+    root = Path(root or Path(__file__).resolve().parent)
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pip install -e . instead
+        return None
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    try:
+        metadata.distribution(project["name"])
+        return None
+    except metadata.PackageNotFoundError:
+        pass
+    folder = Path(tempfile.mkdtemp(prefix="musetalk-checkout-"))
+    atexit.register(shutil.rmtree, folder, True)
+    record = folder / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    record.mkdir()
+    (record / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    groups = [f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in entries.items())
+              for group, entries in project.get("entry-points", {}).items()]
+    (record / "entry_points.txt").write_text("\n".join(groups))
+    sys.path[:0] = [str(root), str(root / "plugins"), str(folder)]
+    logger.info("running from a source checkout: the project's plugins are registered from %s", record)
+    return folder
+
+
 def serve(demo, services: Studio, host: str | None = None, port: int | None = None,
           prevent_thread_lock: bool = False, quiet: bool = False):
     """Queue (one model job at a time, a bounded line) and launch; returns what launch returns."""
@@ -401,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("musetalk").setLevel(logging.INFO)
+    use_source_checkout()
     try:
         config = StudioConfig.from_env(
             models_dir=args.models_dir, device=args.device, dtype=args.dtype, version=args.model_version,

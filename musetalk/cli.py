@@ -7,14 +7,17 @@ and never with a partial output file left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from musetalk import __version__
-from musetalk.config import LENGTH_MODES, LOOP_MODES, PARSING_MODES, RunOptions, option_names
+from musetalk.config import LENGTH_MODES, LOOP_MODES, OVERSIZE_MODES, PARSING_MODES, RunOptions, option_names
 from musetalk.errors import InputError, MuseTalkError
 
 logger = logging.getLogger(__name__)
@@ -28,13 +31,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        return args.handler(args)
+        with _termination_as_interrupt():
+            return args.handler(args)
     except MuseTalkError as error:
         _say(f"musetalk: error: {error}", stream=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         _say("musetalk: interrupted; nothing was written", stream=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def _termination_as_interrupt():
+    """SIGTERM (kill, docker stop) unwinds like Ctrl-C, so a stopped job removes its partial
+    output and stops its ffmpeg processes instead of dying with them left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +172,10 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--fps", type=float, help="output frame rate (default: the input's; 25 is the model's)")
     job.add_argument("--batch-size", type=int, help=f"frames per model call (default {defaults.batch_size})")
     job.add_argument("--crf", type=int, help=f"output quality, 0 best .. 51 worst (default {defaults.crf})")
+    job.add_argument("--max-pixels", type=int,
+                     help=f"largest picture worked on, in pixels (default {defaults.max_pixels}, 3840x2160)")
+    job.add_argument("--oversize", choices=OVERSIZE_MODES,
+                     help="a video above --max-pixels: downscale it (default) or refuse it")
 
 
 def job_options(args: argparse.Namespace, entry: dict | None = None) -> RunOptions:

@@ -159,6 +159,7 @@ class LipSyncPipeline:
         video_info = video_io.probe(_existing_file(video, "video"))
         if not video_info.has_video:
             raise InputError(f"{video} has no video stream; give a video or a photo of a face")
+        video_info = _within_pixel_limit(video_info, options)
         audio_info = video_io.probe(_existing_file(audio, "audio"))
         if not audio_info.has_audio:
             raise InputError(f"{audio} has no audio stream; give an audio file or a video with sound")
@@ -171,6 +172,7 @@ class LipSyncPipeline:
         if output.is_dir():
             raise InputError(f"the output {output} is a folder; give a file name such as {output / 'dubbed.mp4'}")
         output.parent.mkdir(parents=True, exist_ok=True)
+        _require_output_space(output, video_info, audio_info, options)
         return video_info, audio_info
 
     # ------------------------------------------------------------------ steps
@@ -341,6 +343,30 @@ def _corrupt_files_reported(path: Path, version: str, models_dir: Path) -> Itera
         raise
     except Exception as error:
         raise weights.corrupt_weights_error(path, version, models_dir, error) from error
+
+
+def _within_pixel_limit(info: video_io.MediaInfo, options: RunOptions) -> video_io.MediaInfo:
+    """The video as the job reads it: downscaled to fit options.max_pixels, or refused (options.oversize)."""
+    pixels = info.width * info.height
+    if pixels <= options.max_pixels:
+        return info
+    if options.oversize == "refuse":
+        raise InputError(
+            f"{info.path} is {info.width}x{info.height} ({pixels / 1e6:.1f} megapixels), above max_pixels="
+            f"{options.max_pixels}; scale it down, raise max_pixels, or let it be downscaled (oversize=downscale)"
+        )
+    width, height = video_io.fit_pixels(info.width, info.height, options.max_pixels)
+    logger.warning("%s is %dx%d: working at %dx%d (max_pixels=%d); the output has that size",
+                   info.path, info.width, info.height, width, height, options.max_pixels)
+    return info.resized(width, height)
+
+
+def _require_output_space(output: Path, video_info, audio_info, options: RunOptions) -> None:
+    """DiskSpaceError before any work when the output folder cannot hold the result."""
+    fps = options.fps or (IMAGE_FPS if video_info.is_image else video_info.fps)
+    seconds = video_info.duration if options.length == "video" and not video_info.is_image else audio_info.duration
+    needed = video_io.estimated_mp4_bytes(video_info.width, video_info.height, fps, seconds, options.crf)
+    video_io.require_free_space(output.parent, needed, f"the output {output.name}")
 
 
 def _existing_file(path, role: str) -> str:

@@ -120,7 +120,8 @@ def test_generate_from_an_upload(client, face_clip, speech_clip):
     check_side_by_side(side, face_clip, 40)
     assert "40 frames" in summary
     stages = [row[0] for row in timings["data"]]
-    assert stages[-1] == "whole job" and "face analysis" in stages and "side-by-side video" in stages
+    # (face analysis is there unless an earlier test left this clip's faces in the prepared-face cache)
+    assert stages[-1] == "whole job" and {"UNet", "video encode", "side-by-side video"} <= set(stages)
     assert all(row[1] >= 0 for row in timings["data"])
     assert scores["data"] == []  # not measured when asked not to
     assert len(history["data"]) >= 1 and len(files) >= 2

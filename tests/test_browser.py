@@ -117,6 +117,8 @@ def test_dub_from_text_in_the_browser(page, face_clip, tmp_path):
     element(page, "#generate-button").click()
     wait_for(page, lambda d: "give the new speech" in page_text(d), WAIT_FOR_PAGE, "the missing-speech message")
     assert "Traceback" not in page_text(page)
+    element(page, ".toast-close").click()  # the message stays until closed
+    wait_for(page, lambda d: "give the new speech" not in page_text(d), WAIT_FOR_PAGE, "the message closed")
 
     # Text for the default offline voice, then Generate.
     page.find_element(By.XPATH, "//*[@id='speech-from']//label[normalize-space()='Text']").click()
@@ -132,5 +134,6 @@ def test_dub_from_text_in_the_browser(page, face_clip, tmp_path):
     assert result != side
     wait_for(page, lambda d: "the face was redrawn" in page_text(d), WAIT_FOR_PAGE, "the summary")
     assert "whole job" in page_text(page)  # the timings table
+    page.execute_script("window.scrollTo(0, 0)")
     shot = keep_screenshot(page, "studio.png", tmp_path)
     assert shot.stat().st_size > 20_000

@@ -37,9 +37,12 @@ CACHE_DIR_ENV = "MUSETALK_CACHE_DIR"
 CACHE_LIMIT_ENV = "MUSETALK_CACHE_LIMIT_MB"
 DEFAULT_LIMIT_MB = 2048
 FORMAT_VERSION = 1  # bump when what an entry holds changes meaning
+# A staging folder or temporary file this old belongs to a process that was killed mid-save.
+STALE_SECONDS = 3600
 
-# Options that change the face track or the crop boxes (and so the crops the engine encodes).
-FACE_OPTIONS = ("version", "extra_margin", "bbox_shift", "face_index", "smoothing")
+# Options that change the face track or the crop boxes (and so the crops the engine encodes);
+# max_pixels sets the size a large video is analysed at.
+FACE_OPTIONS = ("version", "extra_margin", "bbox_shift", "face_index", "smoothing", "max_pixels")
 
 
 @dataclass
@@ -171,9 +174,9 @@ class AvatarCache:
             meta = {"video": str(video), "frames": len(avatar), "created": time.time(), "format": FORMAT_VERSION}
             (staging / "meta.json").write_text(json.dumps(meta))
             os.replace(staging, folder)
-        except OSError:
+        except BaseException as error:  # an interrupt too: never leave a half-written staging folder
             shutil.rmtree(staging, ignore_errors=True)
-            if not (folder / "faces.npz").is_file():
+            if not isinstance(error, OSError) or not (folder / "faces.npz").is_file():
                 raise  # someone else finishing the same entry first is fine; anything else is not
 
     def _write_states(self, avatar: Avatar, path: Path) -> None:
@@ -212,7 +215,9 @@ class AvatarCache:
         return sum(entry.size for entry in self.entries())
 
     def prune(self) -> list[str]:
-        """Remove the least recently used entries until the cache fits its limit."""
+        """Remove the least recently used entries until the cache fits its limit, and what a killed
+        process left half-written (staging folders and temporary files older than STALE_SECONDS)."""
+        self._remove_stale_leftovers()
         removed, total = [], 0
         for entry in self.entries():
             total += entry.size
@@ -220,6 +225,24 @@ class AvatarCache:
                 shutil.rmtree(self.root / entry.key, ignore_errors=True)
                 removed.append(entry.key)
         return removed
+
+    def _remove_stale_leftovers(self) -> None:
+        if not self.root.is_dir():
+            return
+        cutoff = time.time() - STALE_SECONDS
+        leftovers = [p for p in self.root.iterdir() if p.name.startswith(".")]
+        leftovers += [p for p in self.root.glob("*/.*.tmp")]
+        for path in leftovers:
+            try:
+                if path.stat().st_mtime > cutoff:
+                    continue  # another process may be writing it right now
+            except FileNotFoundError:
+                continue
+            logger.info("removing %s, left half-written by an interrupted run", path)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def clear(self) -> int:
         """Remove every entry; returns the bytes freed."""

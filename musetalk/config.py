@@ -15,6 +15,7 @@ VERSIONS = ("v15", "v1")
 PARSING_MODES = ("jaw", "raw", "mouth")
 LOOP_MODES = ("pingpong", "loop", "freeze")
 LENGTH_MODES = ("audio", "video")
+OVERSIZE_MODES = ("downscale", "refuse")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class RunOptions:
     batch_size: int = 8
     # H.264 constant rate factor of the output: 0 lossless .. 51 worst; 18 is visually lossless.
     crf: int = 18
+    # Largest picture worked on, in pixels (default 4K UHD, 3840x2160); the model sees a 256 px face
+    # either way, so more only costs memory and time.
+    max_pixels: int = 3840 * 2160
+    # A video or photo above max_pixels: "downscale" (to fit, same shape; the output is that size) or "refuse".
+    oversize: str = "downscale"
 
     def validate(self) -> RunOptions:
         """Return self, or raise InputError naming the first bad option and its allowed values."""
@@ -60,6 +66,7 @@ class RunOptions:
         _one_of("parsing_mode", self.parsing_mode, PARSING_MODES)
         _one_of("loop", self.loop, LOOP_MODES)
         _one_of("length", self.length, LENGTH_MODES)
+        _one_of("oversize", self.oversize, OVERSIZE_MODES)
         _in_range("extra_margin", self.extra_margin, 0, 200)
         _in_range("bbox_shift", self.bbox_shift, -100, 100)
         _in_range("smoothing", self.smoothing, 0.0, 1.0)
@@ -71,6 +78,7 @@ class RunOptions:
         _in_range("av_offset_ms", self.av_offset_ms, -5000, 5000)
         _in_range("batch_size", self.batch_size, 1, 256)
         _in_range("crf", self.crf, 0, 51)
+        _in_range("max_pixels", self.max_pixels, 64 * 64, 100_000_000)  # video_io.MAX_INPUT_PIXELS
         if self.face_index is not None:
             _in_range("face_index", self.face_index, 0, 32)
         if self.fps is not None:

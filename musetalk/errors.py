@@ -24,5 +24,9 @@ class WeightsMismatchError(MuseTalkError):
     """A checkpoint does not fit the model built from its config (wrong or missing keys)."""
 
 
+class DiskSpaceError(MuseTalkError, OSError):
+    """The output folder lacks the space a job needs; the message says how much and where."""
+
+
 class FFmpegError(MuseTalkError):
     """ffmpeg is missing or failed on a file; the message carries the tail of its log."""

@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from musetalk.errors import FFmpegError, InputError
+from musetalk.errors import DiskSpaceError, FFmpegError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,12 @@ STANDARD_RATES = tuple(
 # from the start when a reader begins at a later frame.
 INDEXED_FORMATS = frozenset({"mov", "mp4", "matroska", "webm", "avi"})
 AUDIO_BITRATE = "192k"
+# H.264 bits per pixel of a frame at crf 18, a generous figure for the disk-space check: a talking
+# head takes about 0.1 (the example clip: 525 kb/s at 432x504, 25 fps); x264 doubles the size every
+# 6 crf steps down (lossless: about 2). Film grain or noise can take more; the check is a floor.
+BITS_PER_PIXEL_CRF18 = 0.3
+# Kept free beyond the estimate: the temporary file, the container, the rest of the system.
+DISK_MARGIN_BYTES = 64 * 1024 * 1024
 # Lines of ffmpeg's log kept for error messages.
 STDERR_TAIL_LINES = 40
 # Demuxers an input may be read with: the containers, audio files and pictures people upload.
@@ -1004,6 +1010,36 @@ class FrameWriter:
     def __del__(self) -> None:
         if getattr(self, "_proc", None) is not None:
             self.abort()
+
+
+# --------------------------------------------------------------------------- disk space
+
+
+def estimated_mp4_bytes(width: int, height: int, fps: float, seconds: float, crf: int = 18) -> int:
+    """About how large FrameWriter's mp4 of this size, rate and length will be (on the large side)."""
+    bits_per_pixel = min(12.0, BITS_PER_PIXEL_CRF18 * 2 ** ((18 - crf) / 6))
+    video_bits = width * height * fps * max(seconds, 0.0) * bits_per_pixel
+    audio_bits = int(AUDIO_BITRATE.rstrip("k")) * 1000 * max(seconds, 0.0)
+    return int((video_bits + audio_bits) / 8)
+
+
+def free_bytes(folder) -> int:
+    """Bytes free for this user in the file system that holds ``folder``."""
+    return shutil.disk_usage(os.fspath(folder)).free
+
+
+def require_free_space(folder, needed_bytes: int, what: str = "the output") -> None:
+    """DiskSpaceError unless ``folder`` has ``needed_bytes`` plus DISK_MARGIN_BYTES free."""
+    free = free_bytes(folder)
+    if free < needed_bytes + DISK_MARGIN_BYTES:
+        raise DiskSpaceError(
+            f"{what} needs about {_megabytes(needed_bytes)} but {folder} has only {_megabytes(free)} free "
+            f"(and {_megabytes(DISK_MARGIN_BYTES)} are kept spare); free some space or write to another folder"
+        )
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:,.0f} MB" if count >= 1e6 else f"{count / 1e6:.1f} MB"
 
 
 # --------------------------------------------------------------------------- audio

@@ -189,6 +189,11 @@ class JobResult:
     def output(self) -> str:
         return self.result.output_path
 
+    @property
+    def faces_reused(self) -> bool:
+        """The video's face data came from the prepared-face cache (no face analysis this time)."""
+        return "face" not in self.timings
+
     def timing_rows(self) -> list[list]:
         """[stage, seconds, output frames per second] for every stage, the whole job last."""
         frames = self.result.num_frames
@@ -219,8 +224,8 @@ class Comparison:
     audio_from: str  # label of the variant whose sound the grid carries
 
     def table_headers(self) -> list[str]:
-        return ["variant", "speech", "version", "mask", "extra margin", "frames", "seconds of video",
-                "job seconds", "frames per second"] + self._score_labels()
+        return ["variant", "speech", "version", "mask", "extra margin", "face data", "frames",
+                "seconds of video", "job seconds", "frames per second"] + self._score_labels()
 
     def _score_labels(self) -> list[str]:
         """Scores that at least one variant has a value for, in the metrics' own order."""
@@ -236,7 +241,8 @@ class Comparison:
             values = {row[0]: row[1] for row in job.score_rows()}
             rows.append([
                 job.label, job.speech, job.options.version, job.options.parsing_mode, job.options.extra_margin,
-                job.result.num_frames, round(job.result.duration, 2), round(total, 2),
+                "reused" if job.faces_reused else "analysed", job.result.num_frames, round(job.result.duration, 2),
+                round(total, 2),
                 _rate(job.result.num_frames, total),
             ] + ["n/a" if values.get(label, "n/a").startswith("n/a") else values[label] for label in labels])
         return rows

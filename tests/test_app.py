@@ -161,13 +161,15 @@ def test_compare_two_variants(client, face_clip, speech_clip):
     grid, table, files, history, _ = client.predict(
         video=handle_file(str(face_clip)), audio=handle_file(str(speech_clip)), measure=False,
         variants={"headers": ["label", "speech source", "voice", "version", "mask", "extra margin"],
-                  "data": [["Jaw", "", "", "", "jaw", ""], ["Lips", "audio", "", "", "mouth", "20"]]},
+                  "data": [["Jaw", "", "", "", "jaw", "20"], ["Lips", "audio", "", "", "mouth", "20"]]},
         api_name="/compare")
     info, source = probe(grid), probe(face_clip)
     assert info.width == 3 * source.width + 2 * compare.GAP  # the original and two variants in a row
     assert info.num_frames == 40 and info.has_audio
     assert [row[0] for row in table["data"]] == ["Jaw", "Lips"]
-    assert [row[3] for row in table["data"]] == ["jaw", "mouth"] and table["data"][1][4] == 20
+    assert [row[3] for row in table["data"]] == ["jaw", "mouth"] and [row[4] for row in table["data"]] == [20, 20]
+    assert table["headers"][5] == "face data"
+    assert table["data"][1][5] == "reused", "the second variant reuses the video's prepared faces"
     assert len(files) == 2
     for path in files:
         check_dub(path, face_clip, 40)

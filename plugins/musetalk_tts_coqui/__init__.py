@@ -5,7 +5,8 @@ and clones a voice from a few seconds of reference audio: when dubbing, the refe
 cut from the input video's own speaker (``musetalk.speech.reference_clip``). Without a
 reference, XTTS-v2 speaks as one of its built-in speakers (option ``speaker``).
 
-The voice id is the language of the text (``en``, ``de``, ``zh-cn`` ...). The first use of a
+The voice id is the language of the text (``en``, ``de``, ``zh-cn`` ...); a single-language
+model ignores it. The first use of a
 model downloads it (XTTS-v2: about 1.8 GB, with a progress bar on the terminal) into
 Coqui's own folder (``$TTS_HOME``); offline, that stops with a message saying so. XTTS-v2
 is released under the Coqui Public Model License (non-commercial use): Coqui asks you to

@@ -82,6 +82,8 @@ MAX_INPUT_PIXELS = 100_000_000
 COMMAND_TIMEOUT_S = 600.0
 # Seconds a FrameReader waits for ffmpeg to deliver one frame before it stops ffmpeg.
 STALL_TIMEOUT_S = 120.0
+# A writer's temporary file untouched this long belongs to a process that was killed.
+STALE_PARTIAL_SECONDS = 3600
 # framecrc prints AV_NOPTS_VALUE for a missing timestamp.
 NO_PTS = -(2**63)
 # A packet that the demuxer flags AV_PKT_FLAG_DISCARD (before an mp4 edit list's start) is never shown.
@@ -830,6 +832,7 @@ class FrameWriter:
         self._frame_shape = (self.height, self.width, 3)
         directory, name = os.path.split(self.out_path)
         stem = os.path.splitext(name)[0]
+        _remove_stale_partials(directory, stem)
         self._temp_path = os.path.join(directory, f".{stem}.{uuid.uuid4().hex[:8]}.partial.mp4")
         self._proc: subprocess.Popen | None = None
         self._stderr: _StderrDrain | None = None
@@ -1010,6 +1013,24 @@ class FrameWriter:
     def __del__(self) -> None:
         if getattr(self, "_proc", None) is not None:
             self.abort()
+
+
+def _remove_stale_partials(directory: str, stem: str) -> None:
+    """Remove what a writer of the same output left when its process was killed outright (SIGKILL:
+    no chance to clean up; its ffmpeg then finishes the temporary file on its own). A writer at
+    work touches its file with every frame, so only files untouched for STALE_PARTIAL_SECONDS go."""
+    cutoff = time.time() - STALE_PARTIAL_SECONDS
+    pattern = re.compile(re.escape(f".{stem}.") + r"[0-9a-f]{8}\.partial(\.trim)?\.mp4")
+    for name in os.listdir(directory):
+        if not pattern.fullmatch(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.path.getmtime(path) < cutoff:
+                os.remove(path)
+                logger.info("removed %s, left by a writer that was killed", path)
+        except FileNotFoundError:
+            continue  # another process removed it first
 
 
 # --------------------------------------------------------------------------- disk space

@@ -463,6 +463,24 @@ def test_what_a_killed_process_left_in_the_cache_is_removed_later(tmp_path):
     assert fresh.exists(), "a folder another process may be writing now was removed"
 
 
+def test_what_a_killed_writer_left_is_removed_by_the_next_writer_of_that_output(tmp_path):
+    """SIGKILL gives no chance to clean up (and ffmpeg finishes the hidden temporary file on its
+    own); the next writer of the same output removes such files once they are stale."""
+    stale = tmp_path / ".out.0123abcd.partial.mp4"
+    stale_trim = tmp_path / ".out.89abcdef.partial.trim.mp4"
+    fresh = tmp_path / ".out.fedcba98.partial.mp4"  # another writer may be at work on it
+    other = tmp_path / ".other.0123abcd.partial.mp4"
+    for path in (stale, stale_trim, fresh, other):
+        path.write_bytes(b"left behind")
+    old = time.time() - video_io.STALE_PARTIAL_SECONDS - 10
+    for path in (stale, stale_trim, other):
+        os.utime(path, (old, old))
+    with video_io.FrameWriter(tmp_path / "out.mp4", 32, 32, 25) as writer:
+        writer.write(np.zeros((32, 32, 3), np.uint8))
+    assert not stale.exists() and not stale_trim.exists()
+    assert fresh.exists() and other.exists()
+
+
 # --------------------------------------------------------------------------- time limits
 
 

@@ -3,7 +3,8 @@ decode + encode of the same clip (the floor no dubbing job can beat).
 
 Models: ``tiny`` (the test models: what the pipeline around the model costs), ``full`` (the
 full-size architectures with random weights: the real cost, nothing to download) or
-``weights`` (the installed checkpoints). Two runs: the first prepares the avatar, the second
+``weights`` (the installed checkpoints). ``engine="preview"`` times the preview engine
+instead (no model: the model kind does not apply). Two runs: the first prepares the avatar, the second
 finds it in the cache, as a second dub of the same video does.
 """
 
@@ -25,8 +26,8 @@ from musetalk.errors import InputError
 logger = logging.getLogger(__name__)
 
 MODEL_KINDS = ("tiny", "full", "weights")
-STAGE_ORDER = ("probe", "cache_lookup", "face", "audio_decode", "silence_gate", "whisper", "decode", "crop",
-               "vae_encode", "unet", "vae_decode", "blend", "encode", "cache_save")
+STAGE_ORDER = ("probe", "cache_lookup", "face", "audio_decode", "silence_gate", "whisper", "mouth_shapes", "decode",
+               "crop", "vae_encode", "unet", "vae_decode", "render", "blend", "encode", "cache_save")
 
 
 @dataclass
@@ -127,10 +128,13 @@ def time_floor(clip: Path, out_dir: Path, crf: int) -> float:
     return time.perf_counter() - started
 
 
-def build_pipeline(model: str, models_dir, device: str, dtype, cache_dir: Path, work_dir: Path):
+def build_pipeline(model: str, models_dir, device: str, dtype, cache_dir: Path, work_dir: Path,
+                   engine: str = "musetalk"):
     from musetalk.pipeline import LipSyncPipeline
     from musetalk.testing import save_tiny_models
 
+    if engine == "preview":
+        return LipSyncPipeline.from_pretrained(cache_dir=cache_dir, engine="preview")
     if model == "tiny":
         return LipSyncPipeline.from_pretrained(save_tiny_models(work_dir / "models", ("v15",)), "v15", device,
                                                dtype, cache_dir=cache_dir)
@@ -161,15 +165,19 @@ def _full_size_pipeline(device: str, dtype, cache_dir: Path):
     vae = AutoencoderKL.from_config(config("sd-vae.json")).to(torch_device, torch_dtype).eval()
     whisper = WhisperModel(WhisperConfig(**config("whisper-tiny.json"))).encoder
     encoder = WhisperAudioEncoder(whisper, WhisperFeatureExtractor(feature_size=80), torch_device, torch_dtype)
-    engine = MuseTalkEngine(unet, vae, torch_device, torch_dtype, cache_id=f"random-full|{torch_dtype}")
-    return LipSyncPipeline(engine, encoder, "v15", torch_device, AvatarCache(cache_dir))
+    engine = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype, cache_id=f"random-full|{torch_dtype}")
+    return LipSyncPipeline(engine, "v15", torch_device, AvatarCache(cache_dir))
 
 
 def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, height: int = 720,
               seconds: float = 10.0, fps: float = 25.0, models_dir=None, device: str = "auto", dtype=None,
-              batch_size: int = 8, runs: int = 2, progress=None) -> BenchReport:
+              batch_size: int = 8, runs: int = 2, progress=None, engine: str = "musetalk") -> BenchReport:
+    from musetalk.engines import ENGINES
+
     if model not in MODEL_KINDS:
         raise InputError(f"--model must be one of {', '.join(MODEL_KINDS)}, not {model!r}")
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     from musetalk.video_io import probe
 
     with tempfile.TemporaryDirectory(prefix="musetalk-bench-") as temp:
@@ -180,9 +188,10 @@ def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, 
             raise InputError(f"{clip} has no audio track; the benchmark dubs a clip with its own sound")
         options = RunOptions(batch_size=batch_size)
         floor = time_floor(clip, work, options.crf)
-        pipeline = build_pipeline(model, models_dir, device, dtype, work / "avatar-cache", work)
+        pipeline = build_pipeline(model, models_dir, device, dtype, work / "avatar-cache", work, engine)
         report = BenchReport(str(video or f"generated {width}x{height}"), info.width, info.height, info.fps,
-                             info.duration, model, str(pipeline.device), str(getattr(pipeline.engine, "dtype", "-")),
+                             info.duration, model if engine == "musetalk" else engine, str(pipeline.device or "cpu"),
+                             str(getattr(pipeline.engine, "dtype", "-")),
                              batch_size, round(floor, 3), round(info.num_frames / floor, 2))
         for index in range(runs):
             report.runs.append(_one_run(pipeline, clip, work / f"run{index}.mp4", options, progress))

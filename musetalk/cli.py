@@ -18,7 +18,8 @@ from pathlib import Path
 
 from musetalk import __version__
 from musetalk.config import LENGTH_MODES, LOOP_MODES, OVERSIZE_MODES, PARSING_MODES, RunOptions, option_names
-from musetalk.errors import InputError, MuseTalkError
+from musetalk.engines import ENGINES
+from musetalk.errors import InputError, MuseTalkError, WeightsMissingError
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dir", default="results", help="where --config jobs write (default: results)")
     run.add_argument("--no-cache", action="store_true",
                      help="neither use nor keep prepared faces (see `musetalk cache`)")
+    run.add_argument("--engine", choices=ENGINES, default="musetalk",
+                     help="musetalk (the model; needs its weights) or preview (no weights, no GPU: a real-time "
+                          "CPU preview that redraws the mouth from the speech's loudness or phonemes)")
     run.add_argument("--score", action="store_true",
                      help="measure each result afterwards (lip-sync, silence, identity, stability; see `musetalk score`)")
     _add_speech_arguments(run, "imitate the voice of the video's own speaker (or of FILE); needs a source "
@@ -118,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fps", type=float, default=25.0, help="generated clip frame rate (default 25)")
     bench.add_argument("--model", choices=("tiny", "full", "weights"), default="tiny",
                        help="tiny test models (pipeline overhead), full-size random weights, or the installed weights")
+    bench.add_argument("--engine", choices=ENGINES, default="musetalk",
+                       help="time the preview engine instead of MuseTalk (then --model does not apply)")
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--runs", type=int, default=2, help="the second and later runs find the avatar in the cache")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -211,19 +217,25 @@ def _run(args: argparse.Namespace) -> int:
         options = job_options(args, entry)
         pipeline = pipelines.get(options.version)
         if pipeline is None:
-            from musetalk.pipeline import LipSyncPipeline
-
-            pipeline = LipSyncPipeline.from_pretrained(args.models_dir, options.version, args.device, args.dtype,
-                                                       cache_dir=False if args.no_cache else None)
-            pipelines[options.version] = pipeline
+            pipeline = pipelines[options.version] = _load_pipeline(args, options.version)
         with _ProgressBars() as bars:
             result = pipeline(video, audio, out, options, progress=bars.update)
-        _say(f"wrote {result.output_path}: {result.num_frames} frames at {result.fps:g} fps, "
+        _say(f"wrote {result.output_path} ({result.engine} engine): {result.num_frames} frames at {result.fps:g} fps, "
              f"{result.width}x{result.height}, {result.duration:.2f} s, face in {result.frames_with_face} frames")
         _say("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
         if args.score:
-            _score_result(result, video, audio, options, args)
+            _score_result(result, video, getattr(audio, "path", audio), options, args)
     return 0
+
+
+def _load_pipeline(args: argparse.Namespace, version: str):
+    from musetalk.pipeline import LipSyncPipeline
+
+    try:
+        return LipSyncPipeline.from_pretrained(args.models_dir, version, args.device, args.dtype,
+                                               cache_dir=False if args.no_cache else None, engine=args.engine)
+    except WeightsMissingError as error:
+        raise WeightsMissingError(f"{error} (or add --engine preview: a preview that needs no weights)") from error
 
 
 def _score_result(result, video: str, audio: str, options: RunOptions, args: argparse.Namespace) -> None:
@@ -254,13 +266,14 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speech_for_run(args: argparse.Namespace) -> str:
-    """The WAV to dub with, spoken from --text / --text-file before any model loads."""
+def _speech_for_run(args: argparse.Namespace):
+    """The speech to dub with (an AudioClip: its WAV, and its phoneme timings when the source gave
+    them), spoken from --text / --text-file before any model loads."""
     if not os.path.isfile(args.video):
         raise InputError(f"the video {args.video} does not exist")
     clip = _speak(args, clone_from=args.video if args.clone_voice is True else args.clone_voice)
     _say(f"speech: {clip.duration:.2f} s from {clip.source} (voice {clip.voice})")
-    return clip.path
+    return clip
 
 
 def _speak(args: argparse.Namespace, clone_from: str | None, out_path: str | None = None):
@@ -349,7 +362,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise InputError(f"--size must look like 1280x720, not {args.size!r}") from None
     with _ProgressBars() as bars:
         report = bench.run_bench(args.model, args.video, width, height, args.seconds, args.fps, args.models_dir,
-                                 args.device, args.dtype, args.batch_size, args.runs, progress=bars.update)
+                                 args.device, args.dtype, args.batch_size, args.runs, progress=bars.update,
+                                 engine=args.engine)
     for line in ([report.as_json()] if args.json else bench.format_report(report)):
         _say(line)
     return 0

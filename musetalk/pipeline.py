@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from musetalk import audio as audio_lib
 from musetalk import blending, face, schedule, video_io, weights
 from musetalk.avatar import Avatar, AvatarCache, avatar_key, file_hash
 from musetalk.config import RunOptions
-from musetalk.engines import Engine
+from musetalk.engines import CROP_SIZE, ENGINES, Engine
 from musetalk.errors import InputError, MuseTalkError
 from musetalk.stages import BackgroundCall, prefetch, worker
 from musetalk.timing import StageTimer
@@ -54,10 +54,9 @@ class LipSyncResult:
 
 
 class LipSyncPipeline:
-    def __init__(self, engine: Engine, audio_encoder: audio_lib.WhisperAudioEncoder, version: str = "v15",
-                 device=None, avatar_cache: AvatarCache | None = None, overlap: bool = True):
+    def __init__(self, engine: Engine, version: str = "v15", device=None, avatar_cache: AvatarCache | None = None,
+                 overlap: bool = True):
         self.engine = engine
-        self.audio_encoder = audio_encoder
         self.version = version
         self.device = device
         self.avatar_cache = avatar_cache  # None: every run analyses the faces again
@@ -66,14 +65,23 @@ class LipSyncPipeline:
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
                         device: str = "auto", dtype=None,
-                        cache_dir: str | os.PathLike | None | bool = None) -> LipSyncPipeline:
+                        cache_dir: str | os.PathLike | None | bool = None, engine: str = "musetalk") -> LipSyncPipeline:
         """Build every model from its config and load its weights (official layout or HF cache).
 
         ``cache_dir``: where prepared avatars are kept (None: the per-user default, False: no cache).
+        ``engine``: "musetalk" (the model), or "preview" (no weights, no GPU: a real-time CPU preview;
+        ``models_dir``, ``device`` and ``dtype`` are then not used).
         """
         from musetalk import models
         from musetalk.engines.musetalk import MuseTalkEngine
 
+        if engine not in ENGINES:
+            raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        avatar_cache = None if cache_dir is False else AvatarCache(cache_dir or None)
+        if engine == "preview":
+            from musetalk.engines.preview import PreviewEngine
+
+            return cls(PreviewEngine(), version, None, avatar_cache)
         files = weights.resolve(version, models_dir)
         torch_device = models.resolve_device(device)
         torch_dtype = models.resolve_dtype(torch_device, dtype)
@@ -85,15 +93,18 @@ class LipSyncPipeline:
             vae = models.load_vae(files.vae_dir, torch_device, torch_dtype)
         with _corrupt_files_reported(files.whisper_dir, version, root):
             encoder = audio_lib.WhisperAudioEncoder.from_pretrained(files.whisper_dir, torch_device, torch_dtype)
-        engine = MuseTalkEngine(unet, vae, torch_device, torch_dtype, cache_id=_weights_id(files.vae_dir, torch_dtype))
-        avatar_cache = None if cache_dir is False else AvatarCache(cache_dir or None)
-        return cls(engine, encoder, version, torch_device, avatar_cache)
+        model = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype,
+                               cache_id=_weights_id(files.vae_dir, torch_dtype))
+        return cls(model, version, torch_device, avatar_cache)
 
     # ------------------------------------------------------------------ the job
 
-    def __call__(self, video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike,
+    def __call__(self, video: str | os.PathLike, audio, output: str | os.PathLike,
                  options: RunOptions | None = None, progress: ProgressCallback | None = None) -> LipSyncResult:
+        """``audio``: a file, or an ``AudioClip`` from a speech source (its phoneme timings, when it
+        has them, drive the preview engine's mouth shapes)."""
         progress = progress or (lambda stage, done, total: None)
+        audio, events = (audio.path, tuple(audio.events)) if hasattr(audio, "events") else (audio, ())
         timer = StageTimer(self._synchronize)
         started = time.perf_counter()
 
@@ -103,8 +114,8 @@ class LipSyncPipeline:
             video_info, audio_info = self.check_inputs(video, audio, output, options)
         fps = options.fps or (IMAGE_FPS if video_info.is_image else video_info.fps)
 
-        # 2. Audio features (decode, silence gate, whisper) in a thread, beside the face analysis
-        audio_job = BackgroundCall(self._audio_features, audio_info.path, video_info, options, timer,
+        # 2. Audio features (decode, silence gate, the engine's features) in a thread, beside the face analysis
+        audio_job = BackgroundCall(self._audio_features, audio_info.path, events, video_info, options, timer,
                                    threaded=self.overlap)
 
         # 3. The prepared avatar: face track, crop boxes and engine states, from the cache or made now
@@ -113,11 +124,9 @@ class LipSyncPipeline:
         finally:
             wav_seconds, features, speech = audio_job.result()
 
-        # 4. Output length, which source frame each output frame shows, and each frame's audio window
+        # 4. Output length, and which source frame each output frame shows
         num_frames = self._output_length(wav_seconds, fps, len(avatar), video_info, options)
         frame_sources = schedule.frame_schedule(num_frames, len(avatar), options.loop)
-        windows = audio_lib.chunk_indices(num_frames, fps, options.version, options.audio_padding_left,
-                                          options.audio_padding_right, num_steps=len(features))
 
         # 5. Generate, blend and encode: decoding, the model and blending + encoding overlap
         writer = video_io.FrameWriter(
@@ -126,8 +135,8 @@ class LipSyncPipeline:
             total_frames=num_frames,
         )
         try:
-            redrawn = self._generate(video_info, fps, frame_sources, avatar, features, windows, options,
-                                     writer, timer, progress)
+            redrawn = self._generate(video_info, fps, frame_sources, avatar, features, options, writer, timer,
+                                     progress)
             with timer.stage("encode"):
                 writer.close()  # flushes the encoder and moves the finished file into place
         except BaseException:
@@ -224,8 +233,8 @@ class LipSyncPipeline:
         logger.info("faces in %d of %d source frames", int(usable.sum()), len(track))
         return Avatar(key, track, boxes, usable)
 
-    def _audio_features(self, path: str, video_info, options: RunOptions, timer: StageTimer):
-        """(seconds of audio, whisper features [T, L, D], what the silence gate kept)."""
+    def _audio_features(self, path: str, events: Sequence, video_info, options: RunOptions, timer: StageTimer):
+        """(seconds of audio, the engine's features of it, what the silence gate kept)."""
         with timer.stage("audio_decode"):
             wav = audio_lib.load_audio(path)
         seconds = len(wav) / audio_lib.SAMPLE_RATE
@@ -237,9 +246,7 @@ class LipSyncPipeline:
             with timer.stage("silence_gate"):
                 speech = audio_lib.detect_speech(wav)
                 wav = audio_lib.gate_silence(wav, speech)
-        with timer.stage("whisper"):
-            features = self.audio_encoder.encode(wav)
-        return seconds, features, speech
+        return seconds, self.engine.audio_features(wav, speech, events, timer), speech
 
     def _output_length(self, audio_seconds: float, fps: float, num_source: int, video_info, options) -> int:
         if options.length == "video" and not video_info.is_image:
@@ -251,9 +258,8 @@ class LipSyncPipeline:
             )
         return num_frames
 
-    def _generate(self, info, fps, frame_sources: np.ndarray, avatar: Avatar, features: np.ndarray,
-                  windows: np.ndarray, options: RunOptions, writer, timer: StageTimer,
-                  progress: ProgressCallback) -> int:
+    def _generate(self, info, fps, frame_sources: np.ndarray, avatar: Avatar, features, options: RunOptions,
+                  writer, timer: StageTimer, progress: ProgressCallback) -> int:
         """Stream output frames through the engine in batches; returns how many had a face.
 
         Three threads: one decodes source frames in schedule order, this one runs the model,
@@ -282,8 +288,10 @@ class LipSyncPipeline:
                     frames = [next(decoded) for _ in positions]
                 sources = [int(frame_sources[i]) for i in positions]
                 with_face = [k for k, source in enumerate(sources) if avatar.usable[source]]
+                audio_batch = self.engine.frame_audio(features, np.array([positions[k] for k in with_face]), fps,
+                                                      options)
                 new_faces = self._redraw(avatar, [sources[k] for k in with_face], [frames[k] for k in with_face],
-                                         windows[[positions[k] for k in with_face]], features, timer)
+                                         audio_batch, timer)
                 writing.put((positions, frames, dict(zip(with_face, new_faces))))
                 redrawn += len(with_face)
             writing.finish()
@@ -294,8 +302,8 @@ class LipSyncPipeline:
             decoded.close()
         return redrawn
 
-    def _redraw(self, avatar: Avatar, sources: list[int], frames: list[np.ndarray], windows: np.ndarray,
-                features: np.ndarray, timer: StageTimer) -> list[np.ndarray]:
+    def _redraw(self, avatar: Avatar, sources: list[int], frames: list[np.ndarray], audio_batch: np.ndarray,
+                timer: StageTimer) -> list[np.ndarray]:
         """New face crops for these frames, preparing the source frames the avatar lacks."""
         if not sources:
             return []
@@ -306,8 +314,8 @@ class LipSyncPipeline:
         if missing:
             with timer.stage("crop"):
                 crops = np.stack([blending.crop_face(frame, avatar.boxes[s]) for s, frame in missing.items()])
-            avatar.store_states(list(missing), self.engine.prepare(crops, timer))
-        audio_batch = audio_lib.frame_features(features, windows)
+                landmarks = np.stack([_landmarks_in_crop(avatar.track.landmarks[s], avatar.boxes[s]) for s in missing])
+            avatar.store_states(list(missing), self.engine.prepare(crops, landmarks, timer))
         return list(self.engine.generate(avatar.states[sources], audio_batch, timer))
 
 
@@ -321,6 +329,13 @@ def _blend(frame: np.ndarray, new_face: np.ndarray, avatar: Avatar, source: int,
         upper_boundary_ratio=options.upper_boundary_ratio,
     )
     return blending.paste_face(frame, new_face, box, square, mask)
+
+
+def _landmarks_in_crop(landmarks: np.ndarray, box) -> np.ndarray:
+    """Frame-pixel landmarks [468, 2] mapped into the box's 256x256 crop (as crop_face resizes it)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    scale = np.array([CROP_SIZE / (x2 - x1), CROP_SIZE / (y2 - y1)], dtype=np.float32)
+    return (landmarks - np.array([x1, y1], dtype=np.float32)) * scale
 
 
 def _weights_id(vae_dir: Path, dtype) -> str:

@@ -22,7 +22,7 @@ def lossless() -> RunOptions:
 
 def test_overlapped_run_equals_one_at_a_time(models_dir, face_clip, speech_clip, tmp_path, lossless):
     threaded = LipSyncPipeline.from_pretrained(models_dir, device="cpu", cache_dir=False)
-    serial = LipSyncPipeline(threaded.engine, threaded.audio_encoder, overlap=False)
+    serial = LipSyncPipeline(threaded.engine, overlap=False)
     threaded(face_clip, speech_clip, tmp_path / "threaded.mp4", lossless)
     serial(face_clip, speech_clip, tmp_path / "serial.mp4", lossless)
     for a, b in zip(frames_of(tmp_path / "threaded.mp4"), frames_of(tmp_path / "serial.mp4"), strict=True):

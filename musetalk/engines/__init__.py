@@ -1,17 +1,25 @@
 """What redraws the lower face, behind one small interface.
 
-The pipeline owns files, faces, audio, masks, scheduling and blending. An engine only
-turns 256x256 face crops plus per-frame audio features into new 256x256 face crops, in
-two calls so the per-source-frame work can be cached and reused:
+The pipeline owns files, faces, audio (decoding and the silence gate), masks, scheduling and
+blending. An engine turns the speech into its own audio features, and 256x256 face crops
+plus per-frame audio features into new 256x256 face crops:
 
-- ``prepare(crops, timer)``: per source frame state as a tensor ``[B, ...]`` (MuseTalk: the
-  masked and reference latents); the pipeline keeps it on the CPU in the prepared avatar.
-- ``generate(states, audio_features, timer)``: new crops, uint8 ``[B, 256, 256, 3]``.
+- ``audio_features(wav, speech, events, timer)``: features of the whole (silence-gated)
+  16 kHz waveform, computed once beside the face analysis (MuseTalk: Whisper hidden states;
+  the preview: mouth-shape curves). ``speech`` is what the silence gate kept (None when the
+  gate is off); ``events`` are the word / phoneme timings of a speech source, when it gave any.
+- ``frame_audio(features, positions, fps, options)``: the features of output frames
+  ``positions`` as one batch (MuseTalk: each frame's window of Whisper steps).
+- ``prepare(crops, landmarks, timer)``: per source frame state as a tensor ``[B, ...]``
+  (MuseTalk: the masked and reference latents); ``landmarks`` are the 468 mesh points in crop
+  pixels ``[B, 468, 2]``. The pipeline keeps the states on the CPU in the prepared avatar.
+- ``generate(states, frame_audio, timer)``: new crops, uint8 ``[B, 256, 256, 3]``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -20,7 +28,12 @@ from musetalk.timing import StageTimer
 if TYPE_CHECKING:
     import torch
 
+    from musetalk.audio import SpeechSegments
+    from musetalk.config import RunOptions
+
 CROP_SIZE = 256
+# What `--engine` accepts: the model, or the training-free preview that needs no weights.
+ENGINES = ("musetalk", "preview")
 
 
 class Engine(Protocol):
@@ -28,9 +41,14 @@ class Engine(Protocol):
     # Identifies the weights and number format behind prepare(); None: its states are not cached.
     cache_id: str | None
 
-    def prepare(self, crops: np.ndarray, timer: StageTimer) -> torch.Tensor: ...
+    def audio_features(self, wav: np.ndarray, speech: SpeechSegments | None, events: Sequence,
+                       timer: StageTimer) -> Any: ...
 
-    def generate(self, states: torch.Tensor, audio_features: np.ndarray, timer: StageTimer) -> np.ndarray: ...
+    def frame_audio(self, features: Any, positions: np.ndarray, fps: float, options: RunOptions) -> np.ndarray: ...
+
+    def prepare(self, crops: np.ndarray, landmarks: np.ndarray, timer: StageTimer) -> torch.Tensor: ...
+
+    def generate(self, states: torch.Tensor, frame_audio: np.ndarray, timer: StageTimer) -> np.ndarray: ...
 
 
 class IdentityEngine:
@@ -40,10 +58,16 @@ class IdentityEngine:
     name = "identity"
     cache_id = None
 
-    def prepare(self, crops: np.ndarray, timer: StageTimer) -> torch.Tensor:
+    def audio_features(self, wav: np.ndarray, speech, events: Sequence = (), timer: StageTimer | None = None) -> None:
+        return None
+
+    def frame_audio(self, features, positions: np.ndarray, fps: float, options) -> np.ndarray:
+        return np.zeros((len(positions), 0), np.float32)
+
+    def prepare(self, crops: np.ndarray, landmarks: np.ndarray, timer: StageTimer) -> torch.Tensor:
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(crops))
 
-    def generate(self, states: torch.Tensor, audio_features: np.ndarray, timer: StageTimer) -> np.ndarray:
+    def generate(self, states: torch.Tensor, frame_audio: np.ndarray, timer: StageTimer) -> np.ndarray:
         return states.numpy()

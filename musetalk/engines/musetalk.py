@@ -1,4 +1,5 @@
-"""The MuseTalk engine: VAE encode, one UNet step at t=0, VAE decode (facts section 2)."""
+"""The MuseTalk engine: Whisper features per frame, VAE encode, one UNet step at t=0, VAE decode
+(facts sections 2 and 3)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 
 import numpy as np
 
+from musetalk import audio as audio_lib
 from musetalk.engines import CROP_SIZE
 from musetalk.models import positional_encoding, vae_scaling_factor
 from musetalk.timing import StageTimer
@@ -16,17 +18,33 @@ logger = logging.getLogger(__name__)
 class MuseTalkEngine:
     name = "musetalk"
 
-    def __init__(self, unet, vae, device, dtype, cache_id: str | None = None):
+    def __init__(self, unet, vae, audio_encoder: audio_lib.WhisperAudioEncoder, device, dtype,
+                 cache_id: str | None = None):
         import torch
 
         self.unet = unet
         self.vae = vae
+        self.audio_encoder = audio_encoder
         self.device = device
         self.dtype = dtype
         self.scaling_factor = vae_scaling_factor(vae)
         self.cache_id = cache_id
         self._torch = torch
         self._encodings: dict[int, object] = {}
+
+    def audio_features(self, wav: np.ndarray, speech, events=(), timer: StageTimer | None = None) -> np.ndarray:
+        """Whisper hidden states [T, L, D] of the (silence-gated) waveform; timings are not used."""
+        with (timer or StageTimer()).stage("whisper"):
+            return self.audio_encoder.encode(wav)
+
+    def frame_audio(self, features: np.ndarray, positions: np.ndarray, fps: float, options) -> np.ndarray:
+        """Each output frame's window of Whisper steps: [B, W * L, D] (facts section 3)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size == 0:
+            return np.zeros((0, 0, features.shape[-1]), np.float32)
+        windows = audio_lib.chunk_indices(int(positions.max()) + 1, fps, options.version, options.audio_padding_left,
+                                          options.audio_padding_right, num_steps=len(features))
+        return audio_lib.frame_features(features, windows[positions])
 
     def _positional_encoding(self, length: int):
         if length not in self._encodings:
@@ -39,8 +57,8 @@ class MuseTalkEngine:
         pixels = self._torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
         return pixels.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
 
-    def prepare(self, crops: np.ndarray, timer: StageTimer):
-        """Per crop: cat(masked latent, reference latent) -> [B, 8, 32, 32]."""
+    def prepare(self, crops: np.ndarray, landmarks: np.ndarray, timer: StageTimer):
+        """Per crop: cat(masked latent, reference latent) -> [B, 8, 32, 32] (the landmarks are not used)."""
         with timer.stage("vae_encode"), self._torch.inference_mode():
             reference = self._to_tensor(crops)
             masked = reference.clone()
@@ -51,12 +69,12 @@ class MuseTalkEngine:
             masked_latents, reference_latents = latents.chunk(2)
             return self._torch.cat([masked_latents, reference_latents], dim=1)
 
-    def generate(self, states, audio_features: np.ndarray, timer: StageTimer) -> np.ndarray:
+    def generate(self, states, frame_audio: np.ndarray, timer: StageTimer) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             with timer.stage("unet"):
                 latents = states.to(self.device, self.dtype)
-                audio = torch.from_numpy(audio_features).to(self.device, self.dtype)
+                audio = torch.from_numpy(frame_audio).to(self.device, self.dtype)
                 audio = audio + self._positional_encoding(audio.shape[1])
                 timestep = torch.zeros((), device=self.device, dtype=torch.long)
                 predicted = self.unet(latents, timestep, encoder_hidden_states=audio).sample

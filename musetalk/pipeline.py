@@ -176,7 +176,8 @@ class LipSyncPipeline:
         if output.suffix.lower() not in OUTPUT_SUFFIXES:
             raise InputError(f"the output {output} must end in {', '.join(OUTPUT_SUFFIXES)}")
         for given in (video, audio):
-            if output.resolve() == Path(given).resolve():
+            # resolve() sees through symbolic links, samefile() through hard links too
+            if output.resolve() == Path(given).resolve() or (output.exists() and os.path.samefile(output, given)):
                 raise InputError(f"the output {output} is also an input; choose another output path")
         if output.is_dir():
             raise InputError(f"the output {output} is a folder; give a file name such as {output / 'dubbed.mp4'}")

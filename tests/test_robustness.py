@@ -292,6 +292,9 @@ def test_bad_inputs_are_refused_before_any_work(pipeline, clip, voice, tmp_path)
     empty_wav = tmp_path / "empty.wav"
     ffmpeg("-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-frames:a", "0", str(empty_wav))
     photo_as_audio = FACE_JPG
+    no_frames = tmp_path / "no_frames.mkv"  # a video stream whose every packet was dropped
+    ffmpeg("-i", str(clip), "-i", str(voice), "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-bsf:v", "noise=drop=1",
+           str(no_frames))
     cases = [
         (text, voice, "not a video, image or audio file"),
         (clip, noise, "not a video, image or audio file"),
@@ -300,12 +303,25 @@ def test_bad_inputs_are_refused_before_any_work(pipeline, clip, voice, tmp_path)
         (clip, silent, "no audio stream"),
         (clip, photo_as_audio, "no audio stream"),
         (clip, empty_wav, "audio"),
+        (no_frames, voice, "holds no frames"),
         (tmp_path, voice, "does not exist"),
     ]
     for video, audio, message in cases:
         with pytest.raises(InputError, match=message):
             pipeline(video, audio, tmp_path / "out.mp4")
     assert not (tmp_path / "out.mp4").exists() and not leftovers(tmp_path)
+
+
+def test_an_input_is_never_the_output_by_any_name(pipeline, clip, voice, tmp_path):
+    """The same file under another name (a symbolic or a hard link) is refused before any work."""
+    copy = tmp_path / "face.mp4"
+    copy.write_bytes(clip.read_bytes())
+    (tmp_path / "symbolic.mp4").symlink_to(copy)
+    os.link(copy, tmp_path / "hard.mp4")
+    for name in ("symbolic.mp4", "hard.mp4"):
+        with pytest.raises(InputError, match="is also an input"):
+            pipeline(copy, voice, tmp_path / name)
+    assert copy.read_bytes() == clip.read_bytes()
 
 
 def test_audio_shorter_than_one_frame_is_refused(pipeline, clip, tmp_path):

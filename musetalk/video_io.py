@@ -442,8 +442,8 @@ def probe(path) -> MediaInfo:
     """Describe a video, image or audio file. InputError if it is missing, not media, or corrupt."""
     path = os.fspath(path)
     _require_file(path)
-    cmd = (
-        _ffmpeg_base("info") + _file_input(path)
+    cmd = (  # the pixel limit too: finding a picture's size decodes it, and a bomb must not be decoded
+        _ffmpeg_base("info") + _decoding_limits() + _file_input(path)
         + ["-map", "0:V:0?", "-map", "0:a:0?", "-c", "copy", "-f", "framecrc", "-"]
     )
     logger.debug("probing %s", path)
@@ -459,6 +459,8 @@ def _raise_for_unreadable(path: str, returncode: int, stderr: str, header: _Head
     lines = stderr.splitlines()
     if "Format not on whitelist" in stderr:
         _raise_refused_format(path)
+    if m := _OVER_LIMIT_RE.search(stderr):
+        _check_pixel_count(path, int(m.group(1)), int(m.group(2)))
     if not header.format_name:
         raise InputError(
             f"{path} is not a video, image or audio file that ffmpeg can read (or it is corrupt or cut "
@@ -533,6 +535,9 @@ def _display_size(path: str, video: _Stream) -> tuple[int, int, int]:
     if rotation in (90, 270):
         width, height = height, width
     return width, height, rotation
+
+
+_OVER_LIMIT_RE = re.compile(r"Picture size (\d+)x(\d+) exceeds specified max pixel count")
 
 
 def _check_pixel_count(path: str, width: int, height: int) -> None:

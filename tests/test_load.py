@@ -26,7 +26,7 @@ from musetalk.video_io import probe, read_frames
 
 from conftest import ffmpeg
 from test_app import launched_app
-from test_robustness import FACE_JPG, SIDE, audio_frames, ffmpeg_children, speech
+from test_robustness import FACE_JPG, SIDE, audio_frames, encoders, ffmpeg_children, speech
 
 COLOURS = [(230, 40, 40), (40, 200, 40), (40, 60, 230)]  # one corner mark per job
 MARK = 16  # the top-left square carrying a job's colour; the face and its blend area are elsewhere
@@ -213,14 +213,10 @@ def test_a_client_that_walks_away_mid_run_does_not_stop_the_server(url, services
     assert not temporary_leftovers(services.work_dir)
 
 
-def _encoders() -> list[psutil.Process]:
-    return [child for child in ffmpeg_children() if any(".partial." in arg for arg in child.cmdline())]
-
-
 def _wait_for_encoder(timeout: float) -> list[psutil.Process]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = _encoders()
+        found = encoders()
         if found:
             return found
         time.sleep(0.02)
@@ -229,6 +225,9 @@ def _wait_for_encoder(timeout: float) -> list[psutil.Process]:
 
 def _kill_encoder_when_it_runs(timeout: float) -> bool:
     for encoder in _wait_for_encoder(timeout):
-        encoder.kill()
-        return True
+        try:
+            encoder.kill()
+            return True
+        except psutil.NoSuchProcess:  # it finished first: this job is past its encoder
+            continue
     return False

@@ -183,7 +183,7 @@ def build_demo(services: Studio):
                                             allow_custom_value=True)
                     clone_voice = gr.Checkbox(label="Clone the voice from the video", value=False,
                                               visible=bool(default_source and sources[default_source].can_clone))
-                with gr.Accordion("Advanced options", open=False):
+                with gr.Accordion("Advanced options", open=False, elem_id="advanced-options"):
                     with gr.Row():
                         version = gr.Dropdown(VERSION_CHOICES, value=defaults.version, label="Model version")
                         face = gr.Dropdown(FACE_CHOICES, value="largest", label="Face to dub")
@@ -211,7 +211,8 @@ def build_demo(services: Studio):
                                                label="Batch size (frames per model call)")
                         quality = gr.Slider(0, 51, value=defaults.crf, step=1, precision=0,
                                             label="Output quality (CRF: 0 best, 18 visually lossless, 51 worst)")
-                    measure = gr.Checkbox(value=True, label="Measure the results (lip-sync, silence, identity)")
+                    measure = gr.Checkbox(value=True, label="Measure the results (lip-sync, silence, identity)",
+                                          elem_id="measure")
                 with gr.Row():
                     preview_button = gr.Button("Preview crop and mask", elem_id="preview-button")
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")

@@ -4,6 +4,7 @@ history, weights fetched on first use with progress through the real stages."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from musetalk import studio as studio_lib
 from musetalk.config import RunOptions
 from musetalk.errors import InputError
 from musetalk.studio import Speech, Studio, StudioConfig
-from musetalk.testing import save_tiny_models
 from musetalk.video_io import probe
+
+from conftest import ffmpeg
 
 
 def test_settings_come_from_the_environment_and_flags_win():
@@ -104,14 +106,16 @@ def test_limits_on_what_a_request_brings(tmp_path, face_clip, speech_clip):
         tiny.compare(face_clip, [studio_lib.Variant("one", Speech(audio=str(speech_clip)), RunOptions())])
 
 
-def test_without_weights_the_studio_says_so_and_fetches_them_on_the_first_run(tmp_path, face_clip, speech_clip):
+def test_without_weights_the_studio_says_so_and_fetches_them_on_the_first_run(tmp_path, models_dir, face_clip):
     models = tmp_path / "models"
     fetched = []
 
-    def fake_download(version, models_dir):
-        """Stands in for the network only: the files it writes go through the real loader."""
+    def fake_download(version, target):
+        """Stands in for the network only: it copies the tiny models' files, which then go
+        through the real loader."""
         fetched.append(version)
-        save_tiny_models(Path(models_dir), versions=(version,))
+        for name in ("musetalkV15", "sd-vae", "whisper"):
+            shutil.copytree(models_dir / name, Path(target) / name)
 
     made = Studio(StudioConfig(models_dir=str(models), device="cpu", work_dir=str(tmp_path / "work")),
                   download_weights=fake_download)
@@ -120,12 +124,14 @@ def test_without_weights_the_studio_says_so_and_fetches_them_on_the_first_run(tm
     assert "fetched on the first run" in made.weights_status()
 
     reports = []
-    job = made.generate(face_clip, Speech(audio=str(speech_clip)), RunOptions(length="video"),
+    short = tmp_path / "short.wav"
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=220:duration=0.6", str(short))
+    job = made.generate(face_clip, Speech(audio=str(short)), RunOptions(),
                         progress=lambda fraction, text: reports.append((fraction, text)), score=False)
     assert fetched == ["v15"]
     assert "MuseTalk 1.5: ready (loaded)" in made.weights_status()
-    assert probe(job.output).num_frames == 30
-    assert probe(job.side_by_side).num_frames == 30
+    assert probe(job.output).num_frames == 15
+    assert probe(job.side_by_side).num_frames == 15
 
     fractions = [fraction for fraction, _ in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0

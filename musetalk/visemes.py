@@ -41,7 +41,7 @@ _LOUD_PERCENTILE = 95
 # the lips between two vowels, long enough that 10 ms noise in the analysis does not flicker.
 _SMOOTH_S = 0.02
 # How far a loud vowel scales a phoneme's opening, and the least a quiet one keeps.
-_PHONEME_LOUDNESS_FLOOR = 0.55
+_PHONEME_LOUDNESS_FLOOR = 0.65
 _LAST_PHONEME_S = 0.12  # the last phoneme of a clip has no successor to end it
 
 
@@ -129,19 +129,19 @@ _VISEME_GROUPS: dict[tuple[float, float, float], str] = {
     (0.0, 0.0, 0.0): "p b m _ _: _! _^ ;",  # lips closed (bilabials) and pauses
     (0.06, 0.05, 0.0): "f v",  # lower lip on the upper teeth
     (0.16, 0.1, 0.0): "T D",  # tongue between the teeth
-    (0.18, 0.15, 0.0): "t d n l t# d# n- l/ L l^ n^ *",  # tongue on the ridge, jaw nearly shut
-    (0.09, 0.35, 0.0): "s z",  # teeth together, lips spread
+    (0.22, 0.15, 0.0): "t d n l t# d# n- l/ L l^ n^ *",  # tongue on the ridge, jaw nearly shut
+    (0.12, 0.35, 0.0): "s z",  # teeth together, lips spread
     (0.14, -0.2, 0.55): "S Z tS dZ",  # lips pushed forward
-    (0.24, 0.0, 0.0): "k g N x h ? Q",  # back of the tongue, jaw relaxed
+    (0.3, 0.0, 0.0): "k g N x h ? Q",  # back of the tongue, jaw relaxed
     (0.14, -0.25, 0.5): "r r- R",  # English r rounds a little
     (0.06, -0.5, 0.9): "w W",  # tight rounding
     (0.14, 0.35, 0.0): "j",
     (0.88, 0.05, 0.0): "a a# A A: aa A@ a2 &",  # open
     (0.58, 0.0, 0.0): "V E E2 3 3: e@",  # open-mid
-    (0.4, 0.15, 0.0): "e @ @L @2 @5 @- a#2",  # mid
-    (0.22, 0.45, 0.0): "i i: I I# I2 i@ i@3",  # close front: spread
+    (0.5, 0.15, 0.0): "e @ @L @2 @5 @- a#2",  # mid
+    (0.3, 0.45, 0.0): "i i: I I# I2 i@ i@3",  # close front: spread
     (0.55, -0.25, 0.6): "0 O O: O@ o o: O2",  # back, rounded
-    (0.2, -0.45, 0.9): "u u: U U@ u@ y Y",  # close, rounded
+    (0.26, -0.45, 0.9): "u u: U U@ u@ y Y",  # close, rounded
 }
 VISEMES: dict[str, tuple[float, float, float]] = {
     name: shape for shape, names in _VISEME_GROUPS.items() for name in names.split()
@@ -153,7 +153,7 @@ DIPHTHONGS: dict[str, tuple[str, str]] = {
 }
 _VOWEL_LETTERS = set("aeiouAEIOUVY@036&")
 _DEFAULT_VOWEL = (0.45, 0.0, 0.0)
-_DEFAULT_CONSONANT = (0.18, 0.0, 0.0)
+_DEFAULT_CONSONANT = (0.22, 0.0, 0.0)
 
 
 def viseme(phoneme: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:

@@ -17,6 +17,7 @@ import atexit
 import functools
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -458,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     except MuseTalkError as error:
         sys.stderr.write(f"app.py: error: {error}\n")
         return 2
+    # `docker stop` sends SIGTERM: leave through SystemExit so the atexit clean-up runs.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     serve(build_demo(services), services, host=args.host, port=args.port)
     return 0
 

@@ -526,7 +526,8 @@ class Studio:
         track = face.FaceTrack.from_rows([landmarks], info.width, info.height)
         box = face.crop_boxes(track, options.version, options.extra_margin, options.bbox_shift)[0]
         if box[0] < 0:
-            raise NoFaceError(f"the face in frame {index} lies outside the picture; use a video where the face is whole")
+            raise NoFaceError(f"the face in frame {index} lies outside the picture; use a video where the face "
+                              "is whole")
         square = blending.face_square(box, info.width, info.height)
         mask = blending.blend_mask(landmarks, box, square, mode=options.parsing_mode,
                                    left_cheek_width=options.left_cheek_width,

@@ -401,8 +401,9 @@ class JobFolders:
 
 
 class Studio:
-    """What the app does, behind plain method calls. Thread-safe: the models of a version are
-    loaded once, under a lock, and every request writes only into its own folder."""
+    """What the app does, behind plain method calls. The models of a version are loaded once,
+    under a lock, and every request writes only into its own folder; one pipeline runs one job
+    at a time (the app's queue sees to that)."""
 
     def __init__(self, config: StudioConfig | None = None, load_pipeline: Callable | None = None,
                  download_weights: Callable | None = None):
@@ -638,7 +639,8 @@ class Studio:
         if score:
             span(0.92, f"{label}: measuring lip-sync, silence and identity")
             scoring_started = time.perf_counter()
-            scores = metrics.score_video(output, source=video, audio=audio, loop=options.loop)
+            scores = metrics.score_video(output, source=video, audio=audio, loop=options.loop,
+                                         progress=_scoring_progress(span.part(0.9, 1.0), label))
             timings["scores"] = round(time.perf_counter() - scoring_started, 4)
         timings["total"] = round(time.perf_counter() - started, 4)
         return JobResult(label=label, speech=speech.describe(), options=options, result=result, audio_path=audio,
@@ -679,6 +681,19 @@ class Studio:
         except BaseException:
             self.jobs.discard(folder)
             raise
+
+
+# The scoring's stages, in the order they run, and the share of the bar each one takes.
+_SCORING_STAGES = {"faces": (0.0, 0.6), "identity": (0.6, 0.8), "syncnet": (0.8, 1.0)}
+
+
+def _scoring_progress(span: _Span, label: str) -> Callable[[str, int, int], None]:
+    def report(stage: str, done: int, total: int) -> None:
+        start, end = _SCORING_STAGES.get(stage, (0.0, 1.0))
+        share = done / total if total else 1.0
+        span(start + (end - start) * share, f"{label}: scores ({stage}, {done} of {total})")
+
+    return report
 
 
 def _load_pipeline(models_dir, version: str, device: str, dtype: str):

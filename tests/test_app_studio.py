@@ -149,3 +149,14 @@ def test_a_failed_request_leaves_no_folder(tmp_path, face_clip):
     with pytest.raises(InputError, match="give the new speech"):
         made.generate(face_clip, Speech())
     assert list(made.work_dir.iterdir()) == []
+
+
+def test_the_scores_progress_moves_forward_through_their_stages():
+    seen = []
+    report = studio_lib._scoring_progress(studio_lib._Span(lambda f, text: seen.append((f, text)), 0.9, 1.0), "Dubbed")
+    for stage, total in (("faces", 4), ("identity", 3), ("syncnet", 2)):
+        for done in range(total + 1):
+            report(stage, done, total)
+    fractions = [fraction for fraction, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.9 and fractions[-1] == 1.0
+    assert seen[-1][1] == "Dubbed: scores (syncnet, 2 of 2)"

@@ -26,6 +26,7 @@ input gives the same output, and the shape curves are smoothed, so there is no f
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,6 +75,7 @@ MESH_TOP = 0.2
 MESH_SIDE = 3.0
 EDGE_PX = 12.0  # mesh points this close to the crop's edge move less, and those on it not at all
 EDGE_ANCHORS = 9  # fixed points along each side and the bottom of the crop
+RIGS_KEPT = 64  # source frames whose rigs the engine keeps (a few kilobytes each)
 _STATE_ROWS = CROP_SIZE + -(-NUM_LANDMARKS * 2 * 4 // (CROP_SIZE * 3))  # pixels, then landmark bytes
 
 # Colours of the drawn mouth (RGB).
@@ -90,6 +92,11 @@ class PreviewEngine:
     # Its state is the crop itself, cheaper to cut again than to keep on disk: nothing is cached
     # but the face analysis, which the avatar cache keeps for every engine.
     cache_id = None
+
+    def __init__(self):
+        # Rigs of the source frames seen last: a photo, or a clip played forward and back, shows
+        # the same source frame again and again, and its rig and triangles do not change.
+        self._rigs: OrderedDict[bytes, MouthRig] = OrderedDict()
 
     # ------------------------------------------------------------------ audio
 
@@ -126,7 +133,16 @@ class PreviewEngine:
             count = packed.shape[0]
             size = NUM_LANDMARKS * 2 * 4
             points = packed[:, CROP_SIZE:].reshape(count, -1)[:, :size].copy().view("<f4").reshape(count, -1, 2)
-            return np.stack([render(packed[k, :CROP_SIZE], points[k], frame_audio[k]) for k in range(count)])
+            return np.stack([render(packed[k, :CROP_SIZE], points[k], frame_audio[k], self._rig(points[k]))
+                             for k in range(count)])
+
+    def _rig(self, landmarks: np.ndarray) -> MouthRig:
+        key = landmarks.tobytes()
+        rig = self._rigs.pop(key, None) or MouthRig(landmarks)
+        self._rigs[key] = rig
+        while len(self._rigs) > RIGS_KEPT:
+            self._rigs.popitem(last=False)
+        return rig
 
 
 # --------------------------------------------------------------------------- the rig
@@ -205,6 +221,14 @@ class MouthRig:
         # Nothing moves at the crop's edges: that is where the crop meets the rest of the frame.
         x, y = self.points[:, 0], self.points[:, 1]
         self.pinned = np.clip(np.minimum.reduce([x, CROP_SIZE - 1 - x, CROP_SIZE - 1 - y]) / EDGE_PX, 0.0, 1.0)
+
+        # The warp's mesh: these points and fixed ones around them. The triangles are those of the
+        # mouth wide open: there the space between the lips is empty, so no triangle joins a lip to
+        # the other lip's far side; the same triangles stay valid as the mouth closes, and the ones
+        # between the lips are then covered by the drawn mouth.
+        self.anchors = edge_anchors(self.points[:, 1].min() - 2.0)
+        self.mesh_points = np.concatenate([self.points, self.anchors])
+        self.triangles = triangulate(np.concatenate([self.move(OPEN_LAYOUT), self.anchors]))
 
     def move(self, shape: np.ndarray) -> np.ndarray:
         """[len(indices), 2] positions of the mesh points for ``shape`` (open, spread, round)."""
@@ -375,16 +399,10 @@ def _teeth_alpha(moved, frame: MouthFrame, x1: int, y1: int, shape, gap_px: floa
     return cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (3, 3), 0.8) * TEETH_OPACITY * float(visible)
 
 
-def render(crop: np.ndarray, landmarks: np.ndarray, shape: np.ndarray) -> np.ndarray:
+def render(crop: np.ndarray, landmarks: np.ndarray, shape: np.ndarray, rig: MouthRig | None = None) -> np.ndarray:
     """One new 256x256 face crop: the mouth of ``crop`` (landmarks [468, 2] in crop pixels) set
-    to ``shape`` (open, spread, round)."""
-    rig = MouthRig(landmarks)
+    to ``shape`` (open, spread, round). ``rig``: ``MouthRig(landmarks)``, when already made."""
+    rig = rig or MouthRig(landmarks)
     moved = rig.move(shape)
-    # The triangles are those of the mouth wide open: there the space between the lips is empty,
-    # so no triangle joins a lip to the other lip's far side; the same triangles stay valid as the
-    # mouth closes, and the ones between the lips are then covered by the drawn mouth.
-    anchors = edge_anchors(rig.points[:, 1].min() - 2.0)
-    source = np.concatenate([rig.points, anchors])
-    layout = np.concatenate([rig.move(OPEN_LAYOUT), anchors])
-    warped = warp(crop, source, np.concatenate([moved, anchors]), triangulate(layout))
+    warped = warp(crop, rig.mesh_points, np.concatenate([moved, rig.anchors]), rig.triangles)
     return draw_mouth(warped, dict(zip(rig.indices.tolist(), moved)), rig.frame, float(shape[0]) * MAX_OPENING)

@@ -38,8 +38,13 @@ LOOP_CHOICES = [("Forward and back (ping-pong)", "pingpong"), ("From the start a
                 ("Hold the last frame", "freeze")]
 LENGTH_CHOICES = [("As long as the audio", "audio"), ("As long as the video", "video")]
 VERSION_CHOICES = [("MuseTalk 1.5", "v15"), ("MuseTalk 1.0", "v1")]
+ENGINE_CHOICES = [("MuseTalk (the model; a GPU makes it fast)", "musetalk"),
+                  ("Preview (no weights, real time on a CPU; a sketch of the mouth)", "preview")]
 SPEECH_FROM = [("Audio file or recording", "audio"), ("Text", "text")]
-DEFAULT_VARIANTS = [["Jaw mask", "", "", "", "jaw", ""], ["Lips only", "", "", "", "mouth", ""]]
+# The comparison table's first rows: MuseTalk beside the preview engine when the weights are
+# here, else two masks (with the preview engine chosen for the job).
+ENGINE_VARIANTS = [["MuseTalk", "", "", "", "", "", "musetalk"], ["Preview engine", "", "", "", "", "", "preview"]]
+MASK_VARIANTS = [["Jaw mask", "", "", "", "jaw", "", ""], ["Lips only", "", "", "", "mouth", "", ""]]
 # ZeroGPU attaches a GPU only inside functions marked with spaces.GPU, for at most this long.
 GPU_SECONDS = 300
 VIDEO_HEIGHT = 360  # pixels a result player takes on the page (the file keeps its own size)
@@ -137,6 +142,9 @@ def on_gpu(function):
 def status_text(services: Studio) -> str:
     # No server paths on the page: it may be public (the folder is in the server's log and --help).
     lines = ["**Weights:**", *[f"- {line}" for line in services.weights_status().splitlines()]]
+    if services.default_engine() == "preview":
+        lines += ["", "Without the MuseTalk weights the **preview engine** is chosen below: it needs none. "
+                      "*Download weights* (or choose MuseTalk and generate) to use the model."]
     _, notes = speech_sources()
     if notes:
         lines += ["", "**Speech sources not available:**", *[f"- {note}" for note in notes]]
@@ -154,6 +162,7 @@ def build_demo(services: Studio):
     default_source = "espeak" if "espeak" in sources else next(iter(sources), None)
     voices, default_voice = voice_choices(sources.get(default_source))
     defaults = RunOptions(version=services.config.version)
+    default_engine = services.default_engine()
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, int(services.config.keep_minutes * 60))) as demo:
         history = gr.State([])
@@ -184,6 +193,7 @@ def build_demo(services: Studio):
                                             allow_custom_value=True)
                     clone_voice = gr.Checkbox(label="Clone the voice from the video", value=False,
                                               visible=bool(default_source and sources[default_source].can_clone))
+                engine = gr.Radio(ENGINE_CHOICES, value=default_engine, label="Engine", elem_id="engine")
                 with gr.Accordion("Advanced options", open=False, elem_id="advanced-options"):
                     with gr.Row():
                         version = gr.Dropdown(VERSION_CHOICES, value=defaults.version, label="Model version")
@@ -241,9 +251,10 @@ def build_demo(services: Studio):
                             f"Up to {services.config.max_variants} variants of this job on the same video. An "
                             "empty cell keeps what is set on the left. *speech source*: `audio` for the audio "
                             "above, or a source id (`espeak`, ...) to speak the text; *voice*: a voice id; "
-                            "*version*: `v15` or `v1`; *mask*: `jaw`, `raw` or `mouth`. The face data of the "
-                            "video is prepared once and reused by every variant.")
-                        variants = gr.Dataframe(value=DEFAULT_VARIANTS, headers=studio_lib.VARIANT_COLUMNS,
+                            "*version*: `v15` or `v1`; *mask*: `jaw`, `raw` or `mouth`; *engine*: `musetalk` or "
+                            "`preview`. The face data of the video is prepared once and reused by every variant.")
+                        variants = gr.Dataframe(value=ENGINE_VARIANTS if default_engine == "musetalk" else MASK_VARIANTS,
+                                                headers=studio_lib.VARIANT_COLUMNS,
                                                 datatype="str", type="array", interactive=True,
                                                 label="Variants", elem_id="variants")
                         with gr.Row():
@@ -264,7 +275,7 @@ def build_demo(services: Studio):
 
         option_inputs = [version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face,
                          smoothing, length, loop, silence_gate, batch_size, quality]
-        speech_inputs = [speech_from, audio, text, source, voice, clone_voice]
+        job_inputs = [speech_from, audio, text, source, voice, clone_voice, engine]
         history_outputs = [history, history_table, history_downloads]
 
         # ------------------------------------------------------------- handlers
@@ -276,7 +287,7 @@ def build_demo(services: Studio):
             services.fetch_weights(version, lambda fraction, text: progress(fraction, desc=text))
             return status_text(services)
 
-        def show_speech_inputs(speech_from):
+        def show_job_inputs(speech_from):
             return gr.Group(visible=speech_from == "audio"), gr.Group(visible=speech_from == "text")
 
         def voices_of(source):
@@ -290,40 +301,40 @@ def build_demo(services: Studio):
             shown = services.preview(video, options)
             return shown.image, shown.message
 
-        def generate(video, speech_from, audio, text, source, voice, clone_voice, version, extra_margin,
+        def generate(video, speech_from, audio, text, source, voice, clone_voice, engine, version, extra_margin,
                      bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face, smoothing, length, loop,
                      silence_gate, batch_size, quality, measure, history, progress=gr.Progress(track_tqdm=True)):
             options = run_options(version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width,
                                   face, smoothing, length, loop, silence_gate, batch_size, quality)
             speech = speech_request(speech_from, audio, text, source, voice, clone_voice)
             job = services.generate(video, speech, options, lambda fraction, what: progress(fraction, desc=what),
-                                    score=bool(measure))
-            history = studio_lib.history_add(history, "dub", job.speech, [job.output, job.side_by_side],
-                                             job.summary())
+                                    score=bool(measure), engine=engine)
+            history = studio_lib.history_add(history, "dub", f"{job.result.engine}: {job.speech}",
+                                             [job.output, job.side_by_side], job.summary())
             return (job.output, job.side_by_side, job.summary(), job.timing_rows(), job.score_rows(),
                     *_history_views(history))
 
-        def add_current(variants, speech_from, source, voice, version, mask_mode, extra_margin):
+        def add_current(variants, speech_from, source, voice, engine, version, mask_mode, extra_margin):
             rows = [row for row in (variants or []) if any(str(cell or "").strip() for cell in row)]
             if len(rows) >= services.config.max_variants:
                 raise gr.Error(f"a comparison holds up to {services.config.max_variants} variants; "
                                "clear some rows first", print_exception=False)
             speech_cell = studio_lib.AUDIO_SOURCE_CELL if speech_from == "audio" else (source or "")
             voice_cell = (voice or "") if speech_from == "text" else ""
-            label = f"{len(rows) + 1}: {speech_cell} {voice_cell} {version} {mask_mode}".replace("  ", " ")
-            return rows + [[label, speech_cell, voice_cell, version, mask_mode, str(int(extra_margin))]]
+            label = f"{len(rows) + 1}: {engine} {speech_cell} {voice_cell} {version} {mask_mode}".replace("  ", " ")
+            return rows + [[label, speech_cell, voice_cell, version, mask_mode, str(int(extra_margin)), engine]]
 
         def clear():
             return []
 
-        def compare(video, speech_from, audio, text, source, voice, clone_voice, version, extra_margin,
+        def compare(video, speech_from, audio, text, source, voice, clone_voice, engine, version, extra_margin,
                     bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face, smoothing, length, loop,
                     silence_gate, batch_size, quality, measure, variants, history,
                     progress=gr.Progress(track_tqdm=True)):
             options = run_options(version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width,
                                   face, smoothing, length, loop, silence_gate, batch_size, quality)
             speech = speech_request(speech_from, audio, text, source, voice, clone_voice)
-            chosen = studio_lib.variants_from_rows(variants or [], speech, options)
+            chosen = studio_lib.variants_from_rows(variants or [], speech, options, engine)
             made = services.compare(video, chosen, lambda fraction, what: progress(fraction, desc=what),
                                     score=bool(measure))
             files = [made.grid] + [job.output for job in made.results]
@@ -339,7 +350,7 @@ def build_demo(services: Studio):
         demo.load(user_errors(refresh_status), outputs=status, api_name="status", **light)
         download.click(user_errors(download_weights), inputs=version, outputs=status, api_name="download_weights",
                        **gpu)
-        speech_from.change(show_speech_inputs, inputs=speech_from, outputs=[audio_group, text_group],
+        speech_from.change(show_job_inputs, inputs=speech_from, outputs=[audio_group, text_group],
                            api_name="speech_from", **light)
         source.change(user_errors(voices_of), inputs=source, outputs=[voice, clone_voice], api_name="voices", **light)
         preview_button.click(
@@ -348,17 +359,17 @@ def build_demo(services: Studio):
             outputs=[preview_image, preview_note], api_name="preview", concurrency_id="preview", concurrency_limit=2,
         )
         generate_button.click(
-            user_errors(on_gpu(generate)), inputs=[video, *speech_inputs, *option_inputs, measure, history],
+            user_errors(on_gpu(generate)), inputs=[video, *job_inputs, *option_inputs, measure, history],
             outputs=[result_video, side_video, summary, timings, scores, *history_outputs], api_name="generate",
             **gpu,
         )
         add_variant.click(user_errors(add_current),
-                          inputs=[variants, speech_from, source, voice, version, mask_mode, extra_margin],
+                          inputs=[variants, speech_from, source, voice, engine, version, mask_mode, extra_margin],
                           outputs=variants, api_name="add_variant", **light)
         clear_variants.click(clear, outputs=variants, api_name="clear_variants", **light)
         compare_button.click(
             user_errors(on_gpu(compare)),
-            inputs=[video, *speech_inputs, *option_inputs, measure, variants, history],
+            inputs=[video, *job_inputs, *option_inputs, measure, variants, history],
             outputs=[grid_video, comparison, variant_files, *history_outputs], api_name="compare", **gpu,
         )
     return demo

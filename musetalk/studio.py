@@ -30,6 +30,7 @@ import numpy as np
 
 from musetalk import compare, metrics, video_io, weights
 from musetalk.config import RunOptions
+from musetalk.engines import ENGINES
 from musetalk.errors import InputError, NoFaceError
 
 logger = logging.getLogger(__name__)
@@ -157,11 +158,12 @@ class Speech:
 
 @dataclass(frozen=True)
 class Variant:
-    """One cell of a comparison: its own speech and options, the same video."""
+    """One cell of a comparison: its own speech, options and engine, the same video."""
 
     label: str
     speech: Speech
     options: RunOptions
+    engine: str = "musetalk"
 
 
 @dataclass
@@ -224,7 +226,7 @@ class Comparison:
     audio_from: str  # label of the variant whose sound the grid carries
 
     def table_headers(self) -> list[str]:
-        return ["variant", "speech", "version", "mask", "extra margin", "face data", "frames",
+        return ["variant", "engine", "speech", "version", "mask", "extra margin", "face data", "frames",
                 "seconds of video", "job seconds", "frames per second"] + self._score_labels()
 
     def _score_labels(self) -> list[str]:
@@ -240,7 +242,8 @@ class Comparison:
             total = job.timings.get("total", 0.0)
             values = {row[0]: row[1] for row in job.score_rows()}
             rows.append([
-                job.label, job.speech, job.options.version, job.options.parsing_mode, job.options.extra_margin,
+                job.label, job.result.engine, job.speech, job.options.version, job.options.parsing_mode,
+                job.options.extra_margin,
                 "reused" if job.faces_reused else "analysed", job.result.num_frames, round(job.result.duration, 2),
                 round(total, 2),
                 _rate(job.result.num_frames, total),
@@ -293,20 +296,26 @@ def pipeline_progress(span: _Span, label: str = "") -> Callable[[str, int, int],
 # --------------------------------------------------------------------------- variants as table rows
 
 # The comparison table's columns; an empty cell keeps what the job itself is set to.
-VARIANT_COLUMNS = ["label", "speech source", "voice", "version", "mask", "extra margin"]
+VARIANT_COLUMNS = ["label", "speech source", "voice", "version", "mask", "extra margin", "engine"]
 AUDIO_SOURCE_CELL = "audio"  # "speech source" cell for the uploaded or recorded audio
 
 
-def variants_from_rows(rows: Sequence[Sequence], speech: Speech, options: RunOptions) -> list[Variant]:
+def variants_from_rows(rows: Sequence[Sequence], speech: Speech, options: RunOptions,
+                       engine: str = "musetalk") -> list[Variant]:
     """Variants from the table's rows; blank rows are skipped. A "speech source" of ``audio``
     uses the audio given for the job, a source id speaks the job's text with that source."""
     variants = []
     for number, row in enumerate(rows, start=1):
         cells = [str(cell).strip() if cell is not None else "" for cell in list(row) + [""] * len(VARIANT_COLUMNS)]
-        label, source, voice, version, mask, margin = cells[: len(VARIANT_COLUMNS)]
-        if not any((label, source, voice, version, mask, margin)):
+        label, source, voice, version, mask, margin, variant_engine = cells[: len(VARIANT_COLUMNS)]
+        if not any((label, source, voice, version, mask, margin, variant_engine)):
             continue
         where = f"variant row {number}"
+        if variant_engine:
+            try:
+                _check_engine(variant_engine)
+            except InputError as error:
+                raise InputError(f"{where}: {error}") from None
         variant_speech = _variant_speech(speech, source, voice, where)
         changes = {}
         if version:
@@ -322,10 +331,10 @@ def variants_from_rows(rows: Sequence[Sequence], speech: Speech, options: RunOpt
             variant_options = options.replace(**changes).validate()
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
-        parts = [part for part in (source and variant_speech.describe(), version, mask, margin and f"margin {margin}")
-                 if part]
+        parts = [part for part in (variant_engine, source and variant_speech.describe(), version, mask,
+                                   margin and f"margin {margin}") if part]
         variants.append(Variant(label or f"{len(variants) + 1}: {', '.join(parts) or 'as set above'}",
-                                variant_speech, variant_options))
+                                variant_speech, variant_options, variant_engine or engine))
     return variants
 
 
@@ -440,7 +449,7 @@ class Studio:
             missing = self.missing_weights(version)
             name = "MuseTalk 1.5" if version == "v15" else "MuseTalk 1.0"
             if not missing:
-                loaded = " (loaded)" if version in self._pipelines else ""
+                loaded = " (loaded)" if ("musetalk", version) in self._pipelines else ""
                 lines.append(f"{name}: ready{loaded}")
             else:
                 names = ", ".join(str(path.relative_to(self.models_dir())) for path in missing)
@@ -458,17 +467,25 @@ class Studio:
         progress(1.0, "weights ready")
         return self.weights_status()
 
-    def pipeline(self, version: str, progress: Progress | None = None):
-        """The loaded pipeline of ``version``: fetched and loaded on first use, then kept."""
+    def default_engine(self) -> str:
+        """MuseTalk when its weights are here, else the preview engine (which needs none)."""
+        return "preview" if self.missing_weights() else "musetalk"
+
+    def pipeline(self, version: str, progress: Progress | None = None, engine: str = "musetalk"):
+        """The loaded pipeline of ``engine`` and ``version``: MuseTalk's weights are fetched and
+        loaded on first use, then kept; the preview engine needs no weights."""
+        _check_engine(engine)
         progress = progress or _no_progress
+        key = (engine, version)
         with self._lock:
-            if version not in self._pipelines:
-                if self.missing_weights(version):
+            if key not in self._pipelines:
+                if engine == "musetalk" and self.missing_weights(version):
                     self.fetch_weights(version, _Span(progress, 0.0, 0.8))
-                progress(0.85, f"loading the MuseTalk {version} models")
-                self._pipelines[version] = self._load_pipeline(
-                    self.config.models_dir, version, self.config.device, self.config.dtype)
-            return self._pipelines[version]
+                progress(0.85, f"loading the {engine} {version} models" if engine == "musetalk"
+                         else "starting the preview engine")
+                self._pipelines[key] = self._load_pipeline(
+                    self.config.models_dir, version, self.config.device, self.config.dtype, engine)
+            return self._pipelines[key]
 
     def load_models(self) -> bool:
         """At start-up: load the default version when its weights are present; True when loaded."""
@@ -571,14 +588,15 @@ class Studio:
         else:
             raise InputError("give the new speech: upload or record audio, or type text and choose a voice")
 
-    def speech_audio(self, speech: Speech, video: str, progress: Progress | None = None) -> str:
-        """The audio file of the job's speech: the given file, or text spoken by an audio source."""
+    def speech_audio(self, speech: Speech, video: str, progress: Progress | None = None):
+        """The job's speech: the given audio file's path, or the AudioClip an audio source spoke
+        (whose phoneme timings, when it has them, drive the preview engine's mouth shapes)."""
         self.check_speech(speech)
         if speech.is_text:
             return self._synthesize(speech, video, progress or _no_progress)
         return speech.audio
 
-    def _synthesize(self, speech: Speech, video: str, progress: Progress) -> str:
+    def _synthesize(self, speech: Speech, video: str, progress: Progress):
         from musetalk import speech as speech_lib
 
         text = speech.text.strip()
@@ -590,21 +608,23 @@ class Studio:
             progress=lambda done, total: progress(done / total if total else 1.0, f"{what}: part {done} of {total}"),
         )
         self.check_audio(clip.path, "synthesized speech")
-        return clip.path
+        return clip
 
     # ------------------------------------------------------------------ one dub
 
     def generate(self, video, speech: Speech, options: RunOptions | None = None,
-                 progress: Progress | None = None, score: bool = True) -> JobResult:
+                 progress: Progress | None = None, score: bool = True, engine: str = "musetalk") -> JobResult:
         """Dub ``video`` with ``speech``; the result, its side-by-side video, timings and
-        (``score``) the result's scores."""
+        (``score``) the result's scores. ``engine``: "musetalk" or "preview" (no weights)."""
         options = (options or RunOptions()).validate()
+        _check_engine(engine)
         self.check_video(video)
         self.check_speech(speech)
         span = _Span(progress or _no_progress)
         folder = self.jobs.new("generate")
         try:
-            job = self._dub(video, speech, options, folder, "Dubbed", "dubbed", span.part(0.0, 0.93), score)
+            job = self._dub(video, speech, options, engine, folder, "Dubbed", "dubbed", span.part(0.0, 0.93),
+                            score)
             span(0.94, "side-by-side video")
             started = time.perf_counter()
             composition = compare.side_by_side(
@@ -621,16 +641,17 @@ class Studio:
             self.jobs.discard(folder)
             raise
 
-    def _dub(self, video, speech: Speech, options: RunOptions, folder: Path, label: str, name: str,
+    def _dub(self, video, speech: Speech, options: RunOptions, engine: str, folder: Path, label: str, name: str,
              span: _Span, score: bool) -> JobResult:
         """Speech to audio, then the pipeline: ``name``.mp4 in ``folder``."""
         started = time.perf_counter()
-        pipeline = self.pipeline(options.version, span.part(0.0, 0.05))
+        pipeline = self.pipeline(options.version, span.part(0.0, 0.05), engine)
         speech_started = time.perf_counter()
-        audio = self.speech_audio(speech, video, span.part(0.05, 0.1))
+        spoken = self.speech_audio(speech, video, span.part(0.05, 0.1))
+        audio = getattr(spoken, "path", spoken)
         speech_seconds = time.perf_counter() - speech_started
         output = folder / f"{name}.mp4"
-        result = pipeline(video, audio, output, options,
+        result = pipeline(video, spoken, output, options,
                           progress=pipeline_progress(span.part(0.1, 0.9 if score else 1.0), label))
         timings = dict(result.timings)
         if speech.is_text:
@@ -664,7 +685,7 @@ class Studio:
         try:
             share = 0.9 / len(variants)
             results = [
-                self._dub(video, variant.speech, variant.options, folder, variant.label,
+                self._dub(video, variant.speech, variant.options, variant.engine, folder, variant.label,
                           f"{index + 1}-{_slug(variant.label)}", span.part(index * share, (index + 1) * share), score)
                 for index, variant in enumerate(variants)
             ]
@@ -696,10 +717,15 @@ def _scoring_progress(span: _Span, label: str) -> Callable[[str, int, int], None
     return report
 
 
-def _load_pipeline(models_dir, version: str, device: str, dtype: str):
+def _load_pipeline(models_dir, version: str, device: str, dtype: str, engine: str = "musetalk"):
     from musetalk.pipeline import LipSyncPipeline
 
-    return LipSyncPipeline.from_pretrained(models_dir, version, device, dtype)
+    return LipSyncPipeline.from_pretrained(models_dir, version, device, dtype, engine=engine)
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
 
 
 def _slug(label: str) -> str:

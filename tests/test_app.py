@@ -175,20 +175,31 @@ def test_compare_two_variants(client, face_clip, short_speech):
 
     grid, table, files, history, _ = client.predict(
         video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)), measure=False,
-        variants={"headers": ["label", "speech source", "voice", "version", "mask", "extra margin"],
-                  "data": [["Jaw", "", "", "", "jaw", "20"], ["Lips", "audio", "", "", "mouth", "20"]]},
+        variants={"headers": ["label", "speech source", "voice", "version", "mask", "extra margin", "engine"],
+                  "data": [["Jaw", "", "", "", "jaw", "20", ""], ["Lips", "audio", "", "", "mouth", "20", "preview"]]},
         api_name="/compare")
     info, source = probe(grid), probe(face_clip)
     assert info.width == 3 * source.width + 2 * compare.GAP  # the original and two variants in a row
     assert info.num_frames == 20 and info.has_audio
     assert [row[0] for row in table["data"]] == ["Jaw", "Lips"]
-    assert [row[3] for row in table["data"]] == ["jaw", "mouth"] and [row[4] for row in table["data"]] == [20, 20]
-    assert table["headers"][5] == "face data"
-    assert table["data"][1][5] == "reused", "the second variant reuses the video's prepared faces"
+    columns = {name: [row[index] for row in table["data"]] for index, name in enumerate(table["headers"])}
+    assert columns["engine"] == ["musetalk", "preview"]  # MuseTalk beside the preview engine
+    assert columns["mask"] == ["jaw", "mouth"] and columns["extra margin"] == [20, 20]
+    assert columns["face data"][1] == "reused", "the second variant reuses the video's prepared faces"
     assert len(files) == 2
     for path in files:
         check_dub(path, face_clip, 20)
     assert history["data"][0][1] == "comparison"
+
+
+def test_the_preview_engine_needs_no_weights(client, face_clip, short_speech):
+    from gradio_client import handle_file
+
+    dub, side, summary, *_ = client.predict(video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)),
+                                            engine="preview", measure=False, api_name="/generate")
+    check_dub(dub, face_clip, 20)
+    check_side_by_side(side, face_clip, 20)
+    assert "(preview v15" in summary
 
 
 def test_bad_input_is_the_librarys_message(client, face_clip, tmp_path):

@@ -71,6 +71,10 @@ def test_variants_from_table_rows():
         studio_lib.variants_from_rows([["a"], ["b", "", "", "v3"]], text, base)
     with pytest.raises(InputError, match="extra margin must be a whole number"):
         studio_lib.variants_from_rows([["a", "", "", "", "", "wide"]], text, base)
+    with pytest.raises(InputError, match="variant row 1: engine must be one of musetalk, preview, not 'dall'"):
+        studio_lib.variants_from_rows([["a", "", "", "", "", "", "dall"]], text, base)
+    engines = studio_lib.variants_from_rows([["", "", "", "", "", "", "preview"], ["b"]], text, base, "musetalk")
+    assert [variant.engine for variant in engines] == ["preview", "musetalk"] and engines[0].label == "1: preview"
 
 
 def test_history_keeps_the_latest_and_lists_files_still_there(tmp_path):
@@ -120,6 +124,7 @@ def test_without_weights_the_studio_says_so_and_fetches_them_on_the_first_run(tm
     made = Studio(StudioConfig(models_dir=str(models), device="cpu", work_dir=str(tmp_path / "work")),
                   download_weights=fake_download)
     assert not made.load_models()
+    assert made.default_engine() == "preview", "without weights the preview engine is the default"
     assert "MuseTalk 1.5: missing musetalkV15/musetalk.json" in made.weights_status()
     assert "fetched on the first run" in made.weights_status()
 
@@ -129,7 +134,7 @@ def test_without_weights_the_studio_says_so_and_fetches_them_on_the_first_run(tm
     job = made.generate(face_clip, Speech(audio=str(short)), RunOptions(),
                         progress=lambda fraction, text: reports.append((fraction, text)), score=False)
     assert fetched == ["v15"]
-    assert "MuseTalk 1.5: ready (loaded)" in made.weights_status()
+    assert "MuseTalk 1.5: ready (loaded)" in made.weights_status() and made.default_engine() == "musetalk"
     assert probe(job.output).num_frames == 15
     assert probe(job.side_by_side).num_frames == 15
 

@@ -29,6 +29,21 @@ def avatar_cache_in_temp(tmp_path_factory):
         os.environ[CACHE_DIR_ENV] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gradio_cache_in_temp(tmp_path_factory):
+    """The apps the tests launch keep uploads in a folder of this run: Gradio's shared default
+    (/tmp/gradio, one folder per file content) lets another process's app remove a file in use."""
+    import os
+
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """Tiny UNets (v1.5 and v1.0), VAE and whisper, saved as the official download lays them out."""

@@ -22,7 +22,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -421,6 +422,7 @@ class Studio:
         self._download_weights = download_weights or weights.download
         self._pipelines: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._model_job = threading.Lock()  # held while a pipeline runs: one job at a time
         self._owns_work_dir = self.config.work_dir is None
         root = Path(self.config.work_dir) if self.config.work_dir else Path(tempfile.mkdtemp(prefix="musetalk-studio-"))
         self.jobs = JobFolders(root, self.config.keep_minutes * 60)
@@ -651,8 +653,9 @@ class Studio:
         audio = getattr(spoken, "path", spoken)
         speech_seconds = time.perf_counter() - speech_started
         output = folder / f"{name}.mp4"
-        result = pipeline(video, spoken, output, options,
-                          progress=pipeline_progress(span.part(0.1, 0.9 if score else 1.0), label))
+        with self._one_job_at_a_time(span, label):
+            result = pipeline(video, spoken, output, options,
+                              progress=pipeline_progress(span.part(0.1, 0.9 if score else 1.0), label))
         timings = dict(result.timings)
         if speech.is_text:
             timings["speech"] = round(speech_seconds, 4)
@@ -666,6 +669,19 @@ class Studio:
         timings["total"] = round(time.perf_counter() - started, 4)
         return JobResult(label=label, speech=speech.describe(), options=options, result=result, audio_path=audio,
                          side_by_side=None, timings=timings, scores=scores)
+
+    @contextmanager
+    def _one_job_at_a_time(self, span: _Span, label: str) -> Iterator[None]:
+        """A pipeline runs one job at a time. The app's queue sees to that, except after a client
+        cancels: Gradio frees the place at once while the job's thread runs on, so the next job
+        waits here for it instead of sharing the models with it."""
+        if not self._model_job.acquire(blocking=False):
+            span(0.1, f"{label + ': ' if label else ''}waiting for the job before to finish")
+            self._model_job.acquire()
+        try:
+            yield
+        finally:
+            self._model_job.release()
 
     # ------------------------------------------------------------------ comparisons
 

@@ -192,9 +192,34 @@ def test_a_job_killed_mid_run_fails_cleanly_and_the_server_keeps_serving(url, se
     assert not ffmpeg_children()
 
 
-def test_a_client_that_walks_away_mid_run_does_not_stop_the_server(url, services, jobs, tmp_path):
-    """A client cancels its running job (or disappears): its queue slot is freed at once, the job
-    thread runs to its end in the background, and the next client's job is served beside it."""
+class CountingPipeline:
+    """Stands in front of the loaded pipeline and records how many jobs ran on it at once."""
+
+    def __init__(self, pipeline):
+        self._pipeline = pipeline
+        self._lock = threading.Lock()
+        self.running = self.most = 0
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return self._pipeline(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+
+def test_a_client_that_walks_away_mid_run_does_not_stop_the_server(url, services, jobs, tmp_path, monkeypatch):
+    """A client cancels its running job (or disappears): its queue slot is freed at once while the
+    job's thread runs to its end; the next client's job waits for it (never two jobs on one
+    pipeline) and is served."""
+    counting = CountingPipeline(services.pipeline("v15"))
+    monkeypatch.setitem(services._pipelines, ("musetalk", "v15"), counting)
     leaving = new_client(url, tmp_path / "leaving")
     abandoned = submit_generate(leaving, jobs[2])
     _wait_for_encoder(timeout=120)
@@ -211,6 +236,7 @@ def test_a_client_that_walks_away_mid_run_does_not_stop_the_server(url, services
         time.sleep(0.2)
     assert not ffmpeg_children()
     assert not temporary_leftovers(services.work_dir)
+    assert counting.most == 1, "two jobs ran on one pipeline at once"
 
 
 def _wait_for_encoder(timeout: float) -> list[psutil.Process]:

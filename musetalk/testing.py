@@ -17,7 +17,9 @@ from pathlib import Path
 FULL_UNET_CONFIG = "musetalk.json"
 
 TINY_UNET = {
-    # One attention head per block (attention_head_dim 8) and 8 groups: as small as the blocks allow.
+    # diffusers reads attention_head_dim as the number of heads (a legacy name): one head, and
+    # 8 groups, as small as the blocks allow. Self-attention over the 32x32 latent still dominates.
+    "attention_head_dim": 1,
     "block_out_channels": [8, 8, 8, 16],
     "norm_num_groups": 8,
     "layers_per_block": 1,

@@ -234,7 +234,7 @@ def test_a_photo_and_the_cache(speech_clip, tmp_path):
 def test_an_audio_clip_brings_its_phoneme_timings(tmp_path, monkeypatch):
     from musetalk import speech
 
-    clip = speech.speech_for_video("Mama made a map.", "espeak", None, {})
+    clip = speech.speech_for_video("Mama made a map.", "espeak", None, {}, cache_dir=tmp_path / "speech")
     assert any(event.kind == "phoneme" for event in clip.events)
     pipeline = LipSyncPipeline.from_pretrained(cache_dir=False, engine="preview")
     made = []

@@ -40,6 +40,7 @@ import numpy as np
 
 from musetalk.errors import InputError, MuseTalkError
 from musetalk.plugins import AudioClip, AudioSource, SpeechEvent, get_source, resolve_options
+from musetalk.weights import user_cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -236,10 +237,8 @@ def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) ->
 
 def default_cache_dir() -> Path:
     """$MUSETALK_SPEECH_CACHE, else a per-user cache folder."""
-    if os.environ.get("MUSETALK_SPEECH_CACHE"):
-        return Path(os.environ["MUSETALK_SPEECH_CACHE"]).expanduser()
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home) / "musetalk-studio" / "speech"
+    configured = os.environ.get("MUSETALK_SPEECH_CACHE")
+    return Path(configured).expanduser() if configured else user_cache_root() / "speech"
 
 
 def cache_key(**parts: Any) -> str:

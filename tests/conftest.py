@@ -72,3 +72,14 @@ def speech_clip(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("media") / "speech.wav"
     ffmpeg("-i", str(EXAMPLES / "speech.wav"), "-t", "1.6", str(path))
     return path
+
+
+@pytest.fixture
+def fresh_plugins_and_speech_cache(monkeypatch, tmp_path):
+    """The plugin manager is built from what is on sys.path in this test; the speech cache is private."""
+    from musetalk import plugins
+
+    monkeypatch.setenv("MUSETALK_SPEECH_CACHE", str(tmp_path / "speech-cache"))
+    plugins.plugin_manager.cache_clear()
+    yield
+    plugins.plugin_manager.cache_clear()

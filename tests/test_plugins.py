@@ -22,13 +22,7 @@ from musetalk.plugins import AudioClip, Voice
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugin_manager(monkeypatch, tmp_path):
-    """Each test builds the manager from what is on sys.path then; the speech cache is private."""
-    monkeypatch.setenv("MUSETALK_SPEECH_CACHE", str(tmp_path / "speech-cache"))
-    plugins.plugin_manager.cache_clear()
-    yield
-    plugins.plugin_manager.cache_clear()
+pytestmark = pytest.mark.usefixtures("fresh_plugins_and_speech_cache")
 
 
 def example_files() -> dict[str, str]:

@@ -25,12 +25,7 @@ PANGRAMS = {  # language voice -> about nine words
 }
 
 
-@pytest.fixture(autouse=True)
-def private_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("MUSETALK_SPEECH_CACHE", str(tmp_path / "speech-cache"))
-    plugins.plugin_manager.cache_clear()
-    yield
-    plugins.plugin_manager.cache_clear()
+pytestmark = pytest.mark.usefixtures("fresh_plugins_and_speech_cache")
 
 
 def samples_of(clip: AudioClip) -> np.ndarray:

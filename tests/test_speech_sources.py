@@ -28,12 +28,7 @@ from musetalk.errors import InputError, MuseTalkError
 from conftest import ffmpeg
 
 
-@pytest.fixture(autouse=True)
-def private_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("MUSETALK_SPEECH_CACHE", str(tmp_path / "speech-cache"))
-    plugins.plugin_manager.cache_clear()
-    yield
-    plugins.plugin_manager.cache_clear()
+pytestmark = pytest.mark.usefixtures("fresh_plugins_and_speech_cache")
 
 
 def speech_fraction(path: str) -> float:

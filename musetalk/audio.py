@@ -2,7 +2,7 @@
 
 The path of one job's audio::
 
-    load_audio -> (shift_audio, fit_length) -> detect_speech -> gate_silence
+    load_audio -> fit_length -> detect_speech -> gate_silence
                -> WhisperAudioEncoder.encode -> chunk_indices -> frame_features (per batch)
 
 Why gate silence: MuseTalk reads the Whisper-tiny encoder's hidden states, and those are never
@@ -83,20 +83,6 @@ def _as_waveform(wav: Any, name: str = "wav") -> np.ndarray:
 def _check_sample_rate(sr: int) -> None:
     if sr != SAMPLE_RATE:
         raise InputError(f"sample rate must be {SAMPLE_RATE} Hz, got {sr}; decode with load_audio() first")
-
-
-def shift_audio(wav: np.ndarray, offset_ms: float, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Shift audio against the video; the result's length changes by the offset.
-
-    A positive offset delays the audio: ``offset_ms`` of zeros are put in front (longer result).
-    A negative offset advances it: that much is dropped from the start (shorter result,
-    empty when the offset exceeds the audio). Use ``fit_length`` afterwards to restore a length.
-    """
-    wav = _as_waveform(wav)
-    shift = int(round(offset_ms * sr / 1000.0))
-    if shift > 0:
-        return np.concatenate([np.zeros(shift, dtype=np.float32), wav])
-    return wav[-shift:].copy()
 
 
 def fit_length(wav: np.ndarray, num_samples: int) -> np.ndarray:

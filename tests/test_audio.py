@@ -24,7 +24,6 @@ from musetalk.audio import (
     fit_length,
     frame_features,
     gate_silence,
-    shift_audio,
 )
 from musetalk.errors import InputError, WeightsMissingError
 
@@ -93,18 +92,6 @@ def _fraction_speech(segments: SpeechSegments, start: float, end: float) -> floa
 
 
 # --------------------------------------------------------------------------- waveforms
-
-
-def test_shift_audio_delays_and_advances():
-    wav = np.arange(1, 11, dtype=np.float32)
-    delayed = shift_audio(wav, 0.25, sr=8000)  # 2 samples
-    np.testing.assert_array_equal(delayed, np.concatenate([[0, 0], wav]))
-    advanced = shift_audio(wav, -0.375, sr=8000)  # 3 samples dropped
-    np.testing.assert_array_equal(advanced, wav[3:])
-    assert shift_audio(wav, -100, sr=8000).size == 0
-    unchanged = shift_audio(wav, 0)
-    np.testing.assert_array_equal(unchanged, wav)
-    assert unchanged is not wav
 
 
 def test_fit_length_pads_and_cuts():

@@ -46,6 +46,16 @@ FACE_OPTIONS = ("version", "extra_margin", "bbox_shift", "face_index", "smoothin
 
 
 @dataclass
+class FaceFrame:
+    """One source frame on its way to the engine, with its face (None where there is none to redraw)."""
+
+    index: int  # source frame
+    frame: np.ndarray  # RGB uint8 [H, W, 3]
+    landmarks: np.ndarray | None  # [468, 2] float32 frame pixels, smoothed
+    box: np.ndarray | None  # crop box (x1, y1, x2, y2)
+
+
+@dataclass
 class Avatar:
     """What is known about each source frame of one video."""
 
@@ -53,26 +63,17 @@ class Avatar:
     track: FaceTrack
     boxes: np.ndarray  # [N, 4] int32 crop boxes, -1 rows where there is no face
     usable: np.ndarray  # [N] bool: the engine redraws these frames
-    states: object | None = None  # engine states, a CPU tensor [N, ...] once the first one is known
-    prepared: np.ndarray = field(default=None)  # [N] bool: rows of ``states`` that hold a value
+    # Engine states (CPU tensors) of the source frames prepared so far, by source frame.
+    states: dict = field(default_factory=dict)
     states_changed: bool = False  # new states were added since the avatar was loaded
-
-    def __post_init__(self) -> None:
-        if self.prepared is None:
-            self.prepared = np.zeros(len(self.track), bool)
 
     def __len__(self) -> int:
         return len(self.track)
 
-    def store_states(self, sources: list[int], new_states) -> None:
-        """Keep engine states (a tensor [B, ...]) for these source frames."""
-        import torch
-
-        if self.states is None:
-            self.states = torch.zeros((len(self),) + tuple(new_states.shape[1:]), dtype=new_states.dtype)
-        self.states[sources] = new_states.detach().to("cpu")
-        self.prepared[sources] = True
-        self.states_changed = True
+    def face_frame(self, source: int, frame: np.ndarray) -> FaceFrame:
+        if not self.usable[source]:
+            return FaceFrame(source, frame, None, None)
+        return FaceFrame(source, frame, self.track.landmarks[source], self.boxes[source])
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -140,14 +141,12 @@ class AvatarCache:
 
         try:
             stored = load_file(str(path))
-            avatar.states, prepared = stored["states"], stored["prepared"].numpy().astype(bool)
+            states, prepared = stored["states"], stored["prepared"].numpy().astype(bool)
         except Exception as error:  # a damaged file is a miss, never a failure
             logger.warning("ignoring damaged engine states %s: %s", path, error)
             return
-        if len(prepared) != len(avatar):
-            avatar.states = None
-            return
-        avatar.prepared = prepared
+        if len(prepared) == len(avatar) == len(states):
+            avatar.states = {int(source): states[source] for source in np.flatnonzero(prepared)}
 
     # ------------------------------------------------------------------ writing
 
@@ -157,7 +156,7 @@ class AvatarCache:
         try:
             if not (folder / "faces.npz").is_file():
                 self._write_faces(avatar, folder, video)
-            if engine_id is not None and avatar.states is not None and avatar.states_changed:
+            if engine_id is not None and avatar.states and avatar.states_changed:
                 self._write_states(avatar, folder / _states_name(engine_id))
         except OSError as error:  # a full or read-only disk costs the next run time, not this result
             logger.warning("could not save the prepared faces to %s: %s", folder, error)
@@ -183,10 +182,15 @@ class AvatarCache:
         import torch
         from safetensors.torch import save_file
 
+        sources = sorted(avatar.states)
+        first = avatar.states[sources[0]]
+        states = torch.zeros((len(avatar),) + tuple(first.shape), dtype=first.dtype)
+        states[sources] = torch.stack([avatar.states[source] for source in sources])
+        prepared = np.zeros(len(avatar), np.uint8)
+        prepared[sources] = 1
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            save_file({"states": avatar.states.contiguous(),
-                       "prepared": torch.from_numpy(avatar.prepared.astype(np.uint8))}, str(temporary))
+            save_file({"states": states, "prepared": torch.from_numpy(prepared)}, str(temporary))
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)

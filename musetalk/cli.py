@@ -428,7 +428,9 @@ class _ProgressBars:
         return self
 
     def __exit__(self, *exc) -> None:
-        for bar in self.bars.values():
+        # The lowest bar first, so the cursor ends where the first bar was and what is printed
+        # next (a result, an error) starts on a clean line.
+        for bar in reversed(list(self.bars.values())):
             bar.close()
 
 

@@ -7,13 +7,15 @@ detector is short-range), so every frame goes through two stages:
 2. the face mesh runs on an enlarged, resized crop around the chosen face, where the face
    fills a good part of the image, and its points are mapped back to frame pixels.
 
-Both models are small (about 7 ms each per call on one CPU core), so the detector runs on
-every frame: the face chosen (largest, or the N-th from the left) is decided afresh in
-every frame from the detector's boxes, and cannot drift to another person the way a
-tracker that only follows the previous frame's points can when two faces cross. Only when
-the detector finds no face at all does ``analyze`` look where the previous frame's face was
-(the mesh must find a face whose centre stays in that area), and then in overlapping tiles
-of the frame, where a small face is shrunk less than in the whole frame.
+The detector runs on one frame in ``DETECT_EVERY`` (and on any frame where following fails):
+there the face chosen (largest, or the N-th from the left) is decided afresh from the
+detector's boxes, so it cannot drift to another person for more than a few frames the way a
+tracker that only follows the previous frame's points can when two faces cross. In between,
+the mesh runs in the detector's last box carried along with the face, which costs half as much
+(the detector and the mesh take about 7 and 10 ms a call on one CPU core). When the detector
+finds no face at all, ``analyze`` looks where the previous frame's face was (the mesh must find
+a face whose centre stays in that area), and then in overlapping tiles of the frame, where a
+small face is shrunk less than in the whole frame.
 
 The crop box follows MuseTalk's rules (MUSETALK_FACTS section 4), which were written for
 the 68-point landmark layout; ``OUTLINE_68`` and ``NOSE_29`` are the mesh points that stand
@@ -23,7 +25,7 @@ in for it (see their comments for how they were chosen).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +79,11 @@ _CROP_EXPAND = 1.8
 # the mesh's own (short-range) detector finds them, big ones downscaled for speed (the mesh
 # model itself sees a 192 px image, so nothing is lost).
 _CROP_SIDE = 320
+# The full-range detector runs on one frame in this many; in between, the mesh follows the face in
+# the detector's box carried along with it. The detector costs about as much as the mesh, so this
+# takes about 40% off face analysis, and a face cannot be followed to a neighbour for longer than
+# this many frames before the detector chooses again.
+DETECT_EVERY = 5
 # A mesh with fewer of its points inside the frame than this is treated as no face.
 _MIN_INSIDE_FRACTION = 0.5
 
@@ -214,19 +221,22 @@ class FaceAnalyzer:
             return None
         return self._mesh_in_box(frame_rgb, box)
 
-    def _landmarks_after(self, frame_rgb: np.ndarray, previous: np.ndarray | None) -> np.ndarray | None:
-        """Like ``landmarks``, but when the detector misses the face that the previous frame had,
-        the mesh looks where that face was (the same face: its centre must stay inside that area)."""
-        if previous is None:
-            return self.landmarks(frame_rgb)
+    def _detect_and_mesh(self, frame_rgb: np.ndarray, previous: np.ndarray | None
+                         ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(landmarks, the box the mesh ran in) of the chosen face, or (None, None). Like ``landmarks``,
+        but when the detector misses the face that the previous frame had, the mesh looks where that
+        face was (the same face: its centre must stay inside that area)."""
         boxes, _ = self._detect_in(frame_rgb)
-        if len(boxes) == 0:
-            followed = self._mesh_in_box(frame_rgb, _landmark_box(previous))
+        if len(boxes) == 0 and previous is not None:
+            box = _landmark_box(previous)
+            followed = self._mesh_in_box(frame_rgb, box)
             if followed is not None:
-                return followed
+                return followed, box
+        if len(boxes) == 0:
             boxes = self._detect_in_tiles(frame_rgb)
         box = self.choose(boxes)
-        return None if box is None else self._mesh_in_box(frame_rgb, box)
+        found = None if box is None else self._mesh_in_box(frame_rgb, box)
+        return (found, box) if found is not None else (None, None)
 
     def _mesh_in_box(self, frame_rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
         """Run the mesh on an enlarged crop around a detector box; landmarks in frame pixels or None."""
@@ -268,24 +278,58 @@ class FaceAnalyzer:
     ) -> FaceTrack:
         """Landmarks of the chosen face in every frame; ``progress(n)`` is called with the frames done so far."""
         rows: list[np.ndarray | None] = []
+        size = None
+        for frame, row in self.stream(frames):
+            rows.append(row)
+            size = frame.shape[:2]
+            if progress is not None:
+                progress(len(rows))
+        track = FaceTrack.from_rows(rows, width=size[1], height=size[0])
+        logger.info("face found in %d of %d frames", int(track.has_face.sum()), len(track))
+        return track
+
+    def stream(self, frames: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """(frame, its landmarks or None) for each frame, as they are found.
+
+        The detector runs on every ``DETECT_EVERY``-th frame, and on any frame where following
+        fails; in between, the mesh runs in the detector's last box carried along with the face
+        (moved and scaled as its landmarks moved), the same crop the detector would have given."""
+        previous: np.ndarray | None = None
+        anchor: tuple[np.ndarray, np.ndarray] | None = None  # (box, the landmarks found in it)
         size: tuple[int, int] | None = None
-        for frame in frames:
+        for index, frame in enumerate(frames):
             frame = _check_frame(frame)
             if size is None:
                 size = frame.shape[:2]
             elif frame.shape[:2] != size:
                 raise InputError(
-                    f"Frame {len(rows)} is {frame.shape[1]}x{frame.shape[0]} but the first frame was "
+                    f"Frame {index} is {frame.shape[1]}x{frame.shape[0]} but the first frame was "
                     f"{size[1]}x{size[0]}; all frames of one video must have the same size."
                 )
-            rows.append(self._landmarks_after(frame, rows[-1] if rows else None))
-            if progress is not None:
-                progress(len(rows))
+            found = None
+            if anchor is not None and previous is not None and index % DETECT_EVERY:
+                found = self._mesh_in_box(frame, _carried_box(*anchor, previous))
+            if found is None:
+                found, box = self._detect_and_mesh(frame, previous)
+                anchor = None if found is None else (box, found)
+            previous = found
+            yield frame, found
         if size is None:
             raise InputError("No frames to analyze: the video has no decodable frames.")
-        track = FaceTrack.from_rows(rows, width=size[1], height=size[0])
-        logger.info("face found in %d of %d frames", int(track.has_face.sum()), len(track))
-        return track
+
+
+def _carried_box(box: np.ndarray, anchor: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """``box`` (x, y, w, h), where the face had ``anchor`` landmarks, moved and scaled with the face to
+    where it has ``landmarks``."""
+    scale = _extent(landmarks) / max(_extent(anchor), 1e-6)
+    x, y, w, h = (float(v) for v in box)
+    centre = landmarks.mean(axis=0) + (np.array([x + w / 2, y + h / 2]) - anchor.mean(axis=0)) * scale
+    return np.array([centre[0] - w * scale / 2, centre[1] - h * scale / 2, w * scale, h * scale], np.float32)
+
+
+def _extent(points: np.ndarray) -> float:
+    low, high = points.min(axis=0), points.max(axis=0)
+    return float(np.hypot(*(high - low)))
 
 
 def _landmark_box(points: np.ndarray) -> np.ndarray:
@@ -347,42 +391,19 @@ def _resize(image: np.ndarray, scale: float) -> np.ndarray:
 def smooth_track(track: FaceTrack, strength: float = 0.5, fps: float = 25.0) -> FaceTrack:
     """Remove landmark jitter without lagging real motion; returns a new track (the input is untouched).
 
-    Each coordinate goes through a one-euro filter (a low-pass whose cutoff rises with the
-    speed, so still faces are smoothed hard and moving ones followed) run forward and
-    backward in time; the two passes lag in opposite directions and their mean does not lag.
-    Coordinates are measured in face sizes so the same strength suits small and big faces.
-    Runs of frames with a face are smoothed independently: nothing leaks across a gap.
+    The whole-track form of ``LandmarkSmoother`` (see there): the same numbers, frame for frame.
     ``strength`` 0 returns the landmarks unchanged, 1 smooths hardest.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise InputError(f"smoothing strength must be between 0 and 1, got {strength}")
-    if fps <= 0:
-        raise InputError(f"fps must be positive, got {fps}")
+    smoother = LandmarkSmoother(strength, fps)
     landmarks = track.landmarks.copy()
-    if strength > 0:
-        # strength 0.5 -> 1.3 Hz, 1 -> 0.3 Hz: the cutoff used while the face is still.
-        min_cutoff = 6.0 * 0.05**strength
-        for start, stop in _face_runs(track.has_face):
-            if stop - start >= 2:
-                landmarks[start:stop] = _smooth_run(landmarks[start:stop], fps, min_cutoff)
+    for row in track.landmarks:
+        for index, smoothed in smoother.push(row if np.isfinite(row).all() else None):
+            if smoothed is not None:
+                landmarks[index] = smoothed
+    for index, smoothed in smoother.finish():
+        if smoothed is not None:
+            landmarks[index] = smoothed
     return FaceTrack(landmarks=landmarks, has_face=track.has_face.copy(), width=track.width, height=track.height)
-
-
-def _face_runs(has_face: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) of each run of consecutive frames with a face."""
-    padded = np.concatenate([[False], has_face.astype(bool), [False]])
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
-
-
-def _smooth_run(points: np.ndarray, fps: float, min_cutoff: float) -> np.ndarray:
-    """Zero-lag one-euro smoothing of one run of frames ([T, 468, 2] -> same shape)."""
-    extent = np.nanmax(points, axis=1) - np.nanmin(points, axis=1)
-    face_size = max(float(np.median(np.hypot(extent[:, 0], extent[:, 1]))), 1.0)
-    flat = points.reshape(len(points), -1).astype(np.float64) / face_size
-    forward = _one_euro(flat, fps, min_cutoff)
-    backward = _one_euro(flat[::-1], fps, min_cutoff)[::-1]
-    return ((forward + backward) / 2 * face_size).reshape(points.shape).astype(np.float32)
 
 
 # Speed coefficient of the one-euro filter, per face size per second: a head moving one
@@ -390,24 +411,108 @@ def _smooth_run(points: np.ndarray, fps: float, min_cutoff: float) -> np.ndarray
 _BETA = 4.0
 # Cutoff of the low-pass on the speed estimate itself.
 _SPEED_CUTOFF = 1.0
+# Frames finalised together: the backward pass runs once per block, from the block's end plus the lag.
+_BLOCK = 8
+# What the backward pass may still owe to its starting point after the lag (5%).
+_FORGOTTEN = 0.05
 
 
-def _one_euro(signal: np.ndarray, fps: float, min_cutoff: float) -> np.ndarray:
-    """One-euro filter along axis 0 of [T, D], every column at once."""
+class LandmarkSmoother:
+    """Zero-lag jitter removal that works as frames arrive, so generation can follow face analysis.
 
-    def alpha(cutoff: np.ndarray | float) -> np.ndarray | float:
-        return 1.0 / (1.0 + fps / (2 * np.pi * cutoff))
+    Each coordinate goes through a one-euro filter (a low-pass whose cutoff rises with the
+    speed, so still faces are smoothed hard and moving ones followed) run forward and
+    backward in time; the two passes lag in opposite directions and their mean does not lag.
+    The forward pass runs as frames arrive. The backward pass runs over blocks of ``_BLOCK``
+    frames, each time starting ``lag`` frames after the block, far enough that its starting
+    point is forgotten (a filter that fast settles in ``lag`` frames), so a frame's result is
+    final ``latency`` frames after it arrived, whatever comes later.
+    Coordinates are measured in face sizes (the run's first frame), so the same strength suits
+    small and big faces. Runs of frames with a face are smoothed independently: nothing leaks
+    across a frame without a face.
 
-    out = np.empty_like(signal)
-    out[0] = estimate = signal[0]
-    speed = np.zeros(signal.shape[1])
-    speed_alpha = alpha(_SPEED_CUTOFF)
-    for t in range(1, len(signal)):
-        speed = speed + speed_alpha * ((signal[t] - estimate) * fps - speed)
-        weight = alpha(min_cutoff + _BETA * np.abs(speed))
-        estimate = estimate + weight * (signal[t] - estimate)
-        out[t] = estimate
-    return out
+    ``push(landmarks or None)`` and ``finish()`` return ``(frame index, smoothed or None)``
+    for the frames that became final, in order.
+    """
+
+    def __init__(self, strength: float = 0.5, fps: float = 25.0):
+        if not 0.0 <= strength <= 1.0:
+            raise InputError(f"smoothing strength must be between 0 and 1, got {strength}")
+        if fps <= 0:
+            raise InputError(f"fps must be positive, got {fps}")
+        self.strength = strength
+        self.fps = float(fps)
+        # strength 0.5 -> 1.3 Hz, 1 -> 0.3 Hz: the cutoff used while the face is still.
+        self.min_cutoff = 6.0 * 0.05**strength
+        settle = int(np.ceil(np.log(_FORGOTTEN) / np.log(1.0 - _alpha(self.min_cutoff, self.fps))))
+        self.lag = int(min(max(settle, _BLOCK), round(self.fps)))  # at most a second of frames held back
+        self.latency = 0 if strength == 0 else _BLOCK + self.lag - 1  # frames a result can trail its input
+        self._count = 0  # frames pushed
+        self._run: list[tuple[int, np.ndarray, np.ndarray]] = []  # (index, input, forward) not yet final
+        self._forward: _OneEuro | None = None
+        self._face_size = 1.0
+
+    def push(self, landmarks: np.ndarray | None) -> list[tuple[int, np.ndarray | None]]:
+        index = self._count
+        self._count += 1
+        if landmarks is None:
+            return self._end_run() + [(index, None)]
+        if self.strength == 0:
+            return [(index, np.asarray(landmarks, dtype=np.float32))]
+        if self._forward is None:
+            extent = np.nanmax(landmarks, axis=0) - np.nanmin(landmarks, axis=0)
+            self._face_size = max(float(np.hypot(extent[0], extent[1])), 1.0)
+            self._forward = _OneEuro(self.fps, self.min_cutoff)
+        flat = np.asarray(landmarks, dtype=np.float64).reshape(-1) / self._face_size
+        self._run.append((index, flat, self._forward.step(flat)))
+        if len(self._run) < _BLOCK + self.lag:
+            return []
+        return self._finalise(_BLOCK)
+
+    def finish(self) -> list[tuple[int, np.ndarray | None]]:
+        """The frames still held back (call once, after the last push)."""
+        return self._end_run()
+
+    def _end_run(self) -> list[tuple[int, np.ndarray | None]]:
+        done = self._finalise(len(self._run))
+        self._forward = None
+        return done
+
+    def _finalise(self, count: int) -> list[tuple[int, np.ndarray | None]]:
+        """The first ``count`` held frames, smoothed; the backward pass starts at the last held frame."""
+        if count == 0:
+            return []
+        backward = _OneEuro(self.fps, self.min_cutoff)
+        backward_values = [backward.step(flat) for _, flat, _ in reversed(self._run)][::-1]
+        done = []
+        for (index, flat, forward), behind in zip(self._run[:count], backward_values):
+            smoothed = (forward + behind) / 2 * self._face_size
+            done.append((index, smoothed.reshape(-1, 2).astype(np.float32)))
+        del self._run[:count]
+        return done
+
+
+def _alpha(cutoff, fps: float):
+    return 1.0 / (1.0 + fps / (2 * np.pi * cutoff))
+
+
+class _OneEuro:
+    """One-euro filter over a vector, one step per frame."""
+
+    def __init__(self, fps: float, min_cutoff: float):
+        self.fps = fps
+        self.min_cutoff = min_cutoff
+        self.estimate: np.ndarray | None = None
+        self.speed: np.ndarray | float = 0.0
+
+    def step(self, value: np.ndarray) -> np.ndarray:
+        if self.estimate is None:
+            self.estimate = value.copy()
+            return self.estimate
+        self.speed = self.speed + _alpha(_SPEED_CUTOFF, self.fps) * ((value - self.estimate) * self.fps - self.speed)
+        weight = _alpha(self.min_cutoff + _BETA * np.abs(self.speed), self.fps)
+        self.estimate = self.estimate + weight * (value - self.estimate)
+        return self.estimate
 
 
 # --------------------------------------------------------------------------- crop box

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from musetalk import audio as audio_lib
-from musetalk import blending, face, schedule, video_io, weights
-from musetalk.avatar import Avatar, AvatarCache, avatar_key, file_hash
+from musetalk import blending, schedule, video_io, weights
+from musetalk.avatar import Avatar, AvatarCache, FaceFrame, avatar_key, file_hash
 from musetalk.config import RunOptions
 from musetalk.engines import CROP_SIZE, ENGINES, Engine
 from musetalk.errors import InputError, MuseTalkError
+from musetalk.face_stream import FaceStream, analyse
 from musetalk.stages import BackgroundCall, prefetch, worker
 from musetalk.timing import StageTimer
 
@@ -78,6 +79,7 @@ class LipSyncPipeline:
         if engine not in ENGINES:
             raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         avatar_cache = None if cache_dir is False else AvatarCache(cache_dir or None)
+        audio_lib.load_vad_model()  # the silence gate's model: loaded with the others, not in the first job
         if engine == "preview":
             from musetalk.engines.preview import PreviewEngine
 
@@ -118,33 +120,45 @@ class LipSyncPipeline:
         audio_job = BackgroundCall(self._audio_features, audio_info.path, events, video_info, options, timer,
                                    threaded=self.overlap)
 
-        # 3. The prepared avatar: face track, crop boxes and engine states, from the cache or made now
+        # 3. Faces: the prepared avatar from the cache, or a face analysis that generation follows
         try:
-            avatar = self._prepare_avatar(video_info, fps, options, timer, progress)
-        finally:
+            faces = self._faces(video_info, fps, options, timer, progress)
+        except BaseException:
+            audio_job.wait()
+            raise
+        try:
             wav_seconds, features, speech = audio_job.result()
 
-        # 4. Output length, and which source frame each output frame shows
-        num_frames = self._output_length(wav_seconds, fps, len(avatar), video_info, options)
-        frame_sources = schedule.frame_schedule(num_frames, len(avatar), options.loop)
+            # 4. Output length; as long as the video: its frame count is known once every frame is analysed
+            if options.length == "video" and not video_info.is_image and isinstance(faces, FaceStream):
+                faces = faces.result()
+            num_frames = self._output_length(wav_seconds, fps, faces, video_info, options)
 
-        # 5. Generate, blend and encode: decoding, the model and blending + encoding overlap
-        writer = video_io.FrameWriter(
-            output, video_info.width, video_info.height, fps, audio_path=audio_info.path, crf=options.crf,
-            audio_offset_s=options.av_offset_ms / 1000.0, protect=[video_info.path, audio_info.path],
-            total_frames=num_frames,
-        )
-        try:
-            redrawn = self._generate(video_info, fps, frame_sources, avatar, features, options, writer, timer,
-                                     progress)
-            with timer.stage("encode"):
-                writer.close()  # flushes the encoder and moves the finished file into place
+            # 5. Generate, blend and encode: analysis, decoding, the model and blending + encoding overlap
+            writer = video_io.FrameWriter(
+                output, video_info.width, video_info.height, fps, audio_path=audio_info.path, crf=options.crf,
+                audio_offset_s=options.av_offset_ms / 1000.0, protect=[video_info.path, audio_info.path],
+                total_frames=num_frames,
+            )
+            states = faces.states if isinstance(faces, Avatar) else {}  # engine states by source frame
+            states_before = len(states)
+            try:
+                redrawn = self._generate(video_info, fps, num_frames, faces, states, features, options, writer,
+                                         timer, progress)
+                avatar = faces.result() if isinstance(faces, FaceStream) else faces
+                with timer.stage("encode"):
+                    writer.close()  # flushes the encoder and moves the finished file into place
+            except BaseException:
+                writer.abort()  # no partial output, no temp file
+                raise
         except BaseException:
-            writer.abort()  # no partial output, no temp file
+            if isinstance(faces, FaceStream):
+                faces.close()
             raise
 
         # 6. Keep what was prepared for the next run of this video
         if self.avatar_cache is not None:
+            avatar.states, avatar.states_changed = states, len(states) > states_before
             with timer.stage("cache_save"):
                 self.avatar_cache.save(avatar, self.engine.cache_id, video_info.path)
 
@@ -199,10 +213,11 @@ class LipSyncPipeline:
         with video_io.FrameReader(info.path, info=info, fps=rate, start_frame=start, max_frames=count) as reader:
             yield from reader
 
-    def _prepare_avatar(self, info, fps, options: RunOptions, timer: StageTimer,
-                        progress: ProgressCallback) -> Avatar:
-        """The cached avatar of this video and options, else a face analysis of every source frame."""
-        key = None
+    def _faces(self, info, fps, options: RunOptions, timer: StageTimer, progress: ProgressCallback
+               ) -> Avatar | FaceStream:
+        """The cached avatar of this video and options, else a face analysis of every source frame:
+        running in a thread that generation follows (overlap), or done now (no overlap)."""
+        key = ""
         if self.avatar_cache is not None:
             with timer.stage("cache_lookup"):
                 key = avatar_key(file_hash(info.path), fps, options)
@@ -211,28 +226,16 @@ class LipSyncPipeline:
                 logger.info("prepared faces found in the cache (%d frames)", len(cached))
                 progress("faces", len(cached), len(cached))
                 return cached
-        return self._analyze_faces(key or "", info, fps, options, timer, progress)
-
-    def _analyze_faces(self, key: str, info, fps, options: RunOptions, timer: StageTimer,
-                       progress: ProgressCallback) -> Avatar:
         expected = 1 if info.is_image else max(1, int(round(info.duration * fps)))
-
-        def frames_with_progress():
-            frames = prefetch(self._open_reader(info, fps), FRAMES_AHEAD, "decode-faces", self.overlap)
-            try:
-                for index, frame in enumerate(frames):
-                    progress("faces", index + 1, expected)
-                    yield frame
-            finally:
-                frames.close()
-
-        with timer.stage("face"), face.FaceAnalyzer(face_index=options.face_index) as analyzer:
-            track = analyzer.analyze(frames_with_progress())
-            track = face.smooth_track(track.require_face(info.path), strength=options.smoothing, fps=fps)
-            boxes = face.crop_boxes(track, options.version, options.extra_margin, options.bbox_shift)
-        usable = track.has_face & (boxes[:, 0] >= 0)
-        logger.info("faces in %d of %d source frames", int(usable.sum()), len(track))
-        return Avatar(key, track, boxes, usable)
+        frames = prefetch(self._open_reader(info, fps), FRAMES_AHEAD, "decode-faces", self.overlap)
+        report = lambda done: progress("faces", done, max(done, expected))  # noqa: E731
+        if self.overlap:
+            return FaceStream(frames, key, info.width, info.height, fps, options, timer, report, info.path)
+        try:
+            return analyse(frames, key, info.width, info.height, fps, options, timer, progress=report,
+                           source=info.path)
+        finally:
+            frames.close()
 
     def _audio_features(self, path: str, events: Sequence, video_info, options: RunOptions, timer: StageTimer):
         """(seconds of audio, the engine's features of it, what the silence gate kept)."""
@@ -249,9 +252,9 @@ class LipSyncPipeline:
                 wav = audio_lib.gate_silence(wav, speech)
         return seconds, self.engine.audio_features(wav, speech, events, timer), speech
 
-    def _output_length(self, audio_seconds: float, fps: float, num_source: int, video_info, options) -> int:
+    def _output_length(self, audio_seconds: float, fps: float, faces, video_info, options) -> int:
         if options.length == "video" and not video_info.is_image:
-            return num_source
+            return len(faces)
         num_frames = int(audio_seconds * fps)
         if num_frames < 1:
             raise InputError(
@@ -259,41 +262,57 @@ class LipSyncPipeline:
             )
         return num_frames
 
-    def _generate(self, info, fps, frame_sources: np.ndarray, avatar: Avatar, features, options: RunOptions,
-                  writer, timer: StageTimer, progress: ProgressCallback) -> int:
+    def _frames_to_dub(self, info, fps, num_frames: int, faces: Avatar | FaceStream,
+                       options: RunOptions) -> Iterator[FaceFrame]:
+        """Each output frame's source frame with its face, in output order.
+
+        Output frame i shows source frame i for as long as the video lasts (every loop mode starts
+        so): those come from the face analysis as it finishes them. The rest of a schedule (the
+        audio outlasts the video) needs the whole avatar, and decodes its frames again."""
+        done = 0
+        if isinstance(faces, FaceStream):
+            for item in faces.frames(num_frames):
+                yield item
+                done += 1
+            if done == num_frames:
+                return
+            faces = faces.result()
+        sources = schedule.frame_schedule(num_frames, len(faces), options.loop)[done:]
+        open_frames = lambda start, count: self._open_reader(info, fps, start, count)  # noqa: E731
+        for source, frame in zip(sources, schedule.scheduled_frames(sources, open_frames)):
+            yield faces.face_frame(int(source), frame)
+
+    def _generate(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict, features,
+                  options: RunOptions, writer, timer: StageTimer, progress: ProgressCallback) -> int:
         """Stream output frames through the engine in batches; returns how many had a face.
 
-        Three threads: one decodes source frames in schedule order, this one runs the model,
-        one blends and encodes; bounded queues between them keep memory flat."""
-        total = len(frame_sources)
+        Three threads beside the face analysis: one brings source frames in output order, this one
+        runs the model, one blends and encodes; bounded queues between them keep memory flat."""
 
         def blend_and_write(batch) -> None:
-            positions, frames, redrawn_faces = batch
+            last_position, items, new_faces = batch
             with timer.stage("blend"):
-                for k, new_face in redrawn_faces.items():
-                    frames[k] = _blend(frames[k], new_face, avatar, int(frame_sources[positions[k]]), options)
+                frames = [_blend(item, new_faces[k], options) if k in new_faces else item.frame
+                          for k, item in enumerate(items)]
             with timer.stage("encode"):
                 for frame in frames:
                     writer.write(frame)
-            progress("generate", positions[-1] + 1, total)
+            progress("generate", last_position + 1, num_frames)
 
-        open_frames = lambda start, count: self._open_reader(info, fps, start, count)  # noqa: E731
-        decoded = prefetch(schedule.scheduled_frames(frame_sources, open_frames), FRAMES_AHEAD, "decode",
+        decoded = prefetch(self._frames_to_dub(info, fps, num_frames, faces, options), FRAMES_AHEAD, "decode",
                            self.overlap)
         writing = worker(blend_and_write, BATCHES_BEHIND, "blend-encode", self.overlap)
         redrawn = 0
         try:
-            for batch_start in range(0, total, options.batch_size):
-                positions = list(range(batch_start, min(batch_start + options.batch_size, total)))
+            for batch_start in range(0, num_frames, options.batch_size):
+                positions = range(batch_start, min(batch_start + options.batch_size, num_frames))
                 with timer.stage("decode"):
-                    frames = [next(decoded) for _ in positions]
-                sources = [int(frame_sources[i]) for i in positions]
-                with_face = [k for k, source in enumerate(sources) if avatar.usable[source]]
+                    items = [next(decoded) for _ in positions]
+                with_face = [k for k, item in enumerate(items) if item.landmarks is not None]
                 audio_batch = self.engine.frame_audio(features, np.array([positions[k] for k in with_face]), fps,
                                                       options)
-                new_faces = self._redraw(avatar, [sources[k] for k in with_face], [frames[k] for k in with_face],
-                                         audio_batch, timer)
-                writing.put((positions, frames, dict(zip(with_face, new_faces))))
+                new_faces = self._redraw([items[k] for k in with_face], audio_batch, states, timer)
+                writing.put((positions[-1], items, dict(zip(with_face, new_faces))))
                 redrawn += len(with_face)
             writing.finish()
         except BaseException:
@@ -303,33 +322,37 @@ class LipSyncPipeline:
             decoded.close()
         return redrawn
 
-    def _redraw(self, avatar: Avatar, sources: list[int], frames: list[np.ndarray], audio_batch: np.ndarray,
+    def _redraw(self, items: list[FaceFrame], audio_batch: np.ndarray, states: dict,
                 timer: StageTimer) -> list[np.ndarray]:
-        """New face crops for these frames, preparing the source frames the avatar lacks."""
-        if not sources:
+        """New face crops for these frames. Engine states are kept by source frame when the engine's
+        are worth keeping (MuseTalk's latents: a VAE encode saved); the preview's are cut again."""
+        import torch
+
+        if not items:
             return []
-        missing = {}
-        for source, frame in zip(sources, frames):
-            if not avatar.prepared[source]:
-                missing.setdefault(source, frame)
+        missing = {item.index: item for item in items if item.index not in states}
+        prepared = {}
         if missing:
             with timer.stage("crop"):
-                crops = np.stack([blending.crop_face(frame, avatar.boxes[s]) for s, frame in missing.items()])
-                landmarks = np.stack([_landmarks_in_crop(avatar.track.landmarks[s], avatar.boxes[s]) for s in missing])
-            avatar.store_states(list(missing), self.engine.prepare(crops, landmarks, timer))
-        return list(self.engine.generate(avatar.states[sources], audio_batch, timer))
+                crops = np.stack([blending.crop_face(item.frame, item.box) for item in missing.values()])
+                landmarks = np.stack([_landmarks_in_crop(item.landmarks, item.box) for item in missing.values()])
+            new_states = self.engine.prepare(crops, landmarks, timer).detach().to("cpu")
+            prepared = dict(zip(missing, new_states))
+            if self.engine.cache_id is not None:
+                states.update(prepared)
+        batch = torch.stack([states[item.index] if item.index in states else prepared[item.index] for item in items])
+        return list(self.engine.generate(batch, audio_batch, timer))
 
 
-def _blend(frame: np.ndarray, new_face: np.ndarray, avatar: Avatar, source: int, options: RunOptions) -> np.ndarray:
-    height, width = frame.shape[:2]
-    box = avatar.boxes[source]
-    square = blending.face_square(box, width, height)
+def _blend(item: FaceFrame, new_face: np.ndarray, options: RunOptions) -> np.ndarray:
+    height, width = item.frame.shape[:2]
+    square = blending.face_square(item.box, width, height)
     mask = blending.blend_mask(
-        avatar.track.landmarks[source], box, square, mode=options.parsing_mode,
+        item.landmarks, item.box, square, mode=options.parsing_mode,
         left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
         upper_boundary_ratio=options.upper_boundary_ratio,
     )
-    return blending.paste_face(frame, new_face, box, square, mask)
+    return blending.paste_face(item.frame, new_face, item.box, square, mask)
 
 
 def _landmarks_in_crop(landmarks: np.ndarray, box) -> np.ndarray:

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-_DONE = object()
+DONE = object()
 _POLL_S = 0.1  # how often a blocked thread looks whether it was told to stop
 
 
@@ -28,7 +28,7 @@ class Prefetch(Iterator):
         iterator = iter(iterable)
         try:
             for item in iterator:
-                if not _put(self._queue, item, self._stop):
+                if not put_unless_stopped(self._queue, item, self._stop):
                     return
         except BaseException as error:  # handed to the consumer, raised there
             self._error = error
@@ -36,13 +36,13 @@ class Prefetch(Iterator):
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()  # a generator must be closed by the thread that ran it
-            _put(self._queue, _DONE, self._stop)
+            put_unless_stopped(self._queue, DONE, self._stop)
 
     def __next__(self) -> Any:
         if self._finished:
             raise StopIteration
         item = self._queue.get()
-        if item is _DONE:
+        if item is DONE:
             self._finished = True
             self._thread.join()
             if self._error is not None:
@@ -53,7 +53,7 @@ class Prefetch(Iterator):
     def close(self) -> None:
         """Stop the producer (it closes its iterable) and wait for it."""
         self._stop.set()
-        _drain(self._queue)
+        drain(self._queue)
         self._thread.join()
         self._finished = True
 
@@ -78,14 +78,14 @@ class Worker:
     def _consume(self) -> None:
         while True:
             item = self._queue.get()
-            if item is _DONE:
+            if item is DONE:
                 return
             try:
                 self._handle(item)
             except BaseException as error:
                 self._error = error
                 self._stop.set()
-                _drain(self._queue)
+                drain(self._queue)
                 return
 
     def put(self, item: Any) -> None:
@@ -101,15 +101,15 @@ class Worker:
 
     def finish(self) -> None:
         """Wait until every queued item is handled; raise the worker's error if it failed."""
-        _put(self._queue, _DONE, self._stop)
+        put_unless_stopped(self._queue, DONE, self._stop)
         self._thread.join()
         self._raise_if_failed()
 
     def abort(self) -> None:
         """Drop what is queued and stop."""
         self._stop.set()
-        _drain(self._queue)
-        _put(self._queue, _DONE, threading.Event())
+        drain(self._queue)
+        put_unless_stopped(self._queue, DONE, threading.Event())
         self._thread.join()
 
     def _raise_if_failed(self) -> None:
@@ -117,7 +117,7 @@ class Worker:
             raise self._error
 
 
-def _put(target: queue.Queue, item: Any, stop: threading.Event) -> bool:
+def put_unless_stopped(target: queue.Queue, item: Any, stop: threading.Event) -> bool:
     """Put unless told to stop; True when the item went in."""
     while not stop.is_set():
         try:
@@ -128,7 +128,7 @@ def _put(target: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _drain(source: queue.Queue) -> None:
+def drain(source: queue.Queue) -> None:
     while True:
         try:
             source.get_nowait()
@@ -155,6 +155,11 @@ class BackgroundCall:
             self._value = function(*args)
         except BaseException as error:
             self._error = error
+
+    def wait(self) -> None:
+        """Wait for the call to end; its result or error stays for ``result()``."""
+        if self._thread.is_alive():
+            self._thread.join()
 
     def result(self) -> Any:
         if self._thread.is_alive():

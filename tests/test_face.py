@@ -15,6 +15,8 @@ from musetalk.face import (
     OUTLINE_68,
     FaceAnalyzer,
     FaceTrack,
+    LandmarkSmoother,
+    _OneEuro,
     crop_boxes,
     smooth_track,
 )
@@ -299,3 +301,64 @@ def test_smoothing_never_crosses_a_gap_and_zero_strength_is_identity():
     assert smoothed.landmarks is not track.landmarks and np.isfinite(track.landmarks[0]).all()
     with pytest.raises(InputError):
         smooth_track(track, 1.5)
+
+
+def test_streamed_smoothing_is_final_within_its_latency_and_equals_the_whole_track():
+    _, track = moving_track(100)
+    rows = list(track.landmarks[:60]) + [None] + list(track.landmarks[61:])
+    smoother = LandmarkSmoother(0.5, 25.0)
+    assert 0 < smoother.latency < 25
+    streamed, arrived_at = {}, {}
+    for pushed, row in enumerate(rows):
+        for index, smoothed in smoother.push(row):
+            assert index not in streamed and pushed - index <= smoother.latency
+            streamed[index], arrived_at[index] = smoothed, pushed
+    for index, smoothed in smoother.finish():
+        streamed[index] = smoothed
+    assert list(streamed) == list(range(100))  # every frame once, in order
+    assert streamed[60] is None
+    whole = smooth_track(FaceTrack.from_rows(rows, 1280, 720), 0.5).landmarks
+    for index, smoothed in streamed.items():
+        if smoothed is not None:
+            assert np.array_equal(smoothed, whole[index])
+
+
+def test_the_fixed_lag_barely_differs_from_a_backward_pass_over_the_whole_run():
+    """The backward pass restarts behind each block; after the lag its start is forgotten."""
+    for strength in (0.5, 0.8):
+        _, track = moving_track(100)
+        smoother = LandmarkSmoother(strength, 25.0)
+        size = np.hypot(*(track.landmarks[0].max(0) - track.landmarks[0].min(0)))
+        flat = track.landmarks.reshape(100, -1).astype(np.float64) / size
+        forward_filter, backward_filter = _OneEuro(25.0, smoother.min_cutoff), _OneEuro(25.0, smoother.min_cutoff)
+        forward = np.stack([forward_filter.step(row) for row in flat])
+        backward = np.stack([backward_filter.step(row) for row in flat[::-1]])[::-1]
+        reference = ((forward + backward) / 2 * size).reshape(track.landmarks.shape)
+        error = np.abs(smooth_track(track, strength).landmarks - reference)
+        assert error.max() < 0.2, strength  # pixels, on a 150 px face whose jitter is 1.5 px
+
+
+def test_the_detector_runs_on_one_frame_in_five_and_following_finds_the_same_points(face, monkeypatch):
+    from musetalk import face as face_module
+
+    canvas = np.full((face.shape[0], face.shape[1] + 30, 3), 90, np.uint8)
+    frames = []
+    for shift in range(0, 30, 2):  # the face moves 2 px a frame
+        frame = canvas.copy()
+        frame[:, shift : shift + face.shape[1]] = face
+        frames.append(frame)
+
+    def analyze(every: int) -> tuple[FaceTrack, int]:
+        monkeypatch.setattr(face_module, "DETECT_EVERY", every)
+        with FaceAnalyzer() as analyzer:
+            calls = []
+            real_detect = analyzer._detect_in
+            monkeypatch.setattr(analyzer, "_detect_in", lambda image: calls.append(1) or real_detect(image))
+            return analyzer.analyze(frames), len(calls)
+
+    followed, detector_calls = analyze(face_module.DETECT_EVERY)
+    detected, every_frame_calls = analyze(1)
+    assert (detector_calls, every_frame_calls) == (3, 15) and followed.has_face.all()
+    assert np.median(np.abs(followed.landmarks - detected.landmarks)) < 1.0
+    moved = followed.landmarks[:, :, 0].mean(axis=1) - followed.landmarks[0, :, 0].mean()
+    np.testing.assert_allclose(moved, np.arange(0, 30, 2), atol=1.0)

@@ -442,7 +442,7 @@ def test_sigterm_stops_the_command_cleanly(models_dir, clip, voice, tmp_path, ca
 
 def test_disk_space_is_checked_before_the_work(pipeline, clip, voice, tmp_path, monkeypatch, capsys, models_dir):
     monkeypatch.setattr(video_io, "free_bytes", lambda folder: 10 * 1024 * 1024)
-    monkeypatch.setattr(LipSyncPipeline, "_prepare_avatar", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(LipSyncPipeline, "_faces", lambda *a: pytest.fail("work started"))
     with pytest.raises(DiskSpaceError, match="free some space or write to another folder"):
         pipeline(clip, voice, tmp_path / "out.mp4")
     assert cli.main(["run", "--models-dir", str(models_dir), "--device", "cpu", "--video", str(clip),

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from musetalk.avatar import AvatarCache
 from musetalk.config import RunOptions
+from musetalk.face import LandmarkSmoother
+from musetalk.face_stream import FRAMES_HANDED_ON, FaceStream, analyse
 from musetalk.pipeline import LipSyncPipeline
+from musetalk.timing import StageTimer
 from musetalk.video_io import read_frames
 
 from conftest import ffmpeg
+
+FACE_JPG = Path(__file__).parent / "data" / "face.jpg"
 
 
 def frames_of(path) -> list[np.ndarray]:
@@ -103,3 +110,58 @@ def test_a_damaged_entry_is_a_miss(models_dir, clip, speech, tmp_path):
     assert "face" in again.timings
     third = pipeline(clip, speech, tmp_path / "c.mp4", RunOptions())
     assert "face" not in third.timings, "the damaged entry was replaced by a good one"
+
+
+def moving_face_frames(count: int):
+    """``count`` frames of the test face drifting right, one pixel a frame."""
+    import cv2
+
+    face = cv2.cvtColor(cv2.imread(str(FACE_JPG)), cv2.COLOR_BGR2RGB)
+    for index in range(count):
+        frame = np.full((face.shape[0], face.shape[1] + count, 3), 90, np.uint8)
+        frame[:, index : index + face.shape[1]] = face
+        yield frame
+
+
+def test_generation_gets_frames_while_the_analysis_is_still_running():
+    """The stream hands frame 0 on long before the last frame is decoded, and ends with the same
+    avatar as a whole-video analysis."""
+    count = 80
+    pulled = []
+
+    def counted():
+        for frame in moving_face_frames(count):
+            pulled.append(1)
+            yield frame
+
+    options = RunOptions()
+    height, width = next(moving_face_frames(count)).shape[:2]
+    stream = FaceStream(counted(), "key", width, height, 25.0, options, StageTimer())
+    items = stream.frames(count)
+    first = next(items)
+    assert first.index == 0 and first.landmarks is not None and first.frame.shape[0] > 0
+    latency = LandmarkSmoother(options.smoothing, 25.0).latency
+    assert len(pulled) <= latency + FRAMES_HANDED_ON + 3 < count
+    rest = list(items)
+    assert [item.index for item in rest] == list(range(1, count))
+    streamed = stream.result()
+    whole = analyse(moving_face_frames(count), "key", width, height, 25.0, options, StageTimer())
+    assert np.array_equal(streamed.track.landmarks, whole.track.landmarks)
+    assert np.array_equal(streamed.boxes, whole.boxes) and np.array_equal(streamed.usable, whole.usable)
+    for item in [first, *rest]:
+        assert np.array_equal(item.landmarks, whole.track.landmarks[item.index])
+
+
+def test_a_short_audio_still_prepares_every_frame_of_the_video(models_dir, face_clip, speech, tmp_path, lossless):
+    """20 output frames from a 30-frame video: generation stops taking frames, the analysis goes
+    on to the end for the cache, and the output equals a run that analysed everything first."""
+    cache = AvatarCache(tmp_path / "cache")
+    streamed = LipSyncPipeline.from_pretrained(models_dir, device="cpu", cache_dir=cache.root)
+    serial = LipSyncPipeline(streamed.engine, overlap=False)
+    result = streamed(face_clip, speech, tmp_path / "streamed.mp4", lossless)
+    serial(face_clip, speech, tmp_path / "serial.mp4", lossless)
+    assert result.num_frames == 20
+    for a, b in zip(frames_of(tmp_path / "streamed.mp4"), frames_of(tmp_path / "serial.mp4"), strict=True):
+        assert np.array_equal(a, b)
+    (entry,) = cache.entries()
+    assert entry.frames == 30

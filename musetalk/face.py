@@ -88,6 +88,12 @@ DETECT_EVERY = 5
 _MIN_INSIDE_FRACTION = 0.5
 
 
+def load_models() -> None:
+    """Import MediaPipe (about a second) with the other models, so the first job does not pay it;
+    its graphs are built per analyzer in milliseconds."""
+    import mediapipe  # noqa: F401
+
+
 @dataclass
 class FaceTrack:
     """Landmarks of one face through a video: what face analysis hands to the rest of the job."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from musetalk import audio as audio_lib
-from musetalk import blending, schedule, video_io, weights
+from musetalk import blending, face, schedule, video_io, weights
 from musetalk.avatar import Avatar, AvatarCache, FaceFrame, avatar_key, file_hash
 from musetalk.config import RunOptions
 from musetalk.engines import CROP_SIZE, ENGINES, Engine
@@ -79,7 +79,9 @@ class LipSyncPipeline:
         if engine not in ENGINES:
             raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         avatar_cache = None if cache_dir is False else AvatarCache(cache_dir or None)
-        audio_lib.load_vad_model()  # the silence gate's model: loaded with the others, not in the first job
+        # The silence gate's and the face analysis' models load with the others, not in the first job.
+        audio_lib.load_vad_model()
+        face.load_models()
         if engine == "preview":
             from musetalk.engines.preview import PreviewEngine
 

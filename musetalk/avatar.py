@@ -182,12 +182,12 @@ class AvatarCache:
         import torch
         from safetensors.torch import save_file
 
-        sources = sorted(avatar.states)
-        first = avatar.states[sources[0]]
+        first = next(iter(avatar.states.values()))
         states = torch.zeros((len(avatar),) + tuple(first.shape), dtype=first.dtype)
-        states[sources] = torch.stack([avatar.states[source] for source in sources])
         prepared = np.zeros(len(avatar), np.uint8)
-        prepared[sources] = 1
+        for source, state in avatar.states.items():  # row by row: no second copy of them all
+            states[source] = state
+            prepared[source] = 1
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             save_file({"states": states, "prepared": torch.from_numpy(prepared)}, str(temporary))

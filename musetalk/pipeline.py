@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ OUTPUT_SUFFIXES = (".mp4", ".mov", ".mkv")
 FRAMES_AHEAD = 16  # decoded frames waiting for the model
 BATCHES_BEHIND = 2  # generated batches waiting to be blended and encoded
 IMAGE_FPS = 25.0  # a photo is animated at the model's training rate
+TRIM_EVERY_BATCHES = 8  # how often a long job hands freed memory back to the system
 
 
 @dataclass
@@ -316,6 +318,8 @@ class LipSyncPipeline:
                 new_faces = self._redraw([items[k] for k in with_face], audio_batch, states, timer)
                 writing.put((positions[-1], items, dict(zip(with_face, new_faces))))
                 redrawn += len(with_face)
+                if (batch_start // options.batch_size) % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
+                    return_freed_memory()
             writing.finish()
         except BaseException:
             writing.abort()
@@ -355,6 +359,29 @@ def _blend(item: FaceFrame, new_face: np.ndarray, options: RunOptions) -> np.nda
         upper_boundary_ratio=options.upper_boundary_ratio,
     )
     return blending.paste_face(item.frame, new_face, item.box, square, mask)
+
+
+def return_freed_memory() -> None:
+    """Give the heap memory this process has freed back to the system (glibc only; elsewhere a no-op).
+
+    glibc keeps what a thread frees for that thread's next allocations; with frames and tensors of
+    megabytes freed by several threads, a long job's resident memory crept up by 0.3 MB a frame
+    although nothing was kept (measured on a 30 s 720p clip: 950 -> 1220 MB; with a trim every
+    few seconds it stayed at 840 to 950 MB)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _landmarks_in_crop(landmarks: np.ndarray, box) -> np.ndarray:

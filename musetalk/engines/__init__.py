@@ -49,25 +49,3 @@ class Engine(Protocol):
     def prepare(self, crops: np.ndarray, landmarks: np.ndarray, timer: StageTimer) -> torch.Tensor: ...
 
     def generate(self, states: torch.Tensor, frame_audio: np.ndarray, timer: StageTimer) -> np.ndarray: ...
-
-
-class IdentityEngine:
-    """Gives the crops back unchanged: measures what the pipeline itself (crop, resize, blend,
-    encode) loses, with no model in the way."""
-
-    name = "identity"
-    cache_id = None
-
-    def audio_features(self, wav: np.ndarray, speech, events: Sequence = (), timer: StageTimer | None = None) -> None:
-        return None
-
-    def frame_audio(self, features, positions: np.ndarray, fps: float, options) -> np.ndarray:
-        return np.zeros((len(positions), 0), np.float32)
-
-    def prepare(self, crops: np.ndarray, landmarks: np.ndarray, timer: StageTimer) -> torch.Tensor:
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(crops))
-
-    def generate(self, states: torch.Tensor, frame_audio: np.ndarray, timer: StageTimer) -> np.ndarray:
-        return states.numpy()

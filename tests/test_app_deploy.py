@@ -82,6 +82,25 @@ def test_a_source_checkout_registers_its_plugins_like_an_install(tmp_path):
     assert out.stdout.split("\n")[:2] == ["fake-studio-checkout 1.2.3 shout", "True"]
 
 
+def test_on_a_zero_gpu_space_the_jobs_ask_for_the_gpu(monkeypatch):
+    """With the ``spaces`` package, a job is wrapped by ``spaces.GPU(duration=...)``; without it, unchanged.
+    (The package stands in here: its real decorator attaches a GPU only on ZeroGPU hardware.)"""
+    import types
+
+    import app
+
+    def job():
+        return "done"
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # not installed: import fails
+    assert app.on_gpu(job) is job
+    asked = []
+    fake = types.ModuleType("spaces")
+    fake.GPU = lambda duration: (lambda function: asked.append(duration) or (lambda: "on the GPU: " + function()))
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    assert app.on_gpu(job)() == "on the GPU: done" and asked == [app.GPU_SECONDS]
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]

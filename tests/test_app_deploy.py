@@ -87,7 +87,9 @@ def test_on_a_zero_gpu_space_the_jobs_ask_for_the_gpu(monkeypatch):
     (The package stands in here: its real decorator attaches a GPU only on ZeroGPU hardware.)"""
     import types
 
-    import app
+    from test_app import load_app_module
+
+    app = load_app_module()
 
     def job():
         return "done"

@@ -401,12 +401,9 @@ def smooth_track(track: FaceTrack, strength: float = 0.5, fps: float = 25.0) -> 
     ``strength`` 0 returns the landmarks unchanged, 1 smooths hardest.
     """
     smoother = LandmarkSmoother(strength, fps)
+    done = [pair for row in track.landmarks for pair in smoother.push(row if np.isfinite(row).all() else None)]
     landmarks = track.landmarks.copy()
-    for row in track.landmarks:
-        for index, smoothed in smoother.push(row if np.isfinite(row).all() else None):
-            if smoothed is not None:
-                landmarks[index] = smoothed
-    for index, smoothed in smoother.finish():
+    for index, smoothed in done + smoother.finish():
         if smoothed is not None:
             landmarks[index] = smoothed
     return FaceTrack(landmarks=landmarks, has_face=track.has_face.copy(), width=track.width, height=track.height)
@@ -466,8 +463,7 @@ class LandmarkSmoother:
         if self.strength == 0:
             return [(index, np.asarray(landmarks, dtype=np.float32))]
         if self._forward is None:
-            extent = np.nanmax(landmarks, axis=0) - np.nanmin(landmarks, axis=0)
-            self._face_size = max(float(np.hypot(extent[0], extent[1])), 1.0)
+            self._face_size = max(_extent(landmarks), 1.0)
             self._forward = _OneEuro(self.fps, self.min_cutoff)
         flat = np.asarray(landmarks, dtype=np.float64).reshape(-1) / self._face_size
         self._run.append((index, flat, self._forward.step(flat)))
@@ -491,7 +487,7 @@ class LandmarkSmoother:
         backward = _OneEuro(self.fps, self.min_cutoff)
         backward_values = [backward.step(flat) for _, flat, _ in reversed(self._run)][::-1]
         done = []
-        for (index, flat, forward), behind in zip(self._run[:count], backward_values):
+        for (index, _, forward), behind in zip(self._run[:count], backward_values):
             smoothed = (forward + behind) / 2 * self._face_size
             done.append((index, smoothed.reshape(-1, 2).astype(np.float32)))
         del self._run[:count]

@@ -36,17 +36,18 @@ def analyse(frames: Iterable[np.ndarray], key: str, width: int, height: int, fps
     smoother = face.LandmarkSmoother(options.smoothing, fps)
     rows: list[np.ndarray | None] = []
     boxes: list[np.ndarray] = []
+    usable: list[bool] = []  # the engine redraws the frame: a face, and a box with an area
     held: dict[int, np.ndarray] = {}  # frames whose smoothing is not final yet
 
     def finished(done: list[tuple[int, np.ndarray | None]]) -> None:
         for index, landmarks in done:
-            rows.append(landmarks)
             box = _crop_box(landmarks, width, height, options)
+            rows.append(landmarks)
             boxes.append(box)
+            usable.append(landmarks is not None and box[0] >= 0)
             frame = held.pop(index, None)
             if hand_on is not None:
-                usable = landmarks is not None and box[0] >= 0
-                hand_on(FaceFrame(index, frame, landmarks if usable else None, box if usable else None))
+                hand_on(FaceFrame(index, frame, landmarks, box) if usable[-1] else FaceFrame(index, frame, None, None))
 
     with face.FaceAnalyzer(face_index=options.face_index) as analyzer:
         found = analyzer.stream(frames)
@@ -63,8 +64,7 @@ def analyse(frames: Iterable[np.ndarray], key: str, width: int, height: int, fps
                 progress(index + 1)
         finished(smoother.finish())
     track = face.FaceTrack.from_rows(rows, width, height).require_face(source)
-    box_array = np.stack(boxes).astype(np.int32)
-    return Avatar(key, track, box_array, track.has_face & (box_array[:, 0] >= 0))
+    return Avatar(key, track, np.stack(boxes).astype(np.int32), np.array(usable, bool))
 
 
 def _crop_box(landmarks: np.ndarray | None, width: int, height: int, options: RunOptions) -> np.ndarray:

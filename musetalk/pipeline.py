@@ -118,7 +118,7 @@ class LipSyncPipeline:
         options = (options or RunOptions()).validate()
         with timer.stage("probe"):
             video_info, audio_info = self.check_inputs(video, audio, output, options)
-        fps = options.fps or (IMAGE_FPS if video_info.is_image else video_info.fps)
+        fps = _output_fps(video_info, options)
 
         # 2. Audio features (decode, silence gate, the engine's features) in a thread, beside the face analysis
         audio_job = BackgroundCall(self._audio_features, audio_info.path, events, video_info, options, timer,
@@ -308,7 +308,7 @@ class LipSyncPipeline:
         writing = worker(blend_and_write, BATCHES_BEHIND, "blend-encode", self.overlap)
         redrawn = 0
         try:
-            for batch_start in range(0, num_frames, options.batch_size):
+            for batch_number, batch_start in enumerate(range(0, num_frames, options.batch_size)):
                 positions = range(batch_start, min(batch_start + options.batch_size, num_frames))
                 with timer.stage("decode"):
                     items = [next(decoded) for _ in positions]
@@ -318,7 +318,7 @@ class LipSyncPipeline:
                 new_faces = self._redraw([items[k] for k in with_face], audio_batch, states, timer)
                 writing.put((positions[-1], items, dict(zip(with_face, new_faces))))
                 redrawn += len(with_face)
-                if (batch_start // options.batch_size) % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
+                if batch_number % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
                     return_freed_memory()
             writing.finish()
         except BaseException:
@@ -429,9 +429,13 @@ def _within_pixel_limit(info: video_io.MediaInfo, options: RunOptions) -> video_
     return info.resized(width, height)
 
 
+def _output_fps(video_info, options: RunOptions) -> float:
+    return options.fps or (IMAGE_FPS if video_info.is_image else video_info.fps)
+
+
 def _require_output_space(output: Path, video_info, audio_info, options: RunOptions) -> None:
     """DiskSpaceError before any work when the output folder cannot hold the result."""
-    fps = options.fps or (IMAGE_FPS if video_info.is_image else video_info.fps)
+    fps = _output_fps(video_info, options)
     seconds = video_info.duration if options.length == "video" and not video_info.is_image else audio_info.duration
     needed = video_io.estimated_mp4_bytes(video_info.width, video_info.height, fps, seconds, options.crf)
     video_io.require_free_space(output.parent, needed, f"the output {output.name}")

@@ -91,13 +91,8 @@ class Worker:
     def put(self, item: Any) -> None:
         """Queue an item; raises the worker's error as soon as one happened."""
         self._raise_if_failed()
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
-        self._raise_if_failed()
+        if not put_unless_stopped(self._queue, item, self._stop):
+            self._raise_if_failed()
 
     def finish(self) -> None:
         """Wait until every queued item is handled; raise the worker's error if it failed."""
@@ -162,8 +157,7 @@ class BackgroundCall:
             self._thread.join()
 
     def result(self) -> Any:
-        if self._thread.is_alive():
-            self._thread.join()
+        self.wait()
         if self._error is not None:
             raise self._error
         return self._value

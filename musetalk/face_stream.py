@@ -30,9 +30,12 @@ FRAMES_HANDED_ON = 4
 
 def analyse(frames: Iterable[np.ndarray], key: str, width: int, height: int, fps: float, options: RunOptions,
             timer: StageTimer, hand_on: Callable[[FaceFrame], None] | None = None,
-            progress: Callable[[int], None] | None = None, source: str = "the video") -> Avatar:
+            progress: Callable[[int], None] | None = None, source: str = "the video",
+            workers: int | None = None) -> Avatar:
     """Landmarks, crop box and whether to redraw, for every frame; ``hand_on`` gets each frame as
-    soon as its face is final. Raises NoFaceError when no frame has a face."""
+    soon as its face is final. ``workers``: face analysis threads (None: ``face.face_workers()``).
+    Raises NoFaceError when no frame has a face."""
+    workers = face.face_workers() if workers is None else workers
     smoother = face.LandmarkSmoother(options.smoothing, fps)
     rows: list[np.ndarray | None] = []
     boxes: list[np.ndarray] = []
@@ -49,8 +52,8 @@ def analyse(frames: Iterable[np.ndarray], key: str, width: int, height: int, fps
             if hand_on is not None:
                 hand_on(FaceFrame(index, frame, landmarks, box) if usable[-1] else FaceFrame(index, frame, None, None))
 
-    with face.FaceAnalyzer(face_index=options.face_index) as analyzer:
-        found = analyzer.stream(frames)
+    found = face.stream_landmarks(frames, options.face_index, workers)
+    try:
         for index in itertools.count():
             with timer.stage("face"):
                 pair = next(found, None)
@@ -62,7 +65,9 @@ def analyse(frames: Iterable[np.ndarray], key: str, width: int, height: int, fps
             finished(smoother.push(landmarks))
             if progress is not None:
                 progress(index + 1)
-        finished(smoother.finish())
+    finally:
+        found.close()  # stops the analysis threads when this ends early
+    finished(smoother.finish())
     track = face.FaceTrack.from_rows(rows, width, height).require_face(source)
     return Avatar(key, track, np.stack(boxes).astype(np.int32), np.array(usable, bool))
 
@@ -80,7 +85,7 @@ class FaceStream:
 
     def __init__(self, frames: Iterable[np.ndarray], key: str, width: int, height: int, fps: float,
                  options: RunOptions, timer: StageTimer, progress: Callable[[int], None] | None = None,
-                 source: str = "the video"):
+                 source: str = "the video", workers: int | None = None):
         self._queue: queue.Queue = queue.Queue(maxsize=FRAMES_HANDED_ON)
         self._wanted = float("inf")  # frames the generation will take (unknown until it asks)
         self._stop_handing_on = threading.Event()
@@ -88,13 +93,13 @@ class FaceStream:
         self._avatar: Avatar | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="faces", daemon=True,
-                                        args=(frames, key, width, height, fps, options, timer, progress, source))
+                                        args=(frames, key, width, height, fps, options, timer, progress, source, workers))
         self._thread.start()
 
-    def _run(self, frames, key, width, height, fps, options, timer, progress, source) -> None:
+    def _run(self, frames, key, width, height, fps, options, timer, progress, source, workers) -> None:
         try:
             self._avatar = analyse(self._until_cancelled(frames), key, width, height, fps, options, timer,
-                                   self._hand_on, progress, source)
+                                   self._hand_on, progress, source, workers)
         except BaseException as error:  # raised in the caller's thread by frames() and result()
             self._error = error
         finally:

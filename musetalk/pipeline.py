@@ -58,12 +58,13 @@ class LipSyncResult:
 
 class LipSyncPipeline:
     def __init__(self, engine: Engine, version: str = "v15", device=None, avatar_cache: AvatarCache | None = None,
-                 overlap: bool = True):
+                 overlap: bool = True, face_workers: int | None = None):
         self.engine = engine
         self.version = version
         self.device = device
         self.avatar_cache = avatar_cache  # None: every run analyses the faces again
         self.overlap = overlap  # False: decode, model, blend and encode take turns on one thread
+        self.face_workers = face_workers  # face analysis threads; None: by the CPU cores (face.face_workers)
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
@@ -234,10 +235,11 @@ class LipSyncPipeline:
         frames = prefetch(self._open_reader(info, fps), FRAMES_AHEAD, "decode-faces", self.overlap)
         report = lambda done: progress("faces", done, max(done, expected))  # noqa: E731
         if self.overlap:
-            return FaceStream(frames, key, info.width, info.height, fps, options, timer, report, info.path)
+            return FaceStream(frames, key, info.width, info.height, fps, options, timer, report, info.path,
+                              self.face_workers)
         try:
             return analyse(frames, key, info.width, info.height, fps, options, timer, progress=report,
-                           source=info.path)
+                           source=info.path, workers=self.face_workers)
         finally:
             frames.close()
 

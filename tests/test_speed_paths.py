@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from musetalk import face
 from musetalk.avatar import AvatarCache
 from musetalk.config import RunOptions
+from musetalk.errors import InputError
 from musetalk.face import LandmarkSmoother
 from musetalk.face_stream import FRAMES_HANDED_ON, FaceStream, analyse
 from musetalk.pipeline import LipSyncPipeline
@@ -47,7 +50,8 @@ def speech(speech_clip, tmp_path_factory):
 
 def test_overlapped_run_equals_one_at_a_time(models_dir, clip, speech, tmp_path, lossless):
     threaded = LipSyncPipeline.from_pretrained(models_dir, device="cpu", cache_dir=False)
-    serial = LipSyncPipeline(threaded.engine, overlap=False)
+    threaded.face_workers = 2  # the analysis spread over threads as well
+    serial = LipSyncPipeline(threaded.engine, overlap=False, face_workers=1)
     threaded(clip, speech, tmp_path / "threaded.mp4", lossless)
     serial(clip, speech, tmp_path / "serial.mp4", lossless)
     for a, b in zip(frames_of(tmp_path / "threaded.mp4"), frames_of(tmp_path / "serial.mp4"), strict=True):
@@ -165,3 +169,25 @@ def test_a_short_audio_still_prepares_every_frame_of_the_video(models_dir, face_
         assert np.array_equal(a, b)
     (entry,) = cache.entries()
     assert entry.frames == 30
+
+
+def test_face_analysis_over_several_threads_equals_one(face_clip):
+    frames = frames_of(face_clip)  # 30 frames: segments of 5 handed out to the workers in turn
+    options = RunOptions()
+    one = analyse(iter(frames), "k", 216, 252, 25.0, options, StageTimer(), workers=1)
+    three = analyse(iter(frames), "k", 216, 252, 25.0, options, StageTimer(), workers=3)
+    assert one.track.has_face.all()
+    assert np.array_equal(one.track.landmarks, three.track.landmarks)
+    assert np.array_equal(one.boxes, three.boxes)
+
+
+def test_parallel_face_analysis_stops_its_threads_and_reports_bad_frames(face_clip):
+    frames = frames_of(face_clip)
+    before = {thread.name for thread in threading.enumerate()}
+    found = face.stream_landmarks(iter(frames), workers=2)
+    next(found)
+    found.close()  # the consumer stops early
+    assert {thread.name for thread in threading.enumerate()} - before == set()
+    wrong_size = frames[:7] + [frames[7][:100]] + frames[8:]
+    with pytest.raises(InputError, match="Frame 7 is"):
+        list(face.stream_landmarks(iter(wrong_size), workers=2))

@@ -62,15 +62,15 @@ frame in a second, **Generate** makes the dub, the **Compare** tab runs several 
 
 
 def run_options(version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face,
-                smoothing=0.5, length="audio", loop="pingpong", silence_gate=True, batch_size=8,
+                smoothing=0.5, length="audio", loop="pingpong", silence_gate=True, batch_size=0,
                 quality=18) -> RunOptions:
-    """RunOptions from the controls' values (sliders give floats, the face menu strings)."""
+    """RunOptions from the controls' values (sliders give floats, the face menu strings; batch size 0: automatic)."""
     face_index = None if face in (None, "", "largest") else int(face)
     return RunOptions(
         version=version, extra_margin=int(extra_margin), bbox_shift=int(bbox_shift), parsing_mode=mask_mode,
         left_cheek_width=int(left_cheek_width), right_cheek_width=int(right_cheek_width), face_index=face_index,
         smoothing=float(smoothing), length=length, loop=loop, silence_gate=bool(silence_gate),
-        batch_size=int(batch_size), crf=int(quality),
+        batch_size=int(batch_size) or None, crf=int(quality),
     ).validate()
 
 
@@ -218,8 +218,8 @@ def build_demo(services: Studio):
                         smoothing = gr.Slider(0, 1, value=defaults.smoothing, step=0.05,
                                               label="Face tracking smoothing")
                     with gr.Row():
-                        batch_size = gr.Slider(1, 64, value=defaults.batch_size, step=1, precision=0,
-                                               label="Batch size (frames per model call)")
+                        batch_size = gr.Slider(0, 64, value=defaults.batch_size or 0, step=1, precision=0,
+                                               label="Batch size (frames per model call; 0: what the GPU holds)")
                         quality = gr.Slider(0, 51, value=defaults.crf, step=1, precision=0,
                                             label="Output quality (CRF: 0 best, 18 visually lossless, 51 worst)")
                     measure = gr.Checkbox(value=True, label="Measure the results (lip-sync, silence, identity)",

@@ -39,6 +39,7 @@ class RunReport:
     peak_ram_mb: float
     peak_gpu_mb: float | None
     stages: dict[str, float]  # seconds per stage (overlapping stages each count their own time)
+    batch_size: int  # frames per model call at the end of the run
 
 
 @dataclass
@@ -51,10 +52,11 @@ class BenchReport:
     model: str
     device: str
     dtype: str
-    batch_size: int
+    batch_size: int | None  # asked for; None: automatic
     floor_seconds: float  # plain decode + encode of the same clip
     floor_fps: float
     runs: list[RunReport] = field(default_factory=list)
+    compiled: bool = False  # the models went through torch.compile
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -129,7 +131,7 @@ def time_floor(clip: Path, out_dir: Path, crf: int) -> float:
 
 
 def build_pipeline(model: str, models_dir, device: str, dtype, cache_dir: Path, work_dir: Path,
-                   engine: str = "musetalk"):
+                   engine: str = "musetalk", compile: bool = False):
     from musetalk.pipeline import LipSyncPipeline
     from musetalk.testing import save_tiny_models
 
@@ -137,13 +139,13 @@ def build_pipeline(model: str, models_dir, device: str, dtype, cache_dir: Path, 
         return LipSyncPipeline.from_pretrained(cache_dir=cache_dir, engine="preview")
     if model == "tiny":
         return LipSyncPipeline.from_pretrained(save_tiny_models(work_dir / "models", ("v15",)), "v15", device,
-                                               dtype, cache_dir=cache_dir)
+                                               dtype, cache_dir=cache_dir, compile=compile)
     if model == "weights":
-        return LipSyncPipeline.from_pretrained(models_dir, "v15", device, dtype, cache_dir=cache_dir)
-    return _full_size_pipeline(device, dtype, cache_dir)
+        return LipSyncPipeline.from_pretrained(models_dir, "v15", device, dtype, cache_dir=cache_dir, compile=compile)
+    return _full_size_pipeline(device, dtype, cache_dir, compile)
 
 
-def _full_size_pipeline(device: str, dtype, cache_dir: Path):
+def _full_size_pipeline(device: str, dtype, cache_dir: Path, compile: bool = False):
     """The official architectures at full size with random weights (same cost as the real ones)."""
     import torch
     from diffusers import AutoencoderKL
@@ -165,13 +167,15 @@ def _full_size_pipeline(device: str, dtype, cache_dir: Path):
     vae = AutoencoderKL.from_config(config("sd-vae.json")).to(torch_device, torch_dtype).eval()
     whisper = WhisperModel(WhisperConfig(**config("whisper-tiny.json"))).encoder
     encoder = WhisperAudioEncoder(whisper, WhisperFeatureExtractor(feature_size=80), torch_device, torch_dtype)
-    engine = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype, cache_id=f"random-full|{torch_dtype}")
+    engine = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype, cache_id=f"random-full|{torch_dtype}",
+                            compile=compile)
     return LipSyncPipeline(engine, "v15", torch_device, AvatarCache(cache_dir))
 
 
 def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, height: int = 720,
               seconds: float = 10.0, fps: float = 25.0, models_dir=None, device: str = "auto", dtype=None,
-              batch_size: int = 8, runs: int = 2, progress=None, engine: str = "musetalk") -> BenchReport:
+              batch_size: int | None = None, runs: int = 2, progress=None, engine: str = "musetalk",
+              compile: bool = False) -> BenchReport:
     from musetalk.engines import ENGINES
 
     if model not in MODEL_KINDS:
@@ -188,11 +192,12 @@ def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, 
             raise InputError(f"{clip} has no audio track; the benchmark dubs a clip with its own sound")
         options = RunOptions(batch_size=batch_size)
         floor = time_floor(clip, work, options.crf)
-        pipeline = build_pipeline(model, models_dir, device, dtype, work / "avatar-cache", work, engine)
+        pipeline = build_pipeline(model, models_dir, device, dtype, work / "avatar-cache", work, engine, compile)
         report = BenchReport(str(video or f"generated {width}x{height}"), info.width, info.height, info.fps,
                              info.duration, model if engine == "musetalk" else engine, str(pipeline.device or "cpu"),
                              str(getattr(pipeline.engine, "dtype", "-")),
-                             batch_size, round(floor, 3), round(info.num_frames / floor, 2))
+                             batch_size, round(floor, 3), round(info.num_frames / floor, 2),
+                             compiled=bool(getattr(pipeline.engine, "compiled", False)))
         for index in range(runs):
             report.runs.append(_one_run(pipeline, clip, work / f"run{index}.mp4", options, progress))
         return report
@@ -214,12 +219,14 @@ def _one_run(pipeline, clip: Path, out: Path, options: RunOptions, progress) -> 
         peak_gpu = round(torch.cuda.max_memory_allocated(pipeline.device) / 2**20, 1)
     stages = {name: result.timings[name] for name in STAGE_ORDER if name in result.timings}
     return RunReport(round(total, 3), result.num_frames, round(result.num_frames / total, 2),
-                     round(total / result.duration, 3), round(memory.peak_bytes / 2**20, 1), peak_gpu, stages)
+                     round(total / result.duration, 3), round(memory.peak_bytes / 2**20, 1), peak_gpu, stages,
+                     result.batch_size)
 
 
 def format_report(report: BenchReport) -> list[str]:
     lines = [f"clip: {report.clip}, {report.width}x{report.height} at {report.fps:g} fps, {report.duration:.1f} s",
-             f"model: {report.model} on {report.device} ({report.dtype}), batch size {report.batch_size}",
+             f"model: {report.model} on {report.device} ({report.dtype}{', compiled' if report.compiled else ''}), "
+             f"batch size {report.batch_size or 'auto'}",
              f"floor (decode + encode, no model): {report.floor_seconds:.2f} s, {report.floor_fps:.1f} frames/s"]
     for index, run in enumerate(report.runs):
         label = "first run (prepares the avatar)" if index == 0 else "again (avatar from the cache)"
@@ -227,7 +234,8 @@ def format_report(report: BenchReport) -> list[str]:
         lines.append(f"{label}: {run.seconds:.2f} s, {run.fps:.1f} frames/s, "
                      f"{100 * run.fps / report.floor_fps:.0f}% of the floor, real-time factor {run.realtime_factor:.2f}, "
                      f"peak RAM {run.peak_ram_mb:.0f} MB"
-                     + (f", peak GPU {run.peak_gpu_mb:.0f} MB" if run.peak_gpu_mb is not None else ""))
+                     + (f", peak GPU {run.peak_gpu_mb:.0f} MB" if run.peak_gpu_mb is not None else "")
+                     + f", {run.batch_size} frames per model call")
         lines.append(f"  {'stage':<14}{'seconds':>9}{'frames/s':>10}")
         for stage, value in run.stages.items():
             rate = f"{run.frames / value:.1f}" if value > 0 else "-"

@@ -124,9 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tiny test models (pipeline overhead), full-size random weights, or the installed weights")
     bench.add_argument("--engine", choices=ENGINES, default="musetalk",
                        help="time the preview engine instead of MuseTalk (then --model does not apply)")
-    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--batch-size", type=batch_size_argument, default=None,
+                       help="frames per model call, or auto (default: 8 on a CPU, what the GPU's memory holds)")
     bench.add_argument("--runs", type=int, default=2, help="the second and later runs find the avatar in the cache")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.add_argument("--variants", action="store_true",
+                       help="time the model alone per frame, as is and in each GPU-path variant (bf16, channels-last, "
+                            "attention, partial decode, tiny decoder; compile with --compile); --model tiny or full")
     _add_model_arguments(bench)
     bench.set_defaults(handler=_bench)
 
@@ -156,6 +160,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", help="default: $MUSETALK_MODELS_DIR, else a per-user cache folder")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default auto)")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp16, bf16 or fp32")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the models: faster batches after minutes of compiling (long videos)")
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,12 +182,23 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--loop", choices=LOOP_MODES, help="when the audio is longer than the video (default pingpong)")
     job.add_argument("--length", choices=LENGTH_MODES, help="output length follows the audio (default) or the video")
     job.add_argument("--fps", type=float, help="output frame rate (default: the input's; 25 is the model's)")
-    job.add_argument("--batch-size", type=int, help=f"frames per model call (default {defaults.batch_size})")
+    job.add_argument("--batch-size", type=batch_size_argument,
+                     help="frames per model call, or auto (default: 8 on a CPU, what the GPU's memory holds)")
     job.add_argument("--crf", type=int, help=f"output quality, 0 best .. 51 worst (default {defaults.crf})")
     job.add_argument("--max-pixels", type=int,
                      help=f"largest picture worked on, in pixels (default {defaults.max_pixels}, 3840x2160)")
     job.add_argument("--oversize", choices=OVERSIZE_MODES,
                      help="a video above --max-pixels: downscale it (default) or refuse it")
+
+
+def batch_size_argument(value: str) -> int | str:
+    """--batch-size N or auto; a bad N is reported by RunOptions.validate, naming the option."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a number of frames or auto, not {value!r}") from None
 
 
 def job_options(args: argparse.Namespace, entry: dict | None = None) -> RunOptions:
@@ -191,7 +208,10 @@ def job_options(args: argparse.Namespace, entry: dict | None = None) -> RunOptio
         options = options.replace(**entry)
     given = {name: getattr(args, name, None) for name in option_names() if name != "version"}
     given["version"] = getattr(args, "model_version", None)
-    return options.replace(**{k: v for k, v in given.items() if v is not None}).validate()
+    changes = {k: v for k, v in given.items() if v is not None}
+    if changes.get("batch_size") == "auto":
+        changes["batch_size"] = None  # said on the command line: it overrides a job file's number
+    return options.replace(**changes).validate()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -233,7 +253,8 @@ def _load_pipeline(args: argparse.Namespace, version: str):
 
     try:
         return LipSyncPipeline.from_pretrained(args.models_dir, version, args.device, args.dtype,
-                                               cache_dir=False if args.no_cache else None, engine=args.engine)
+                                               cache_dir=False if args.no_cache else None, engine=args.engine,
+                                               compile=args.compile)
     except WeightsMissingError as error:
         raise WeightsMissingError(f"{error} (or add --engine preview: a preview that needs no weights)") from error
 
@@ -354,7 +375,15 @@ def _relative_to(folder: Path, value) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from musetalk import bench
+    from musetalk import bench, model_bench
+
+    if args.variants:
+        batch_size = 8 if args.batch_size in (None, "auto") else args.batch_size
+        variants = model_bench.time_variants(args.model, args.device, args.dtype, batch_size, with_compile=args.compile,
+                                             progress=lambda name: _say(f"timing {name} ...", sys.stderr))
+        for line in ([variants.as_json()] if args.json else model_bench.format_variants(variants)):
+            _say(line)
+        return 0
 
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -362,8 +391,9 @@ def _bench(args: argparse.Namespace) -> int:
         raise InputError(f"--size must look like 1280x720, not {args.size!r}") from None
     with _ProgressBars() as bars:
         report = bench.run_bench(args.model, args.video, width, height, args.seconds, args.fps, args.models_dir,
-                                 args.device, args.dtype, args.batch_size, args.runs, progress=bars.update,
-                                 engine=args.engine)
+                                 args.device, args.dtype,
+                                 None if args.batch_size == "auto" else args.batch_size, args.runs, progress=bars.update,
+                                 engine=args.engine, compile=args.compile)
     for line in ([report.as_json()] if args.json else bench.format_report(report)):
         _say(line)
     return 0

@@ -50,8 +50,8 @@ class RunOptions:
     length: str = "audio"
     # Output frame rate; None keeps the input's (25 is the model's training rate).
     fps: float | None = None
-    # Frames per model call.
-    batch_size: int = 8
+    # Frames per model call; None: 8 on a CPU, as many as the GPU's free memory holds (up to 64) on a GPU.
+    batch_size: int | None = None
     # H.264 constant rate factor of the output: 0 lossless .. 51 worst; 18 is visually lossless.
     crf: int = 18
     # Largest picture worked on, in pixels (default 4K UHD, 3840x2160); the model sees a 256 px face
@@ -76,7 +76,8 @@ class RunOptions:
         _in_range("audio_padding_left", self.audio_padding_left, 0, 8)
         _in_range("audio_padding_right", self.audio_padding_right, 0, 8)
         _in_range("av_offset_ms", self.av_offset_ms, -5000, 5000)
-        _in_range("batch_size", self.batch_size, 1, 256)
+        if self.batch_size is not None:
+            _in_range("batch_size", self.batch_size, 1, 256)
         _in_range("crf", self.crf, 0, 51)
         _in_range("max_pixels", self.max_pixels, 64 * 64, 100_000_000)  # video_io.MAX_INPUT_PIXELS
         if self.face_index is not None:

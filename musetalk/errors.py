@@ -30,3 +30,7 @@ class DiskSpaceError(MuseTalkError, OSError):
 
 class FFmpegError(MuseTalkError):
     """ffmpeg is missing or failed on a file; the message carries the tail of its log."""
+
+
+class GPUMemoryError(MuseTalkError, MemoryError):
+    """The GPU cannot hold the model's work for even one frame; the message says what to do."""

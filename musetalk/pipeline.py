@@ -7,6 +7,7 @@ latents while they will be used again), so memory stays flat in the video's leng
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -21,9 +22,10 @@ import numpy as np
 from musetalk import audio as audio_lib
 from musetalk import blending, face, schedule, video_io, weights
 from musetalk.avatar import Avatar, AvatarCache, FaceFrame, avatar_key, file_hash
+from musetalk.batching import BatchSize
 from musetalk.config import RunOptions
 from musetalk.engines import CROP_SIZE, ENGINES, Engine
-from musetalk.errors import InputError, MuseTalkError
+from musetalk.errors import GPUMemoryError, InputError, MuseTalkError
 from musetalk.face_stream import FaceStream, analyse
 from musetalk.stages import BackgroundCall, prefetch, worker
 from musetalk.timing import StageTimer
@@ -54,6 +56,7 @@ class LipSyncResult:
     timings: dict[str, float]  # seconds per stage
     speech_spans: list[tuple[float, float]] = field(default_factory=list)  # what the silence gate kept
     metrics: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 0  # frames per model call at the end (an automatic or halved size differs from the option)
 
 
 class LipSyncPipeline:
@@ -69,12 +72,14 @@ class LipSyncPipeline:
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
                         device: str = "auto", dtype=None,
-                        cache_dir: str | os.PathLike | None | bool = None, engine: str = "musetalk") -> LipSyncPipeline:
+                        cache_dir: str | os.PathLike | None | bool = None, engine: str = "musetalk",
+                        compile: bool = False) -> LipSyncPipeline:
         """Build every model from its config and load its weights (official layout or HF cache).
 
         ``cache_dir``: where prepared avatars are kept (None: the per-user default, False: no cache).
         ``engine``: "musetalk" (the model), or "preview" (no weights, no GPU: a real-time CPU preview;
         ``models_dir``, ``device`` and ``dtype`` are then not used).
+        ``compile``: ``torch.compile`` the models (minutes at the first batch; see MuseTalkEngine._compile).
         """
         from musetalk import models
         from musetalk.engines.musetalk import MuseTalkEngine
@@ -101,7 +106,7 @@ class LipSyncPipeline:
         with _corrupt_files_reported(files.whisper_dir, version, root):
             encoder = audio_lib.WhisperAudioEncoder.from_pretrained(files.whisper_dir, torch_device, torch_dtype)
         model = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype,
-                               cache_id=_weights_id(files.vae_dir, torch_dtype))
+                               cache_id=_weights_id(files.vae_dir, torch_dtype), compile=compile)
         return cls(model, version, torch_device, avatar_cache)
 
     # ------------------------------------------------------------------ the job
@@ -148,8 +153,8 @@ class LipSyncPipeline:
             states = faces.states if isinstance(faces, Avatar) else {}  # engine states by source frame
             states_before = len(states)
             try:
-                redrawn = self._generate(video_info, fps, num_frames, faces, states, features, options, writer,
-                                         timer, progress)
+                redrawn, batch_size = self._generate(video_info, fps, num_frames, faces, states, features, options,
+                                                     writer, timer, progress)
                 avatar = faces.result() if isinstance(faces, FaceStream) else faces
                 with timer.stage("encode"):
                     writer.close()  # flushes the encoder and moves the finished file into place
@@ -174,7 +179,7 @@ class LipSyncPipeline:
             output_path=str(output), num_frames=num_frames, fps=fps, width=video_info.width,
             height=video_info.height, duration=num_frames / fps, frames_with_face=redrawn,
             engine=self.engine.name, version=options.version, timings=timings,
-            speech_spans=list(speech.spans) if speech else [],
+            speech_spans=list(speech.spans) if speech else [], batch_size=batch_size,
         )
 
     def check_inputs(self, video, audio, output, options: RunOptions):
@@ -289,8 +294,9 @@ class LipSyncPipeline:
             yield faces.face_frame(int(source), frame)
 
     def _generate(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict, features,
-                  options: RunOptions, writer, timer: StageTimer, progress: ProgressCallback) -> int:
-        """Stream output frames through the engine in batches; returns how many had a face.
+                  options: RunOptions, writer, timer: StageTimer, progress: ProgressCallback) -> tuple[int, int]:
+        """Stream output frames through the engine in batches; returns how many had a face, and the
+        batch size at the end.
 
         Three threads beside the face analysis: one brings source frames in output order, this one
         runs the model, one blends and encodes; bounded queues between them keep memory flat."""
@@ -305,19 +311,26 @@ class LipSyncPipeline:
                     writer.write(frame)
             progress("generate", last_position + 1, num_frames)
 
+        batch_size = BatchSize(options.batch_size, self.device)
         decoded = prefetch(self._frames_to_dub(info, fps, num_frames, faces, options), FRAMES_AHEAD, "decode",
                            self.overlap)
         writing = worker(blend_and_write, BATCHES_BEHIND, "blend-encode", self.overlap)
         redrawn = 0
+        positions = range(0)
         try:
-            for batch_number, batch_start in enumerate(range(0, num_frames, options.batch_size)):
-                positions = range(batch_start, min(batch_start + options.batch_size, num_frames))
+            for batch_number in itertools.count():
+                positions = range(positions.stop, min(positions.stop + batch_size.size, num_frames))
+                if not positions:
+                    break
                 with timer.stage("decode"):
                     items = [next(decoded) for _ in positions]
                 with_face = [k for k, item in enumerate(items) if item.landmarks is not None]
                 audio_batch = self.engine.frame_audio(features, np.array([positions[k] for k in with_face]), fps,
                                                       options)
-                new_faces = self._redraw([items[k] for k in with_face], audio_batch, states, timer)
+                batch_size.before_batch()
+                new_faces = self._redraw_within_memory([items[k] for k in with_face], audio_batch, states, timer,
+                                                       batch_size)
+                batch_size.after_batch(len(with_face))
                 writing.put((positions[-1], items, dict(zip(with_face, new_faces))))
                 redrawn += len(with_face)
                 if batch_number % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
@@ -328,7 +341,27 @@ class LipSyncPipeline:
             raise
         finally:
             decoded.close()
-        return redrawn
+        return redrawn, batch_size.size
+
+    def _redraw_within_memory(self, items: list[FaceFrame], audio_batch: np.ndarray, states: dict,
+                              timer: StageTimer, batch_size: BatchSize) -> list[np.ndarray]:
+        """``_redraw``; a batch that runs the GPU out of memory is redrawn in halves, and later batches are smaller."""
+        import torch
+
+        try:
+            return self._redraw(items, audio_batch, states, timer)
+        except torch.OutOfMemoryError as error:
+            if len(items) <= 1:
+                raise GPUMemoryError(
+                    "the GPU ran out of memory running the model on a single frame; close other programs that "
+                    "use the GPU, or run on the CPU (--device cpu)"
+                ) from error
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what the failed batch held goes back before the halves run
+        batch_size.halve(len(items))
+        half = len(items) // 2
+        return (self._redraw_within_memory(items[:half], audio_batch[:half], states, timer, batch_size)
+                + self._redraw_within_memory(items[half:], audio_batch[half:], states, timer, batch_size))
 
     def _redraw(self, items: list[FaceFrame], audio_batch: np.ndarray, states: dict,
                 timer: StageTimer) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 import json
 
 from musetalk import cli
+from musetalk.model_bench import VARIANTS, VariantReport, VariantTiming, format_variants
 
 
 def test_bench_reports_every_stage_and_the_cached_rerun(capsys):
@@ -15,6 +16,23 @@ def test_bench_reports_every_stage_and_the_cached_rerun(capsys):
         assert first["stages"][stage] > 0, stage
     assert "face" not in again["stages"] and "vae_encode" not in again["stages"]
     assert first["peak_ram_mb"] > 100 and first["realtime_factor"] > 0
+    assert report["batch_size"] is None and first["batch_size"] == again["batch_size"] == 8  # auto on a CPU
+
+
+def test_the_variants_time_the_model_alone(capsys):
+    assert cli.main(["bench", "--variants", "--model", "tiny", "--device", "cpu", "--batch-size", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "timing channels_last" in captured.err
+    assert report["batch_size"] == 2
+    variants = {variant["name"]: variant for variant in report["variants"]}
+    assert list(variants) == [name for name in VARIANTS if name != "compile"]  # compile only with --compile
+    for name in ("baseline", "bf16", "channels_last", "classic_attention"):
+        assert all(variants[name][stage] > 0 for stage in ("vae_encode_ms", "unet_ms", "vae_decode_ms")), name
+    for name in ("partial_decode", "tiny_decoder"):  # they change the decoder only
+        assert variants[name]["vae_encode_ms"] is None and variants[name]["vae_decode_ms"] > 0
+    table = format_variants(VariantReport(**{**report, "variants": [VariantTiming(**v) for v in report["variants"]]}))
+    assert table[0].startswith("model: tiny (random weights) on cpu") and len(table) == 2 + len(variants)
 
 
 def test_cache_command_lists_and_clears(models_dir, face_clip, speech_clip, tmp_path, capsys, monkeypatch):

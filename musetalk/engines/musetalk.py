@@ -14,12 +14,14 @@ from musetalk.timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
+COMPILE_BACKEND = "inductor"  # torch.compile's code generator (the tests use a quicker one)
+
 
 class MuseTalkEngine:
     name = "musetalk"
 
     def __init__(self, unet, vae, audio_encoder: audio_lib.WhisperAudioEncoder, device, dtype,
-                 cache_id: str | None = None):
+                 cache_id: str | None = None, compile: bool = False):
         import torch
 
         self.unet = unet
@@ -31,6 +33,27 @@ class MuseTalkEngine:
         self.cache_id = cache_id
         self._torch = torch
         self._encodings: dict[int, object] = {}
+        self.compiled = compile
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """``torch.compile`` the UNet and both halves of the VAE. Each compiles at its first call (a minute
+        or more per batch shape), so it pays for long videos and for a server that keeps the pipeline.
+        Shapes are fixed (no dynamic-shape kernels): batches are padded to a power of two (``_padded``)."""
+        torch = self._torch
+        self.unet = torch.compile(self.unet, dynamic=False, backend=COMPILE_BACKEND)
+        self.vae.encoder = torch.compile(self.vae.encoder, dynamic=False, backend=COMPILE_BACKEND)
+        self.vae.decoder = torch.compile(self.vae.decoder, dynamic=False, backend=COMPILE_BACKEND)
+
+    def _padded(self, tensor):
+        """Compiled models only: the batch repeated at its end up to a power of two, so that the few
+        batch sizes a job uses (its size, halves of it, a shorter last batch) compile once each."""
+        count = tensor.shape[0]
+        if not self.compiled or count & (count - 1) == 0:
+            return tensor
+        extra = (1 << count.bit_length()) - count
+        return self._torch.cat([tensor, tensor[-1:].expand(extra, *tensor.shape[1:])])
 
     def audio_features(self, wav: np.ndarray, speech, events=(), timer: StageTimer | None = None) -> np.ndarray:
         """Whisper hidden states [T, L, D] of the (silence-gated) waveform; timings are not used."""
@@ -59,26 +82,28 @@ class MuseTalkEngine:
 
     def prepare(self, crops: np.ndarray, landmarks: np.ndarray, timer: StageTimer):
         """Per crop: cat(masked latent, reference latent) -> [B, 8, 32, 32] (the landmarks are not used)."""
+        count = len(crops)
         with timer.stage("vae_encode"), self._torch.inference_mode():
-            reference = self._to_tensor(crops)
+            reference = self._padded(self._to_tensor(crops))
             masked = reference.clone()
             masked[:, :, CROP_SIZE // 2 :, :] = -1.0  # the lower half black, as in training
             # One batch for both halves: half the kernel launches of two calls.
             posterior = self.vae.encode(self._torch.cat([masked, reference])).latent_dist
             latents = posterior.mode() * self.scaling_factor
             masked_latents, reference_latents = latents.chunk(2)
-            return self._torch.cat([masked_latents, reference_latents], dim=1)
+            return self._torch.cat([masked_latents, reference_latents], dim=1)[:count]
 
     def generate(self, states, frame_audio: np.ndarray, timer: StageTimer) -> np.ndarray:
         torch = self._torch
+        count = len(states)
         with torch.inference_mode():
             with timer.stage("unet"):
-                latents = states.to(self.device, self.dtype)
-                audio = torch.from_numpy(frame_audio).to(self.device, self.dtype)
+                latents = self._padded(states.to(self.device, self.dtype))
+                audio = self._padded(torch.from_numpy(frame_audio).to(self.device, self.dtype))
                 audio = audio + self._positional_encoding(audio.shape[1])
                 timestep = torch.zeros((), device=self.device, dtype=torch.long)
                 predicted = self.unet(latents, timestep, encoder_hidden_states=audio).sample
             with timer.stage("vae_decode"):
                 faces = self.vae.decode(predicted / self.scaling_factor).sample.clamp(-1.0, 1.0)
                 faces = ((faces + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-                return faces.cpu().numpy()
+                return faces[:count].cpu().numpy()

@@ -1,0 +1,189 @@
+"""``musetalk bench --variants``: the model's own time per frame, as is and in the variants the GPU
+path could take (keep only what pays: each is timed here before it is made part of the pipeline).
+
+The models are the MuseTalk architectures with random weights (``full``: real sizes, the real cost;
+``tiny``: the test models). Timed per frame of a batch: VAE encode (the masked and the reference crop
+of each frame), UNet, VAE decode. Variants that change the picture (partial decode, tiny decoder) are
+timed only: with random weights their quality cannot be judged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+from musetalk.errors import InputError
+
+VARIANTS = ("baseline", "bf16", "channels_last", "classic_attention", "partial_decode", "tiny_decoder", "compile")
+# Partial decode: the latent rows below the mask's top (half of the 32 rows) and this many above it,
+# which the decoder's convolutions need to draw the mask's top edge.
+PARTIAL_DECODE_CONTEXT_ROWS = 4
+LATENT_SIZE = 32
+AUDIO_TOKENS = 50  # a frame's Whisper window: 10 steps of 5 layers
+
+
+@dataclass
+class VariantTiming:
+    name: str
+    vae_encode_ms: float | None  # per frame; None: the variant does not change this stage
+    unet_ms: float | None
+    vae_decode_ms: float | None
+    note: str = ""
+
+
+@dataclass
+class VariantReport:
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    variants: list[VariantTiming]
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def time_variants(model: str = "full", device: str = "auto", dtype=None, batch_size: int = 8, repeats: int = 3,
+                  with_compile: bool = False, progress: Callable[[str], None] | None = None) -> VariantReport:
+    """Time every variant in ``VARIANTS`` (``compile`` only when ``with_compile``: minutes per model)."""
+    import torch
+
+    from musetalk import models
+
+    if model not in ("tiny", "full"):
+        raise InputError(f"the variants are timed on the tiny or the full model, not {model!r}")
+    if not 1 <= batch_size <= 256:
+        raise InputError(f"--batch-size must be from 1 to 256 for --variants, not {batch_size}")
+    torch_device = models.resolve_device(device)
+    torch_dtype = models.resolve_dtype(torch_device, dtype)
+    unet, vae = _build_models(model, torch_device, torch_dtype)
+    inputs = _inputs(unet, batch_size, torch_device, torch_dtype)
+    timings = []
+    for name in VARIANTS:
+        if name == "compile" and not with_compile:
+            continue
+        if progress is not None:
+            progress(name)
+        timings.append(_time_variant(name, unet, vae, inputs, torch_device, torch_dtype, repeats))
+    return VariantReport(model, str(torch_device), str(torch_dtype), batch_size, timings)
+
+
+def _build_models(model: str, device, dtype):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from musetalk import testing
+    from musetalk.models import build_unet
+
+    torch.manual_seed(0)
+    if model == "full":
+        unet_config = testing.full_unet_config()
+        vae_config = json.loads(resources.files("musetalk.model_configs").joinpath("sd-vae.json").read_text())
+        vae_config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
+    else:
+        unet_config, vae_config = testing.tiny_unet_config(), testing.TINY_VAE
+    unet = build_unet(unet_config).to(device, dtype).eval().requires_grad_(False)
+    vae = AutoencoderKL(**vae_config).to(device, dtype).eval().requires_grad_(False)
+    return unet, vae
+
+
+def _inputs(unet, batch_size: int, device, dtype) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    crops = torch.rand(2 * batch_size, 3, 8 * LATENT_SIZE, 8 * LATENT_SIZE, generator=generator) * 2 - 1
+    states = torch.randn(batch_size, 8, LATENT_SIZE, LATENT_SIZE, generator=generator)
+    audio = torch.randn(batch_size, AUDIO_TOKENS, unet.config.cross_attention_dim, generator=generator)
+    return {name: value.to(device, dtype) for name, value in
+            (("crops", crops), ("states", states), ("audio", audio), ("latents", states[:, :4]))}
+
+
+def _time_variant(name: str, base_unet, base_vae, inputs: dict, device, dtype, repeats: int) -> VariantTiming:
+    import torch
+
+    unet, vae, inputs, note = base_unet, base_vae, dict(inputs), ""
+    if name == "bf16":
+        if dtype == torch.bfloat16:
+            return VariantTiming(name, None, None, None, "the baseline is bf16 already")
+        unet, vae = (copy.deepcopy(m).to(dtype=torch.bfloat16) for m in (base_unet, base_vae))
+        inputs = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+    elif name == "channels_last":
+        unet, vae = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (base_unet, base_vae))
+        inputs = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
+                  for k, v in inputs.items()}
+    elif name == "classic_attention":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet, vae = (copy.deepcopy(m) for m in (base_unet, base_vae))
+        for model in (unet, vae):
+            model.set_attn_processor(AttnProcessor())
+        note = "attention as explicit matrix products, against the default (PyTorch's SDPA)"
+    elif name == "compile":
+        unet, vae = (copy.deepcopy(m) for m in (base_unet, base_vae))
+        unet = torch.compile(unet, dynamic=False)
+        vae.encoder = torch.compile(vae.encoder, dynamic=False)
+        vae.decoder = torch.compile(vae.decoder, dynamic=False)
+        note = "inductor; compile time not counted"
+    batch = inputs["states"].shape[0]
+    timestep = torch.zeros((), dtype=torch.long, device=device)
+
+    def encode():
+        return vae.encode(inputs["crops"]).latent_dist.mode()
+
+    def run_unet():
+        return unet(inputs["states"], timestep, encoder_hidden_states=inputs["audio"]).sample
+
+    def decode():
+        return vae.decode(inputs["latents"]).sample
+
+    if name == "partial_decode":
+        top = LATENT_SIZE // 2 - PARTIAL_DECODE_CONTEXT_ROWS
+        latents = inputs["latents"][:, :, top:].contiguous()
+        note = f"latent rows {top}..{LATENT_SIZE - 1} only; inexact (the decoder's attention sees every row)"
+        return VariantTiming(name, None, None, _per_frame(lambda: vae.decode(latents).sample, batch, device, repeats),
+                             note)
+    if name == "tiny_decoder":
+        from diffusers import AutoencoderTiny
+
+        tiny = AutoencoderTiny().to(device, inputs["latents"].dtype).eval().requires_grad_(False)
+        note = "TAESD's decoder (its own weights, a separate download) in place of the VAE's"
+        return VariantTiming(name, None, None,
+                             _per_frame(lambda: tiny.decode(inputs["latents"]).sample, batch, device, repeats), note)
+    return VariantTiming(name, _per_frame(encode, batch, device, repeats), _per_frame(run_unet, batch, device, repeats),
+                         _per_frame(decode, batch, device, repeats), note)
+
+
+def _per_frame(call: Callable[[], object], frames: int, device, repeats: int) -> float:
+    """Milliseconds per frame of ``call`` on a batch of ``frames``: one warm-up call, then the mean of ``repeats``."""
+    import torch
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.inference_mode():
+        call()
+        synchronize()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        synchronize()
+    return round((time.perf_counter() - started) / repeats / frames * 1000, 3)
+
+
+def format_variants(report: VariantReport) -> list[str]:
+    lines = [f"model: {report.model} (random weights) on {report.device} ({report.dtype}), "
+             f"batch size {report.batch_size}; milliseconds per frame",
+             f"  {'variant':<19}{'VAE encode':>11}{'UNet':>9}{'VAE decode':>11}{'total':>9}  note"]
+    base = report.variants[0]
+    for variant in report.variants:
+        stages = [variant.vae_encode_ms, variant.unet_ms, variant.vae_decode_ms]
+        total = sum(value if value is not None else baseline
+                    for value, baseline in zip(stages, (base.vae_encode_ms, base.unet_ms, base.vae_decode_ms)))
+        shown = [f"{value:.2f}" if value is not None else "-" for value in stages]
+        lines.append(f"  {variant.name:<19}{shown[0]:>11}{shown[1]:>9}{shown[2]:>11}{total:>9.2f}  {variant.note}")
+    return lines

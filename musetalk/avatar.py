@@ -53,6 +53,7 @@ class FaceFrame:
     frame: np.ndarray  # RGB uint8 [H, W, 3]
     landmarks: np.ndarray | None  # [468, 2] float32 frame pixels, smoothed
     box: np.ndarray | None  # crop box (x1, y1, x2, y2)
+    crop: np.ndarray | None = None  # the model's 256x256 input, cut ahead of time where the engine will need it
 
 
 @dataclass

@@ -273,13 +273,23 @@ class LipSyncPipeline:
             )
         return num_frames
 
-    def _frames_to_dub(self, info, fps, num_frames: int, faces: Avatar | FaceStream,
-                       options: RunOptions) -> Iterator[FaceFrame]:
-        """Each output frame's source frame with its face, in output order.
+    def _frames_to_dub(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict,
+                       options: RunOptions, timer: StageTimer) -> Iterator[FaceFrame]:
+        """Each output frame's source frame with its face, in output order, cropped for the engine
+        where it has no state for that frame yet (here, not on the model's thread, which a GPU
+        would otherwise wait on).
 
         Output frame i shows source frame i for as long as the video lasts (every loop mode starts
         so): those come from the face analysis as it finishes them. The rest of a schedule (the
         audio outlasts the video) needs the whole avatar, and decodes its frames again."""
+        for item in self._source_frames(info, fps, num_frames, faces, options):
+            if item.box is not None and item.index not in states:
+                with timer.stage("crop"):
+                    item.crop = blending.crop_face(item.frame, item.box)
+            yield item
+
+    def _source_frames(self, info, fps, num_frames: int, faces: Avatar | FaceStream,
+                       options: RunOptions) -> Iterator[FaceFrame]:
         done = 0
         if isinstance(faces, FaceStream):
             for item in faces.frames(num_frames):
@@ -312,8 +322,8 @@ class LipSyncPipeline:
             progress("generate", last_position + 1, num_frames)
 
         batch_size = BatchSize(options.batch_size, self.device)
-        decoded = prefetch(self._frames_to_dub(info, fps, num_frames, faces, options), FRAMES_AHEAD, "decode",
-                           self.overlap)
+        decoded = prefetch(self._frames_to_dub(info, fps, num_frames, faces, states, options, timer), FRAMES_AHEAD,
+                           "decode", self.overlap)
         writing = worker(blend_and_write, BATCHES_BEHIND, "blend-encode", self.overlap)
         redrawn = 0
         positions = range(0)
@@ -375,7 +385,8 @@ class LipSyncPipeline:
         prepared = {}
         if missing:
             with timer.stage("crop"):
-                crops = np.stack([blending.crop_face(item.frame, item.box) for item in missing.values()])
+                crops = np.stack([blending.crop_face(item.frame, item.box) if item.crop is None else item.crop
+                                  for item in missing.values()])
                 landmarks = np.stack([_landmarks_in_crop(item.landmarks, item.box) for item in missing.values()])
             new_states = self.engine.prepare(crops, landmarks, timer).detach().to("cpu")
             prepared = dict(zip(missing, new_states))

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 CPU_BATCH = 8  # also the first, measured, batch on a GPU
 MAX_AUTO_BATCH = 64  # more gains a GPU little, and the first frames wait longer to be written
-MEMORY_SHARE = 0.7  # of the GPU memory free beside the models, what batches may take (the rest: other programs, fragmentation)
+# Of the GPU memory free beside the models, what batches may take (the rest: other programs, fragmentation).
+MEMORY_SHARE = 0.7
 
 
 def fitting_batch_size(free_bytes: int, bytes_per_frame: float) -> int:

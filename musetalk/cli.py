@@ -390,9 +390,9 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise InputError(f"--size must look like 1280x720, not {args.size!r}") from None
     with _ProgressBars() as bars:
+        batch_size = None if args.batch_size == "auto" else args.batch_size
         report = bench.run_bench(args.model, args.video, width, height, args.seconds, args.fps, args.models_dir,
-                                 args.device, args.dtype,
-                                 None if args.batch_size == "auto" else args.batch_size, args.runs, progress=bars.update,
+                                 args.device, args.dtype, batch_size, args.runs, progress=bars.update,
                                  engine=args.engine, compile=args.compile)
     for line in ([report.as_json()] if args.json else bench.format_report(report)):
         _say(line)

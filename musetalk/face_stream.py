@@ -93,7 +93,8 @@ class FaceStream:
         self._avatar: Avatar | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="faces", daemon=True,
-                                        args=(frames, key, width, height, fps, options, timer, progress, source, workers))
+                                        args=(frames, key, width, height, fps, options, timer, progress, source,
+                                              workers))
         self._thread.start()
 
     def _run(self, frames, key, width, height, fps, options, timer, progress, source, workers) -> None:

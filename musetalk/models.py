@@ -120,7 +120,7 @@ def load_unet(config_path: Path, weights_path: Path, device, dtype):
     check_state_dict(model, state, weights_path)
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return for_inference(model, device, dtype)
 
 
 def load_vae(vae_dir: Path, device, dtype):
@@ -129,8 +129,19 @@ def load_vae(vae_dir: Path, device, dtype):
 
     # Say which file to read: left to guess, diffusers logs an error for the format it did not find.
     use_safetensors = (Path(vae_dir) / "diffusion_pytorch_model.safetensors").is_file()
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, use_safetensors=use_safetensors)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # low_cpu_mem_usage=False: said outright, diffusers does not warn that accelerate is missing (the
+    # 320 MB VAE does not need it).
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, use_safetensors=use_safetensors,
+                                        low_cpu_mem_usage=False)
+    return for_inference(vae, device, dtype)
+
+
+def for_inference(model, device, dtype):
+    """``model`` on ``device`` in ``dtype``, in eval mode, without gradients. torch's own ``Module.to``:
+    diffusers' override warns on every cast about modules to keep in float32, even when it has none."""
+    import torch
+
+    return torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def vae_scaling_factor(vae) -> float:

@@ -220,3 +220,15 @@ def test_download_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
     error = capsys.readouterr().err
     assert error.startswith("musetalk: error: could not fetch TMElyralab/MuseTalk/musetalkV15/musetalk.json")
     assert error.count("\n") == 1
+
+
+def test_batch_size_is_a_number_or_auto_and_the_command_line_wins():
+    parser = cli.build_parser()
+    base = ["run", "--video", "v.mp4", "--audio", "a.wav", "--out", "o.mp4"]
+    assert cli.job_options(parser.parse_args(base)).batch_size is None  # auto by default
+    assert cli.job_options(parser.parse_args(base + ["--batch-size", "16"])).batch_size == 16
+    from_file = {"batch_size": 16}
+    assert cli.job_options(parser.parse_args(base), from_file).batch_size == 16
+    assert cli.job_options(parser.parse_args(base + ["--batch-size", "auto"]), from_file).batch_size is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--batch-size", "many"])

@@ -57,6 +57,7 @@ class BenchReport:
     floor_fps: float
     runs: list[RunReport] = field(default_factory=list)
     compiled: bool = False  # the models went through torch.compile
+    draft: bool = False  # TAESD decoded the faces
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -131,24 +132,28 @@ def time_floor(clip: Path, out_dir: Path, crf: int) -> float:
 
 
 def build_pipeline(model: str, models_dir, device: str, dtype, cache_dir: Path, work_dir: Path,
-                   engine: str = "musetalk", compile: bool = False):
+                   engine: str = "musetalk", compile: bool = False, draft: bool = False):
     from musetalk.pipeline import LipSyncPipeline
-    from musetalk.testing import save_tiny_models
+    from musetalk.testing import save_taesd, save_tiny_models
 
     if engine == "preview":
         return LipSyncPipeline.from_pretrained(cache_dir=cache_dir, engine="preview")
     if model == "tiny":
-        return LipSyncPipeline.from_pretrained(save_tiny_models(work_dir / "models", ("v15",)), "v15", device,
-                                               dtype, cache_dir=cache_dir, compile=compile)
+        tiny_models = save_tiny_models(work_dir / "models", ("v15",))
+        if draft:
+            save_taesd(tiny_models)
+        return LipSyncPipeline.from_pretrained(tiny_models, "v15", device, dtype, cache_dir=cache_dir, compile=compile,
+                                               draft=draft)
     if model == "weights":
-        return LipSyncPipeline.from_pretrained(models_dir, "v15", device, dtype, cache_dir=cache_dir, compile=compile)
-    return _full_size_pipeline(device, dtype, cache_dir, compile)
+        return LipSyncPipeline.from_pretrained(models_dir, "v15", device, dtype, cache_dir=cache_dir, compile=compile,
+                                               draft=draft)
+    return _full_size_pipeline(device, dtype, cache_dir, compile, draft)
 
 
-def _full_size_pipeline(device: str, dtype, cache_dir: Path, compile: bool = False):
+def _full_size_pipeline(device: str, dtype, cache_dir: Path, compile: bool = False, draft: bool = False):
     """The official architectures at full size with random weights (same cost as the real ones)."""
     import torch
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, AutoencoderTiny
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
     from musetalk import models
@@ -167,15 +172,16 @@ def _full_size_pipeline(device: str, dtype, cache_dir: Path, compile: bool = Fal
     vae = models.for_inference(AutoencoderKL.from_config(config("sd-vae.json")), torch_device, torch_dtype)
     whisper = WhisperModel(WhisperConfig(**config("whisper-tiny.json"))).encoder
     encoder = WhisperAudioEncoder(whisper, WhisperFeatureExtractor(feature_size=80), torch_device, torch_dtype)
+    draft_decoder = models.for_inference(AutoencoderTiny(), torch_device, torch_dtype) if draft else None
     engine = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype, cache_id=f"random-full|{torch_dtype}",
-                            compile=compile)
+                            compile=compile, draft_decoder=draft_decoder)
     return LipSyncPipeline(engine, "v15", torch_device, AvatarCache(cache_dir))
 
 
 def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, height: int = 720,
               seconds: float = 10.0, fps: float = 25.0, models_dir=None, device: str = "auto", dtype=None,
               batch_size: int | None = None, runs: int = 2, progress=None, engine: str = "musetalk",
-              compile: bool = False) -> BenchReport:
+              compile: bool = False, draft: bool = False) -> BenchReport:
     from musetalk.engines import ENGINES
 
     if model not in MODEL_KINDS:
@@ -192,12 +198,13 @@ def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, 
             raise InputError(f"{clip} has no audio track; the benchmark dubs a clip with its own sound")
         options = RunOptions(batch_size=batch_size)
         floor = time_floor(clip, work, options.crf)
-        pipeline = build_pipeline(model, models_dir, device, dtype, work / "avatar-cache", work, engine, compile)
+        pipeline = build_pipeline(model, models_dir, device, dtype, work / "avatar-cache", work, engine, compile, draft)
         report = BenchReport(str(video or f"generated {width}x{height}"), info.width, info.height, info.fps,
                              info.duration, model if engine == "musetalk" else engine, str(pipeline.device or "cpu"),
                              str(getattr(pipeline.engine, "dtype", "-")),
                              batch_size, round(floor, 3), round(info.num_frames / floor, 2),
-                             compiled=bool(getattr(pipeline.engine, "compiled", False)))
+                             compiled=bool(getattr(pipeline.engine, "compiled", False)),
+                             draft=getattr(pipeline.engine, "draft_decoder", None) is not None)
         for index in range(runs):
             report.runs.append(_one_run(pipeline, clip, work / f"run{index}.mp4", options, progress))
         return report
@@ -225,7 +232,8 @@ def _one_run(pipeline, clip: Path, out: Path, options: RunOptions, progress) -> 
 
 def format_report(report: BenchReport) -> list[str]:
     lines = [f"clip: {report.clip}, {report.width}x{report.height} at {report.fps:g} fps, {report.duration:.1f} s",
-             f"model: {report.model} on {report.device} ({report.dtype}{', compiled' if report.compiled else ''}), "
+             f"model: {report.model} on {report.device} ({report.dtype}{', compiled' if report.compiled else ''}"
+             f"{', draft decoder' if report.draft else ''}), "
              f"batch size {report.batch_size or 'auto'}",
              f"floor (decode + encode, no model): {report.floor_seconds:.2f} s, {report.floor_fps:.1f} frames/s"]
     for index, run in enumerate(report.runs):

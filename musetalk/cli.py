@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--version", dest="model_version", choices=("v15", "v1", "all"), default="v15")
     download.add_argument("--scoring", action="store_true",
                           help="also fetch LatentSync's SyncNet (1.4 GB) for the LSE-C/LSE-D scores of `musetalk score`")
+    download.add_argument("--draft", action="store_true",
+                          help="also fetch TAESD (10 MB), the fast decoder of `musetalk run --draft`")
     download.set_defaults(handler=_download)
 
     score = commands.add_parser("score", help="measure a result: lip-sync, silence, identity, stability, SyncNet")
@@ -162,6 +164,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp16, bf16 or fp32")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the models: faster batches after minutes of compiling (long videos)")
+    parser.add_argument("--draft", action="store_true",
+                        help="decode with TAESD (musetalk download --draft): several times faster, less detail")
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -254,7 +258,7 @@ def _load_pipeline(args: argparse.Namespace, version: str):
     try:
         return LipSyncPipeline.from_pretrained(args.models_dir, version, args.device, args.dtype,
                                                cache_dir=False if args.no_cache else None, engine=args.engine,
-                                               compile=args.compile)
+                                               compile=args.compile, draft=args.draft)
     except WeightsMissingError as error:
         raise WeightsMissingError(f"{error} (or add --engine preview: a preview that needs no weights)") from error
 
@@ -393,7 +397,7 @@ def _bench(args: argparse.Namespace) -> int:
         batch_size = None if args.batch_size == "auto" else args.batch_size
         report = bench.run_bench(args.model, args.video, width, height, args.seconds, args.fps, args.models_dir,
                                  args.device, args.dtype, batch_size, args.runs, progress=bars.update,
-                                 engine=args.engine, compile=args.compile)
+                                 engine=args.engine, compile=args.compile, draft=args.draft)
     for line in ([report.as_json()] if args.json else bench.format_report(report)):
         _say(line)
     return 0
@@ -418,7 +422,7 @@ def _cache(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     from musetalk import weights
 
-    paths = weights.download(args.model_version, args.models_dir, scoring=args.scoring)
+    paths = weights.download(args.model_version, args.models_dir, scoring=args.scoring, draft=args.draft)
     _say(f"{len(paths)} files ready in {weights.models_dir_or_default(args.models_dir)}")
     return 0
 

@@ -3,6 +3,7 @@
 - UNet: ``diffusers.UNet2DConditionModel`` from ``musetalk.json`` plus a plain state dict,
   loaded strictly and without unpickling objects (``weights_only=True``).
 - VAE: ``diffusers.AutoencoderKL.from_pretrained`` (it renames the old attention keys itself).
+- Draft decoder (optional): TAESD, ``diffusers.AutoencoderTiny.from_pretrained``.
 - Whisper: see ``musetalk.audio.WhisperAudioEncoder``.
 
 torch and diffusers are imported inside the functions so importing this module stays cheap.
@@ -134,6 +135,16 @@ def load_vae(vae_dir: Path, device, dtype):
     vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, use_safetensors=use_safetensors,
                                         low_cpu_mem_usage=False)
     return for_inference(vae, device, dtype)
+
+
+def load_draft_decoder(taesd_dir: Path, device, dtype):
+    """TAESD (``diffusers.AutoencoderTiny``): a distilled decoder of the same latents, for the draft quality."""
+    from diffusers import AutoencoderTiny
+
+    use_safetensors = (Path(taesd_dir) / "diffusion_pytorch_model.safetensors").is_file()
+    tiny = AutoencoderTiny.from_pretrained(str(taesd_dir), local_files_only=True, use_safetensors=use_safetensors,
+                                           low_cpu_mem_usage=False)
+    return for_inference(tiny, device, dtype)
 
 
 def for_inference(model, device, dtype):

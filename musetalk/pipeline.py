@@ -25,7 +25,7 @@ from musetalk.avatar import Avatar, AvatarCache, FaceFrame, avatar_key, file_has
 from musetalk.batching import BatchSize
 from musetalk.config import RunOptions
 from musetalk.engines import CROP_SIZE, ENGINES, Engine
-from musetalk.errors import GPUMemoryError, InputError, MuseTalkError
+from musetalk.errors import GPUMemoryError, InputError, MuseTalkError, WeightsMissingError
 from musetalk.face_stream import FaceStream, analyse
 from musetalk.stages import BackgroundCall, prefetch, worker
 from musetalk.timing import StageTimer
@@ -73,13 +73,14 @@ class LipSyncPipeline:
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
                         device: str = "auto", dtype=None,
                         cache_dir: str | os.PathLike | None | bool = None, engine: str = "musetalk",
-                        compile: bool = False) -> LipSyncPipeline:
+                        compile: bool = False, draft: bool = False) -> LipSyncPipeline:
         """Build every model from its config and load its weights (official layout or HF cache).
 
         ``cache_dir``: where prepared avatars are kept (None: the per-user default, False: no cache).
         ``engine``: "musetalk" (the model), or "preview" (no weights, no GPU: a real-time CPU preview;
         ``models_dir``, ``device`` and ``dtype`` are then not used).
         ``compile``: ``torch.compile`` the models (minutes at the first batch; see MuseTalkEngine._compile).
+        ``draft``: decode with TAESD (``musetalk download --draft``): several times faster, less detail.
         """
         from musetalk import models
         from musetalk.engines.musetalk import MuseTalkEngine
@@ -105,8 +106,10 @@ class LipSyncPipeline:
             vae = models.load_vae(files.vae_dir, torch_device, torch_dtype)
         with _corrupt_files_reported(files.whisper_dir, version, root):
             encoder = audio_lib.WhisperAudioEncoder.from_pretrained(files.whisper_dir, torch_device, torch_dtype)
+        draft_decoder = _load_draft_decoder(models_dir, torch_device, torch_dtype) if draft else None
         model = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype,
-                               cache_id=_weights_id(files.vae_dir, torch_dtype), compile=compile)
+                               cache_id=_weights_id(files.vae_dir, torch_dtype), compile=compile,
+                               draft_decoder=draft_decoder)
         return cls(model, version, torch_device, avatar_cache)
 
     # ------------------------------------------------------------------ the job
@@ -445,6 +448,19 @@ def _weights_id(vae_dir: Path, dtype) -> str:
             stat = path.stat()
             described.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
     return "musetalk|" + "|".join(described)
+
+
+def _load_draft_decoder(models_dir, device, dtype):
+    from musetalk import models
+
+    taesd_dir = weights.draft_decoder_dir(models_dir)
+    try:
+        return models.load_draft_decoder(taesd_dir, device, dtype)
+    except Exception as error:
+        raise WeightsMissingError(
+            f"the draft decoder in {taesd_dir} is damaged ({type(error).__name__}: {error}). Delete the folder and "
+            f"fetch it again with: musetalk download --draft"
+        ) from error
 
 
 @contextmanager

@@ -118,6 +118,25 @@ def save_whisper(models_dir: Path, config: dict | None = None, seed: int = 0) ->
     return target
 
 
+TINY_TAESD = {
+    "encoder_block_out_channels": [4, 4, 4, 4],
+    "decoder_block_out_channels": [4, 4, 4, 4],
+    "num_encoder_blocks": [1, 1, 1, 1],
+    "num_decoder_blocks": [1, 1, 1, 1],
+}
+
+
+def save_taesd(models_dir: Path, config: dict | None = None, seed: int = 0) -> Path:
+    """An AutoencoderTiny as ``taesd/{config.json, diffusion_pytorch_model.safetensors}``, as madebyollin/taesd is."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    target = Path(models_dir) / "taesd"
+    torch.manual_seed(seed)
+    AutoencoderTiny(**(config or TINY_TAESD)).save_pretrained(target)
+    return target
+
+
 def save_tiny_models(models_dir: Path, versions: tuple[str, ...] = ("v15", "v1")) -> Path:
     """Every file the pipeline loads, at tiny sizes, in the official layout under ``models_dir``."""
     models_dir = Path(models_dir)

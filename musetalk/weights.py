@@ -45,6 +45,7 @@ _MUSETALK = "TMElyralab/MuseTalk"
 _VAE = "stabilityai/sd-vae-ft-mse"
 _WHISPER = "openai/whisper-tiny"
 _LATENTSYNC = "ByteDance/LatentSync"
+_TAESD = "madebyollin/taesd"
 
 COMPONENTS: dict[str, Component] = {
     "unet-v15": Component(
@@ -83,6 +84,18 @@ COMPONENTS: dict[str, Component] = {
 # in the folder the official MuseTalk layout gives it (models/syncnet/latentsync_syncnet.pt).
 SCORING_COMPONENTS = {
     "syncnet": Component("syncnet", (WeightFile(_LATENTSYNC, "syncnet", ("latentsync_syncnet.pt",)),)),
+}
+
+# Optional: TAESD, a distilled decoder for the same latents, for the "draft" quality
+# (`musetalk download --draft`, `musetalk run --draft`).
+DRAFT_COMPONENTS = {
+    "taesd": Component(
+        "taesd",
+        (
+            WeightFile(_TAESD, "taesd", ("config.json",)),
+            WeightFile(_TAESD, "taesd", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+        ),
+    ),
 }
 
 VERSION_COMPONENTS = {
@@ -200,9 +213,23 @@ def syncnet_weights(models_dir: str | os.PathLike | None = None) -> Path | None:
     return found[0] if found else None
 
 
-def download(version: str = "v15", models_dir: str | os.PathLike | None = None, scoring: bool = False) -> list[Path]:
+def draft_decoder_dir(models_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of TAESD's files (models directory or HF cache); WeightsMissingError says how to fetch them."""
+    root = models_dir_or_default(models_dir)
+    found = _resolve_component(DRAFT_COMPONENTS["taesd"], root)
+    if not found:
+        raise WeightsMissingError(
+            f"the draft decoder (TAESD) is not in {root / 'taesd'} or the Hugging Face cache. Fetch it (10 MB) with: "
+            f"musetalk download --draft --models-dir {root}"
+        )
+    return found[-1].parent
+
+
+def download(version: str = "v15", models_dir: str | os.PathLike | None = None, scoring: bool = False,
+             draft: bool = False) -> list[Path]:
     """Fetch what ``version`` ("v15", "v1" or "all") needs into the official layout, with progress;
-    ``scoring`` adds the SyncNet weights (1.4 GB) that the LSE-C / LSE-D scores need.
+    ``scoring`` adds the SyncNet weights (1.4 GB) that the LSE-C / LSE-D scores need, ``draft`` the draft
+    decoder (TAESD, 10 MB).
 
     Files already present are skipped; an interrupted download resumes. Returns the paths.
     """
@@ -215,6 +242,8 @@ def download(version: str = "v15", models_dir: str | os.PathLike | None = None, 
     components = [COMPONENTS[name] for name in VERSION_COMPONENTS[version]]
     if scoring:
         components += list(SCORING_COMPONENTS.values())
+    if draft:
+        components += list(DRAFT_COMPONENTS.values())
     for component in components:
         for weight in component.files:
             present = _find_local(weight, root)

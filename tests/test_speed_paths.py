@@ -14,10 +14,11 @@ from musetalk.avatar import AvatarCache
 from musetalk.batching import CPU_BATCH, MAX_AUTO_BATCH, BatchSize, fitting_batch_size
 from musetalk.config import RunOptions
 from musetalk.engines import musetalk as musetalk_engine
-from musetalk.errors import GPUMemoryError, InputError
+from musetalk.errors import GPUMemoryError, InputError, WeightsMissingError
 from musetalk.face import LandmarkSmoother
 from musetalk.face_stream import FRAMES_HANDED_ON, FaceStream, analyse
 from musetalk.pipeline import LipSyncPipeline
+from musetalk.testing import save_taesd, save_tiny_models
 from musetalk.timing import StageTimer
 from musetalk.video_io import read_frames
 
@@ -259,3 +260,18 @@ def test_compiled_models_give_the_same_frames(models_dir, clip, speech, tmp_path
         # amplify that (measured: at most 1.1% of the pixels differ, by up to 8 levels). A padded frame
         # out of place would change most of the face (a third of the picture).
         assert (a != b).mean() < 0.02
+
+
+def test_the_draft_decoder_redraws_the_face_from_the_same_latents(clip, speech, tmp_path, lossless):
+    models = save_tiny_models(tmp_path / "models", ("v15",))
+    with pytest.raises(WeightsMissingError, match="musetalk download --draft"):
+        LipSyncPipeline.from_pretrained(models, device="cpu", cache_dir=False, draft=True)
+    save_taesd(models)  # as madebyollin/taesd is laid out
+    vae = LipSyncPipeline.from_pretrained(models, device="cpu", cache_dir=tmp_path / "cache")
+    draft = LipSyncPipeline.from_pretrained(models, device="cpu", cache_dir=tmp_path / "cache", draft=True)
+    vae(clip, speech, tmp_path / "vae.mp4", lossless)
+    result = draft(clip, speech, tmp_path / "draft.mp4", lossless)
+    assert "vae_encode" not in result.timings  # the same prepared latents: the cache is shared
+    pairs = list(zip(frames_of(tmp_path / "vae.mp4"), frames_of(tmp_path / "draft.mp4"), strict=True))
+    assert all(np.array_equal(a[:40], b[:40]) for a, b in pairs)  # above the face: untouched by either
+    assert all(not np.array_equal(a, b) for a, b in pairs)  # the lower face: another decoder drew it

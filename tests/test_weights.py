@@ -5,6 +5,7 @@ import pytest
 from musetalk import weights
 from musetalk.errors import WeightsMissingError
 from musetalk.pipeline import LipSyncPipeline
+from musetalk.testing import save_taesd
 
 
 def test_resolves_the_official_layout(models_dir):
@@ -62,3 +63,23 @@ def test_download_without_network_fails_clearly_and_keeps_present_files(models_d
         weights.download("v15", target)
     after = sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file() and ".cache" not in p.parts)
     assert after == before
+
+
+def test_the_draft_decoder_is_fetched_only_when_asked_for(models_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    target = tmp_path / "models"
+    shutil.copytree(models_dir, target)
+    assert all(path.exists() for path in weights.download("v15", target))  # everything there: nothing fetched
+    with pytest.raises(WeightsMissingError, match="could not fetch madebyollin/taesd/config.json"):
+        weights.download("v15", target, draft=True)
+
+
+def test_a_damaged_draft_decoder_says_what_to_do(models_dir, tmp_path):
+    target = tmp_path / "models"
+    shutil.copytree(models_dir, target)
+    weights_file = save_taesd(target) / "diffusion_pytorch_model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    with pytest.raises(WeightsMissingError, match="draft decoder .* is damaged.*musetalk download --draft"):
+        LipSyncPipeline.from_pretrained(target, "v15", device="cpu", cache_dir=False, draft=True)

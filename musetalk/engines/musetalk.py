@@ -21,7 +21,7 @@ class MuseTalkEngine:
     name = "musetalk"
 
     def __init__(self, unet, vae, audio_encoder: audio_lib.WhisperAudioEncoder, device, dtype,
-                 cache_id: str | None = None, compile: bool = False):
+                 cache_id: str | None = None, compile: bool = False, draft_decoder=None):
         import torch
 
         self.unet = unet
@@ -30,7 +30,12 @@ class MuseTalkEngine:
         self.device = device
         self.dtype = dtype
         self.scaling_factor = vae_scaling_factor(vae)
-        self.cache_id = cache_id
+        self.cache_id = cache_id  # the draft decoder changes no prepared state: the cache is shared
+        # What decodes the UNet's latents: the VAE, or TAESD for the draft quality. TAESD takes the scaled
+        # latents as they are (its config's scaling factor is 1).
+        self.draft_decoder = draft_decoder
+        self.decoder = draft_decoder or vae
+        self.decode_scale = vae_scaling_factor(self.decoder)
         self._torch = torch
         self._encodings: dict[int, object] = {}
         self.compiled = compile
@@ -45,6 +50,9 @@ class MuseTalkEngine:
         self.unet = torch.compile(self.unet, dynamic=False, backend=COMPILE_BACKEND)
         self.vae.encoder = torch.compile(self.vae.encoder, dynamic=False, backend=COMPILE_BACKEND)
         self.vae.decoder = torch.compile(self.vae.decoder, dynamic=False, backend=COMPILE_BACKEND)
+        if self.draft_decoder is not None:
+            self.draft_decoder.decoder = torch.compile(self.draft_decoder.decoder, dynamic=False,
+                                                       backend=COMPILE_BACKEND)
 
     def _padded(self, tensor):
         """Compiled models only: the batch repeated at its end up to a power of two, so that the few
@@ -104,6 +112,6 @@ class MuseTalkEngine:
                 timestep = torch.zeros((), device=self.device, dtype=torch.long)
                 predicted = self.unet(latents, timestep, encoder_hidden_states=audio).sample
             with timer.stage("vae_decode"):
-                faces = self.vae.decode(predicted / self.scaling_factor).sample.clamp(-1.0, 1.0)
+                faces = self.decoder.decode(predicted / self.decode_scale).sample.clamp(-1.0, 1.0)
                 faces = ((faces + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
                 return faces[:count].cpu().numpy()

@@ -39,6 +39,7 @@ LOOP_CHOICES = [("Forward and back (ping-pong)", "pingpong"), ("From the start a
 LENGTH_CHOICES = [("As long as the audio", "audio"), ("As long as the video", "video")]
 VERSION_CHOICES = [("MuseTalk 1.5", "v15"), ("MuseTalk 1.0", "v1")]
 ENGINE_CHOICES = [("MuseTalk (the model; a GPU makes it fast)", "musetalk"),
+                  ("MuseTalk draft (a tiny decoder: several times faster, less detail)", "draft"),
                   ("Preview (no weights, real time on a CPU; a sketch of the mouth)", "preview")]
 SPEECH_FROM = [("Audio file or recording", "audio"), ("Text", "text")]
 # The comparison table's first rows: MuseTalk beside the preview engine when the weights are
@@ -251,8 +252,8 @@ def build_demo(services: Studio):
                             f"Up to {services.config.max_variants} variants of this job on the same video. An "
                             "empty cell keeps what is set on the left. *speech source*: `audio` for the audio "
                             "above, or a source id (`espeak`, ...) to speak the text; *voice*: a voice id; "
-                            "*version*: `v15` or `v1`; *mask*: `jaw`, `raw` or `mouth`; *engine*: `musetalk` or "
-                            "`preview`. The face data of the video is prepared once and reused by every variant.")
+                            "*version*: `v15` or `v1`; *mask*: `jaw`, `raw` or `mouth`; *engine*: `musetalk`, "
+                            "`draft` or `preview`. The face data of the video is prepared once and reused by every variant.")
                         variants = gr.Dataframe(value=ENGINE_VARIANTS if default_engine == "musetalk" else MASK_VARIANTS,
                                                 headers=studio_lib.VARIANT_COLUMNS,
                                                 datatype="str", type="array", interactive=True,

@@ -132,7 +132,7 @@ def time_floor(clip: Path, out_dir: Path, crf: int) -> float:
 
 
 def build_pipeline(model: str, models_dir, device: str, dtype, cache_dir: Path, work_dir: Path,
-                   engine: str = "musetalk", compile: bool = False, draft: bool = False):
+                   engine: str = "musetalk", compile: bool = False):
     from musetalk.pipeline import LipSyncPipeline
     from musetalk.testing import save_taesd, save_tiny_models
 
@@ -140,14 +140,14 @@ def build_pipeline(model: str, models_dir, device: str, dtype, cache_dir: Path, 
         return LipSyncPipeline.from_pretrained(cache_dir=cache_dir, engine="preview")
     if model == "tiny":
         tiny_models = save_tiny_models(work_dir / "models", ("v15",))
-        if draft:
+        if engine == "draft":
             save_taesd(tiny_models)
-        return LipSyncPipeline.from_pretrained(tiny_models, "v15", device, dtype, cache_dir=cache_dir, compile=compile,
-                                               draft=draft)
+        return LipSyncPipeline.from_pretrained(tiny_models, "v15", device, dtype, cache_dir=cache_dir,
+                                               engine=engine, compile=compile)
     if model == "weights":
-        return LipSyncPipeline.from_pretrained(models_dir, "v15", device, dtype, cache_dir=cache_dir, compile=compile,
-                                               draft=draft)
-    return _full_size_pipeline(device, dtype, cache_dir, compile, draft)
+        return LipSyncPipeline.from_pretrained(models_dir, "v15", device, dtype, cache_dir=cache_dir,
+                                               engine=engine, compile=compile)
+    return _full_size_pipeline(device, dtype, cache_dir, compile, draft=engine == "draft")
 
 
 def _full_size_pipeline(device: str, dtype, cache_dir: Path, compile: bool = False, draft: bool = False):
@@ -181,7 +181,7 @@ def _full_size_pipeline(device: str, dtype, cache_dir: Path, compile: bool = Fal
 def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, height: int = 720,
               seconds: float = 10.0, fps: float = 25.0, models_dir=None, device: str = "auto", dtype=None,
               batch_size: int | None = None, runs: int = 2, progress=None, engine: str = "musetalk",
-              compile: bool = False, draft: bool = False) -> BenchReport:
+              compile: bool = False) -> BenchReport:
     from musetalk.engines import ENGINES
 
     if model not in MODEL_KINDS:
@@ -198,9 +198,9 @@ def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, 
             raise InputError(f"{clip} has no audio track; the benchmark dubs a clip with its own sound")
         options = RunOptions(batch_size=batch_size)
         floor = time_floor(clip, work, options.crf)
-        pipeline = build_pipeline(model, models_dir, device, dtype, work / "avatar-cache", work, engine, compile, draft)
+        pipeline = build_pipeline(model, models_dir, device, dtype, work / "avatar-cache", work, engine, compile)
         report = BenchReport(str(video or f"generated {width}x{height}"), info.width, info.height, info.fps,
-                             info.duration, model if engine == "musetalk" else engine, str(pipeline.device or "cpu"),
+                             info.duration, engine if engine == "preview" else model, str(pipeline.device or "cpu"),
                              str(getattr(pipeline.engine, "dtype", "-")),
                              batch_size, round(floor, 3), round(info.num_frames / floor, 2),
                              compiled=bool(getattr(pipeline.engine, "compiled", False)),

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true",
                      help="neither use nor keep prepared faces (see `musetalk cache`)")
     run.add_argument("--engine", choices=ENGINES, default="musetalk",
-                     help="musetalk (the model; needs its weights) or preview (no weights, no GPU: a real-time "
-                          "CPU preview that redraws the mouth from the speech's loudness or phonemes)")
+                     help="musetalk (the model; needs its weights), draft (the model, decoding with TAESD: several "
+                          "times faster, less detail; musetalk download --draft) or preview (no weights, no GPU: a "
+                          "real-time CPU preview that redraws the mouth from the speech's loudness or phonemes)")
     run.add_argument("--score", action="store_true",
                      help="measure each result afterwards (lip-sync, silence, identity, stability; see `musetalk score`)")
     _add_speech_arguments(run, "imitate the voice of the video's own speaker (or of FILE); needs a source "
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--scoring", action="store_true",
                           help="also fetch LatentSync's SyncNet (1.4 GB) for the LSE-C/LSE-D scores of `musetalk score`")
     download.add_argument("--draft", action="store_true",
-                          help="also fetch TAESD (10 MB), the fast decoder of `musetalk run --draft`")
+                          help="also fetch TAESD (10 MB), the fast decoder of `musetalk run --engine draft`")
     download.set_defaults(handler=_download)
 
     score = commands.add_parser("score", help="measure a result: lip-sync, silence, identity, stability, SyncNet")
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", choices=("tiny", "full", "weights"), default="tiny",
                        help="tiny test models (pipeline overhead), full-size random weights, or the installed weights")
     bench.add_argument("--engine", choices=ENGINES, default="musetalk",
-                       help="time the preview engine instead of MuseTalk (then --model does not apply)")
+                       help="draft: MuseTalk with TAESD's decoder; preview: the preview engine (then --model "
+                            "does not apply)")
     bench.add_argument("--batch-size", type=batch_size_argument, default=None,
                        help="frames per model call, or auto (default: 8 on a CPU, what the GPU's memory holds)")
     bench.add_argument("--runs", type=int, default=2, help="the second and later runs find the avatar in the cache")
@@ -164,8 +166,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp16, bf16 or fp32")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the models: faster batches after minutes of compiling (long videos)")
-    parser.add_argument("--draft", action="store_true",
-                        help="decode with TAESD (musetalk download --draft): several times faster, less detail")
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -258,7 +258,7 @@ def _load_pipeline(args: argparse.Namespace, version: str):
     try:
         return LipSyncPipeline.from_pretrained(args.models_dir, version, args.device, args.dtype,
                                                cache_dir=False if args.no_cache else None, engine=args.engine,
-                                               compile=args.compile, draft=args.draft)
+                                               compile=args.compile)
     except WeightsMissingError as error:
         raise WeightsMissingError(f"{error} (or add --engine preview: a preview that needs no weights)") from error
 
@@ -397,7 +397,7 @@ def _bench(args: argparse.Namespace) -> int:
         batch_size = None if args.batch_size == "auto" else args.batch_size
         report = bench.run_bench(args.model, args.video, width, height, args.seconds, args.fps, args.models_dir,
                                  args.device, args.dtype, batch_size, args.runs, progress=bars.update,
-                                 engine=args.engine, compile=args.compile, draft=args.draft)
+                                 engine=args.engine, compile=args.compile)
     for line in ([report.as_json()] if args.json else bench.format_report(report)):
         _say(line)
     return 0

@@ -142,8 +142,15 @@ def load_draft_decoder(taesd_dir: Path, device, dtype):
     from diffusers import AutoencoderTiny
 
     use_safetensors = (Path(taesd_dir) / "diffusion_pytorch_model.safetensors").is_file()
-    tiny = AutoencoderTiny.from_pretrained(str(taesd_dir), local_files_only=True, use_safetensors=use_safetensors,
-                                           low_cpu_mem_usage=False)
+    # diffusers saves AutoencoderTiny's config with a block_out_channels entry its loader then warns about.
+    config_logger = logging.getLogger("diffusers.configuration_utils")
+    level = config_logger.level
+    config_logger.setLevel(logging.ERROR)
+    try:
+        tiny = AutoencoderTiny.from_pretrained(str(taesd_dir), local_files_only=True, use_safetensors=use_safetensors,
+                                               low_cpu_mem_usage=False)
+    finally:
+        config_logger.setLevel(level)
     return for_inference(tiny, device, dtype)
 
 

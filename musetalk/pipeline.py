@@ -73,14 +73,14 @@ class LipSyncPipeline:
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
                         device: str = "auto", dtype=None,
                         cache_dir: str | os.PathLike | None | bool = None, engine: str = "musetalk",
-                        compile: bool = False, draft: bool = False) -> LipSyncPipeline:
+                        compile: bool = False) -> LipSyncPipeline:
         """Build every model from its config and load its weights (official layout or HF cache).
 
         ``cache_dir``: where prepared avatars are kept (None: the per-user default, False: no cache).
-        ``engine``: "musetalk" (the model), or "preview" (no weights, no GPU: a real-time CPU preview;
-        ``models_dir``, ``device`` and ``dtype`` are then not used).
+        ``engine``: "musetalk" (the model), "draft" (the model, decoding with TAESD: ``musetalk download
+        --draft``), or "preview" (no weights, no GPU: a real-time CPU preview; ``models_dir``, ``device``
+        and ``dtype`` are then not used).
         ``compile``: ``torch.compile`` the models (minutes at the first batch; see MuseTalkEngine._compile).
-        ``draft``: decode with TAESD (``musetalk download --draft``): several times faster, less detail.
         """
         from musetalk import models
         from musetalk.engines.musetalk import MuseTalkEngine
@@ -95,7 +95,7 @@ class LipSyncPipeline:
             from musetalk.engines.preview import PreviewEngine
 
             return cls(PreviewEngine(), version, None, avatar_cache)
-        files = weights.resolve(version, models_dir)
+        files = weights.resolve(version, models_dir, draft=engine == "draft")
         torch_device = models.resolve_device(device)
         torch_dtype = models.resolve_dtype(torch_device, dtype)
         root = weights.models_dir_or_default(models_dir)
@@ -106,7 +106,7 @@ class LipSyncPipeline:
             vae = models.load_vae(files.vae_dir, torch_device, torch_dtype)
         with _corrupt_files_reported(files.whisper_dir, version, root):
             encoder = audio_lib.WhisperAudioEncoder.from_pretrained(files.whisper_dir, torch_device, torch_dtype)
-        draft_decoder = _load_draft_decoder(models_dir, torch_device, torch_dtype) if draft else None
+        draft_decoder = _load_draft_decoder(models_dir, torch_device, torch_dtype) if engine == "draft" else None
         model = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype,
                                cache_id=_weights_id(files.vae_dir, torch_dtype), compile=compile,
                                draft_decoder=draft_decoder)

@@ -31,7 +31,7 @@ import numpy as np
 
 from musetalk import compare, metrics, video_io, weights
 from musetalk.config import RunOptions
-from musetalk.engines import ENGINES
+from musetalk.engines import ENGINES, MODEL_ENGINES
 from musetalk.errors import InputError, NoFaceError
 
 logger = logging.getLogger(__name__)
@@ -441,8 +441,11 @@ class Studio:
     def models_dir(self) -> Path:
         return weights.models_dir_or_default(self.config.models_dir)
 
-    def missing_weights(self, version: str | None = None) -> list[Path]:
-        return weights.missing_files(version or self.config.version, self.config.models_dir)
+    def missing_weights(self, version: str | None = None, engine: str = "musetalk") -> list[Path]:
+        """What ``engine`` lacks to run ``version`` (the preview engine needs nothing)."""
+        if engine not in MODEL_ENGINES:
+            return []
+        return weights.missing_files(version or self.config.version, self.config.models_dir, draft=engine == "draft")
 
     def weights_status(self) -> str:
         """One line per version: ready, or which files are missing and how they are fetched."""
@@ -456,16 +459,22 @@ class Studio:
             else:
                 names = ", ".join(str(path.relative_to(self.models_dir())) for path in missing)
                 lines.append(f"{name}: missing {names}; fetched on the first run, or with Download weights")
+        lines.append("Draft decoder (TAESD): " + ("ready" if weights.has_draft_decoder(self.config.models_dir) else
+                                                  "fetched (10 MB) on the first run of the draft engine"))
         return "\n".join(lines)
 
-    def fetch_weights(self, version: str | None = None, progress: Progress | None = None) -> str:
-        """Download what ``version`` lacks (nothing when complete); returns the new status."""
+    def fetch_weights(self, version: str | None = None, progress: Progress | None = None,
+                      engine: str = "musetalk") -> str:
+        """Download what ``engine`` lacks to run ``version`` (nothing when complete); returns the new status."""
         version = version or self.config.version
         progress = progress or _no_progress
-        if self.missing_weights(version):
+        if self.missing_weights(version, engine):
             progress(0.0, f"downloading the MuseTalk {version} weights (once, about 3.6 GB for everything)")
             logger.info("fetching the %s weights into %s", version, self.models_dir())
-            self._download_weights(version, self.config.models_dir)
+            if engine == "draft":
+                self._download_weights(version, self.config.models_dir, draft=True)
+            else:
+                self._download_weights(version, self.config.models_dir)
         progress(1.0, "weights ready")
         return self.weights_status()
 
@@ -481,9 +490,9 @@ class Studio:
         key = (engine, version)
         with self._lock:
             if key not in self._pipelines:
-                if engine == "musetalk" and self.missing_weights(version):
-                    self.fetch_weights(version, _Span(progress, 0.0, 0.8))
-                progress(0.85, f"loading the {engine} {version} models" if engine == "musetalk"
+                if self.missing_weights(version, engine):
+                    self.fetch_weights(version, _Span(progress, 0.0, 0.8), engine)
+                progress(0.85, f"loading the {engine} {version} models" if engine in MODEL_ENGINES
                          else "starting the preview engine")
                 self._pipelines[key] = self._load_pipeline(
                     self.config.models_dir, version, self.config.device, self.config.dtype, engine)
@@ -617,7 +626,7 @@ class Studio:
     def generate(self, video, speech: Speech, options: RunOptions | None = None,
                  progress: Progress | None = None, score: bool = True, engine: str = "musetalk") -> JobResult:
         """Dub ``video`` with ``speech``; the result, its side-by-side video, timings and
-        (``score``) the result's scores. ``engine``: "musetalk" or "preview" (no weights)."""
+        (``score``) the result's scores. ``engine``: "musetalk", "draft" or "preview" (no weights)."""
         options = (options or RunOptions()).validate()
         _check_engine(engine)
         self.check_video(video)

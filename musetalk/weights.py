@@ -167,29 +167,33 @@ def _resolve_component(component: Component, models_dir: Path) -> list[Path] | N
     return None
 
 
-def missing_files(version: str, models_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The files (as the models directory would hold them) that ``version`` still needs."""
+def missing_files(version: str, models_dir: str | os.PathLike | None = None, draft: bool = False) -> list[Path]:
+    """The files (as the models directory would hold them) that ``version`` still needs (``draft``: and
+    the draft decoder)."""
     root = models_dir_or_default(models_dir)
     missing: list[Path] = []
-    for name in VERSION_COMPONENTS[version]:
-        component = COMPONENTS[name]
+    components = [COMPONENTS[name] for name in VERSION_COMPONENTS[version]]
+    if draft:
+        components += list(DRAFT_COMPONENTS.values())
+    for component in components:
         if _resolve_component(component, root) is None:
             missing += [w.local_paths(root)[0] for w in component.files if _find_local(w, root) is None]
     return missing
 
 
-def resolve(version: str = "v15", models_dir: str | os.PathLike | None = None) -> ModelFiles:
-    """Paths of the checkpoint files of ``version``; WeightsMissingError names every missing file."""
+def resolve(version: str = "v15", models_dir: str | os.PathLike | None = None, draft: bool = False) -> ModelFiles:
+    """Paths of the checkpoint files of ``version``; WeightsMissingError names every missing file (``draft``:
+    the draft decoder's too, and the one command that fetches them all)."""
     if version not in ("v15", "v1"):
         raise ValueError(f"version must be v15 or v1, not {version!r}")
     root = models_dir_or_default(models_dir)
     resolved = {name: _resolve_component(COMPONENTS[name], root) for name in VERSION_COMPONENTS[version]}
     if any(paths is None for paths in resolved.values()):
-        missing = missing_files(version, root)
+        missing = missing_files(version, root, draft)
         raise WeightsMissingError(
             f"MuseTalk {version} weights are missing from {root}: "
             + ", ".join(str(p.relative_to(root)) for p in missing)
-            + f". Fetch them with: {download_command(version, root)}"
+            + f". Fetch them with: {download_command(version, root)}" + (" --draft" if draft else "")
         )
     unet_config, unet_weights = resolved[f"unet-{version}"]
     return ModelFiles(
@@ -211,6 +215,10 @@ def syncnet_weights(models_dir: str | os.PathLike | None = None) -> Path | None:
     """The SyncNet checkpoint used for scoring (models directory or HF cache), or None."""
     found = _resolve_component(SCORING_COMPONENTS["syncnet"], models_dir_or_default(models_dir))
     return found[0] if found else None
+
+
+def has_draft_decoder(models_dir: str | os.PathLike | None = None) -> bool:
+    return _resolve_component(DRAFT_COMPONENTS["taesd"], models_dir_or_default(models_dir)) is not None
 
 
 def draft_decoder_dir(models_dir: str | os.PathLike | None = None) -> Path:

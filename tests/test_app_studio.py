@@ -14,6 +14,7 @@ from musetalk import studio as studio_lib
 from musetalk.config import RunOptions
 from musetalk.errors import InputError
 from musetalk.studio import Speech, Studio, StudioConfig
+from musetalk.testing import save_taesd
 from musetalk.video_io import probe
 
 from conftest import ffmpeg
@@ -71,7 +72,7 @@ def test_variants_from_table_rows():
         studio_lib.variants_from_rows([["a"], ["b", "", "", "v3"]], text, base)
     with pytest.raises(InputError, match="extra margin must be a whole number"):
         studio_lib.variants_from_rows([["a", "", "", "", "", "wide"]], text, base)
-    with pytest.raises(InputError, match="variant row 1: engine must be one of musetalk, preview, not 'dall'"):
+    with pytest.raises(InputError, match="variant row 1: engine must be one of musetalk, draft, preview, not 'dall'"):
         studio_lib.variants_from_rows([["a", "", "", "", "", "", "dall"]], text, base)
     engines = studio_lib.variants_from_rows([["", "", "", "", "", "", "preview"], ["b"]], text, base, "musetalk")
     assert [variant.engine for variant in engines] == ["preview", "musetalk"] and engines[0].label == "1: preview"
@@ -145,6 +146,28 @@ def test_without_weights_the_studio_says_so_and_fetches_them_on_the_first_run(tm
     texts = [text for _, text in reports]
     positions = [next(i for i, text in enumerate(texts) if step in text) for step in steps]
     assert positions == sorted(positions), texts
+    made.close()
+
+
+def test_the_draft_engine_fetches_its_decoder_on_first_use(tmp_path, models_dir, face_clip):
+    models = tmp_path / "models"
+    shutil.copytree(models_dir, models)
+    asked = []
+
+    def fake_download(version, target, draft=False):
+        """Stands in for the network only: it saves a small TAESD in its published layout."""
+        asked.append((version, draft))
+        save_taesd(Path(target))
+
+    made = Studio(StudioConfig(models_dir=str(models), device="cpu", work_dir=str(tmp_path / "work")),
+                  download_weights=fake_download)
+    assert "Draft decoder (TAESD): fetched (10 MB) on the first run of the draft engine" in made.weights_status()
+    short = tmp_path / "short.wav"
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=220:duration=0.6", str(short))
+    job = made.generate(face_clip, Speech(audio=str(short)), RunOptions(), score=False, engine="draft")
+    assert asked == [("v15", True)]
+    assert job.result.engine == "draft" and probe(job.output).num_frames == 15
+    assert "Draft decoder (TAESD): ready" in made.weights_status()
     made.close()
 
 

@@ -265,13 +265,14 @@ def test_compiled_models_give_the_same_frames(models_dir, clip, speech, tmp_path
 def test_the_draft_decoder_redraws_the_face_from_the_same_latents(clip, speech, tmp_path, lossless):
     models = save_tiny_models(tmp_path / "models", ("v15",))
     with pytest.raises(WeightsMissingError, match="musetalk download --draft"):
-        LipSyncPipeline.from_pretrained(models, device="cpu", cache_dir=False, draft=True)
+        LipSyncPipeline.from_pretrained(models, device="cpu", cache_dir=False, engine="draft")
     save_taesd(models)  # as madebyollin/taesd is laid out
     vae = LipSyncPipeline.from_pretrained(models, device="cpu", cache_dir=tmp_path / "cache")
-    draft = LipSyncPipeline.from_pretrained(models, device="cpu", cache_dir=tmp_path / "cache", draft=True)
+    draft = LipSyncPipeline.from_pretrained(models, device="cpu", cache_dir=tmp_path / "cache", engine="draft")
     vae(clip, speech, tmp_path / "vae.mp4", lossless)
     result = draft(clip, speech, tmp_path / "draft.mp4", lossless)
     assert "vae_encode" not in result.timings  # the same prepared latents: the cache is shared
+    assert result.engine == "draft"
     pairs = list(zip(frames_of(tmp_path / "vae.mp4"), frames_of(tmp_path / "draft.mp4"), strict=True))
     assert all(np.array_equal(a[:40], b[:40]) for a, b in pairs)  # above the face: untouched by either
     assert all(not np.array_equal(a, b) for a, b in pairs)  # the lower face: another decoder drew it

@@ -82,4 +82,10 @@ def test_a_damaged_draft_decoder_says_what_to_do(models_dir, tmp_path):
     weights_file = save_taesd(target) / "diffusion_pytorch_model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:100])
     with pytest.raises(WeightsMissingError, match="draft decoder .* is damaged.*musetalk download --draft"):
-        LipSyncPipeline.from_pretrained(target, "v15", device="cpu", cache_dir=False, draft=True)
+        LipSyncPipeline.from_pretrained(target, "v15", device="cpu", cache_dir=False, engine="draft")
+
+
+def test_with_nothing_downloaded_the_draft_engine_names_one_command_for_all(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    with pytest.raises(WeightsMissingError, match=r"taesd/config.json.*musetalk download --version v15 .* --draft$"):
+        LipSyncPipeline.from_pretrained(tmp_path / "none", "v15", device="cpu", cache_dir=False, engine="draft")

@@ -32,8 +32,11 @@ if TYPE_CHECKING:
     from musetalk.config import RunOptions
 
 CROP_SIZE = 256
-# What `--engine` accepts: the model, or the training-free preview that needs no weights.
-ENGINES = ("musetalk", "preview")
+# What `--engine` accepts: the model; the model with TAESD's decoder (draft quality: decoding several
+# times faster, less detail; it shares the prepared faces with the model's runs); the training-free
+# preview that needs no weights.
+ENGINES = ("musetalk", "draft", "preview")
+MODEL_ENGINES = ("musetalk", "draft")  # the ones that run MuseTalk's weights
 
 
 class Engine(Protocol):

@@ -34,6 +34,7 @@ class MuseTalkEngine:
         # What decodes the UNet's latents: the VAE, or TAESD for the draft quality. TAESD takes the scaled
         # latents as they are (its config's scaling factor is 1).
         self.draft_decoder = draft_decoder
+        self.name = "musetalk" if draft_decoder is None else "draft"
         self.decoder = draft_decoder or vae
         self.decode_scale = vae_scaling_factor(self.decoder)
         self._torch = torch

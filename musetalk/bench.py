@@ -3,8 +3,9 @@ decode + encode of the same clip (the floor no dubbing job can beat).
 
 Models: ``tiny`` (the test models: what the pipeline around the model costs), ``full`` (the
 full-size architectures with random weights: the real cost, nothing to download) or
-``weights`` (the installed checkpoints). ``engine="preview"`` times the preview engine
-instead (no model: the model kind does not apply). Two runs: the first prepares the avatar, the second
+``weights`` (the installed checkpoints). ``engine="draft"`` decodes with TAESD (random or installed,
+as the model kind says); ``engine="preview"`` times the preview engine instead (no model: the model kind
+does not apply). Two runs: the first prepares the avatar, the second
 finds it in the cache, as a second dub of the same video does.
 """
 

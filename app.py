@@ -471,10 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     except MuseTalkError as error:
         sys.stderr.write(f"app.py: error: {error}\n")
         return 2
-    # `docker stop` sends SIGTERM: leave through SystemExit so the atexit clean-up runs.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    signal.signal(signal.SIGTERM, _leave_on_sigterm)
     serve(build_demo(services), services, host=args.host, port=args.port)
     return 0
+
+
+def _leave_on_sigterm(signum, frame) -> None:
+    """`docker stop` sends SIGTERM: leave through SystemExit so the atexit clean-up runs. A second TERM (a
+    supervisor and its child both passing it on) is ignored, or it would break off that clean-up."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

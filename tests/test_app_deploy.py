@@ -135,3 +135,43 @@ def test_the_docker_context_holds_what_the_image_copies():
     needed = ["app.py", "pyproject.toml", "README.md", "musetalk", "plugins", "requirements.txt"]
     assert not [name for name in needed if any(fnmatch.fnmatch(name, pattern) for pattern in ignored)]
     assert {"tests", ".git", ".venv"} <= set(ignored)
+
+
+def test_stopping_the_app_removes_its_work_folder_even_when_told_twice(models_dir, tmp_path):
+    """`docker stop` sends SIGTERM, and a supervisor may pass it on again: the app leaves with exit
+    status 0, no traceback, and no temporary folder."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    app = subprocess.Popen([sys.executable, "app.py", "--models-dir", str(models_dir), "--device", "cpu",
+                            "--port", str(port)], cwd=ROOT, env={**os.environ, "TMPDIR": str(temp)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                assert app.poll() is None and time.monotonic() < deadline, app.stderr.read()
+                time.sleep(0.5)
+        assert any(path.name.startswith("musetalk-studio-") for path in temp.iterdir())
+        app.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        app.send_signal(signal.SIGTERM)
+        _, stderr = app.communicate(timeout=60)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.communicate()
+    assert app.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert not any(path.name.startswith("musetalk-studio-") for path in temp.iterdir())

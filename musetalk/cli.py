@@ -433,7 +433,8 @@ def _doctor(args: argparse.Namespace) -> int:
     report = doctor.check(args.models_dir)
     width = max(len(row.name) for row in report)
     for row in report:
-        _say(f"{'ok  ' if row.ok else 'FAIL'} {row.name.ljust(width)}  {row.detail}")
+        mark = "ok  " if row.ok else "FAIL" if row.required else "--  "  # optional and not there: no failure
+        _say(f"{mark} {row.name.ljust(width)}  {row.detail}")
     return 0 if all(row.ok or not row.required for row in report) else 1
 
 

@@ -77,6 +77,9 @@ def _weights(models_dir) -> list[Check]:
         else:
             detail = f"ready in {root}"
         rows.append(Check(f"weights {version}", not missing, detail, required=False))
+    draft = weights.has_draft_decoder(root)
+    rows.append(Check("draft decoder", draft, "TAESD ready (--engine draft)" if draft else
+                      "not fetched (only --engine draft needs it); run: musetalk download --draft", required=False))
     return rows
 
 

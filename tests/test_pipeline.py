@@ -210,6 +210,7 @@ def test_doctor_reports_each_check(models_dir, capsys):
     report = capsys.readouterr().out
     for name in ("ffmpeg", "mediapipe", "torch", "weights v15", "weights v1", "diffusers"):
         assert any(line.startswith("ok") and f" {name} " in line for line in report.splitlines()), (name, report)
+    assert "musetalk download --draft" in report  # optional: the tiny models have no TAESD
 
 
 def test_download_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):

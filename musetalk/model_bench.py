@@ -101,63 +101,68 @@ def _inputs(unet, batch_size: int, device, dtype) -> dict:
             (("crops", crops), ("states", states), ("audio", audio), ("latents", states[:, :4]))}
 
 
-def _time_variant(name: str, base_unet, base_vae, inputs: dict, device, dtype, repeats: int) -> VariantTiming:
+def _time_variant(name: str, unet, vae, inputs: dict, device, dtype, repeats: int) -> VariantTiming:
+    import torch
+
+    if name == "bf16" and (dtype == torch.bfloat16 or device.type == "cpu"):
+        # On a CPU bf16 is emulated: the tiny models ran 3 to 7 times slower, the full ones far more.
+        why = "the baseline is bf16 already" if dtype == torch.bfloat16 else "not timed on a CPU (no bf16 matrix units)"
+        return VariantTiming(name, None, None, None, why)
+    batch = inputs["states"].shape[0]
+    if name in ("partial_decode", "tiny_decoder"):
+        decode, note = _decoder_variant(name, vae, inputs["latents"], device)
+        return VariantTiming(name, None, None, _per_frame(decode, batch, device, repeats), note)
+    unet, vae, inputs, note = _model_variant(name, unet, vae, inputs)
+    timestep = torch.zeros((), dtype=torch.long, device=device)
+    stages = (lambda: vae.encode(inputs["crops"]).latent_dist.mode(),
+              lambda: unet(inputs["states"], timestep, encoder_hidden_states=inputs["audio"]).sample,
+              lambda: vae.decode(inputs["latents"]).sample)
+    return VariantTiming(name, *(_per_frame(stage, batch, device, repeats) for stage in stages), note)
+
+
+def _model_variant(name: str, unet, vae, inputs: dict) -> tuple:
+    """(unet, vae, inputs, note) of a variant of the whole model: copies, the baseline's left as they are."""
     import torch
 
     from musetalk.models import for_inference
 
-    unet, vae, inputs, note = base_unet, base_vae, dict(inputs), ""
+    if name == "baseline":
+        return unet, vae, inputs, ""
+    unet, vae = copy.deepcopy(unet), copy.deepcopy(vae)
     if name == "bf16":
-        if dtype == torch.bfloat16:
-            return VariantTiming(name, None, None, None, "the baseline is bf16 already")
-        if device.type == "cpu":  # emulated there: the tiny models ran 3 to 7 times slower, the full ones far more
-            return VariantTiming(name, None, None, None, "not timed on a CPU (no bf16 matrix units)")
-        unet, vae = (for_inference(copy.deepcopy(m), device, torch.bfloat16) for m in (base_unet, base_vae))
-        inputs = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
-    elif name == "channels_last":
-        unet, vae = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (base_unet, base_vae))
-        inputs = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
-                  for k, v in inputs.items()}
-    elif name == "classic_attention":
+        device = inputs["states"].device
+        return (for_inference(unet, device, torch.bfloat16), for_inference(vae, device, torch.bfloat16),
+                {k: v.to(torch.bfloat16) for k, v in inputs.items()}, "")
+    if name == "channels_last":
+        inputs = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in inputs.items()}
+        return unet.to(memory_format=torch.channels_last), vae.to(memory_format=torch.channels_last), inputs, ""
+    if name == "classic_attention":
         from diffusers.models.attention_processor import AttnProcessor
 
-        unet, vae = (copy.deepcopy(m) for m in (base_unet, base_vae))
         for model in (unet, vae):
             model.set_attn_processor(AttnProcessor())
-        note = "attention as explicit matrix products, against the default (PyTorch's SDPA)"
-    elif name == "compile":
-        unet, vae = (copy.deepcopy(m) for m in (base_unet, base_vae))
-        unet = torch.compile(unet, dynamic=False)
+        return unet, vae, inputs, "attention as explicit matrix products, against the default (PyTorch's SDPA)"
+    if name == "compile":
         vae.encoder = torch.compile(vae.encoder, dynamic=False)
         vae.decoder = torch.compile(vae.decoder, dynamic=False)
-        note = "inductor; compile time not counted"
-    batch = inputs["states"].shape[0]
-    timestep = torch.zeros((), dtype=torch.long, device=device)
+        return torch.compile(unet, dynamic=False), vae, inputs, "inductor; compile time not counted"
+    raise ValueError(f"unknown variant {name!r}")
 
-    def encode():
-        return vae.encode(inputs["crops"]).latent_dist.mode()
 
-    def run_unet():
-        return unet(inputs["states"], timestep, encoder_hidden_states=inputs["audio"]).sample
-
-    def decode():
-        return vae.decode(inputs["latents"]).sample
-
+def _decoder_variant(name: str, vae, latents, device) -> tuple[Callable[[], object], str]:
+    """(the decode call, note) of a variant that changes only the decoder."""
     if name == "partial_decode":
         top = LATENT_SIZE // 2 - PARTIAL_DECODE_CONTEXT_ROWS
-        latents = inputs["latents"][:, :, top:].contiguous()
-        note = f"latent rows {top}..{LATENT_SIZE - 1} only; inexact (the decoder's attention sees every row)"
-        return VariantTiming(name, None, None, _per_frame(lambda: vae.decode(latents).sample, batch, device, repeats),
-                             note)
-    if name == "tiny_decoder":
-        from diffusers import AutoencoderTiny
+        rows = latents[:, :, top:].contiguous()
+        return (lambda: vae.decode(rows).sample,
+                f"latent rows {top}..{LATENT_SIZE - 1} only; inexact (the decoder's attention sees every row)")
+    from diffusers import AutoencoderTiny
 
-        tiny = for_inference(AutoencoderTiny(), device, inputs["latents"].dtype)
-        note = "TAESD's decoder (its own weights, a separate download) in place of the VAE's"
-        return VariantTiming(name, None, None,
-                             _per_frame(lambda: tiny.decode(inputs["latents"]).sample, batch, device, repeats), note)
-    return VariantTiming(name, _per_frame(encode, batch, device, repeats), _per_frame(run_unet, batch, device, repeats),
-                         _per_frame(decode, batch, device, repeats), note)
+    from musetalk.models import for_inference
+
+    tiny = for_inference(AutoencoderTiny(), device, latents.dtype)
+    return (lambda: tiny.decode(latents).sample,
+            "TAESD's decoder (its own weights, a separate download) in place of the VAE's")
 
 
 def _per_frame(call: Callable[[], object], frames: int, device, repeats: int) -> float:

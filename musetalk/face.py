@@ -308,16 +308,7 @@ class FaceAnalyzer:
         (moved and scaled as its landmarks moved), the same crop the detector would have given."""
         previous: np.ndarray | None = None
         anchor: tuple[np.ndarray, np.ndarray] | None = None  # (box, the landmarks found in it)
-        size: tuple[int, int] | None = None
-        for index, frame in enumerate(frames):
-            frame = _check_frame(frame)
-            if size is None:
-                size = frame.shape[:2]
-            elif frame.shape[:2] != size:
-                raise InputError(
-                    f"Frame {index} is {frame.shape[1]}x{frame.shape[0]} but the first frame was "
-                    f"{size[1]}x{size[0]}; all frames of one video must have the same size."
-                )
+        for index, frame in enumerate(_checked_frames(frames)):
             found = None
             if anchor is not None and previous is not None and index % DETECT_EVERY:
                 found = self._mesh_in_box(frame, _carried_box(*anchor, previous))
@@ -326,8 +317,6 @@ class FaceAnalyzer:
                 anchor = None if found is None else (box, found)
             previous = found
             yield frame, found
-        if size is None:
-            raise InputError("No frames to analyze: the video has no decodable frames.")
 
 
 def face_workers() -> int:
@@ -382,6 +371,17 @@ def stream_landmarks(frames: Iterable[np.ndarray], face_index: int | None = None
 def _segments(frames: Iterable[np.ndarray], length: int) -> Iterator[list[np.ndarray]]:
     """Consecutive lists of ``length`` frames (the last may be shorter), all of the first frame's size."""
     segment: list[np.ndarray] = []
+    for frame in _checked_frames(frames):
+        segment.append(frame)
+        if len(segment) == length:
+            yield segment
+            segment = []
+    if segment:
+        yield segment
+
+
+def _checked_frames(frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The frames as contiguous RGB arrays; InputError for one of another size than the first, or for none."""
     size: tuple[int, int] | None = None
     for index, frame in enumerate(frames):
         frame = _check_frame(frame)
@@ -391,12 +391,7 @@ def _segments(frames: Iterable[np.ndarray], length: int) -> Iterator[list[np.nda
                 f"Frame {index} is {frame.shape[1]}x{frame.shape[0]} but the first frame was "
                 f"{size[1]}x{size[0]}; all frames of one video must have the same size."
             )
-        segment.append(frame)
-        if len(segment) == length:
-            yield segment
-            segment = []
-    if segment:
-        yield segment
+        yield frame
     if size is None:
         raise InputError("No frames to analyze: the video has no decodable frames.")
 

@@ -471,10 +471,7 @@ class Studio:
         if self.missing_weights(version, engine):
             progress(0.0, f"downloading the MuseTalk {version} weights (once, about 3.6 GB for everything)")
             logger.info("fetching the %s weights into %s", version, self.models_dir())
-            if engine == "draft":
-                self._download_weights(version, self.config.models_dir, draft=True)
-            else:
-                self._download_weights(version, self.config.models_dir)
+            self._download_weights(version, self.config.models_dir, draft=engine == "draft")
         progress(1.0, "weights ready")
         return self.weights_status()
 

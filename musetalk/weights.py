@@ -86,8 +86,8 @@ SCORING_COMPONENTS = {
     "syncnet": Component("syncnet", (WeightFile(_LATENTSYNC, "syncnet", ("latentsync_syncnet.pt",)),)),
 }
 
-# Optional: TAESD, a distilled decoder for the same latents, for the "draft" quality
-# (`musetalk download --draft`, `musetalk run --draft`).
+# Optional: TAESD, a distilled decoder for the same latents, for the draft engine
+# (`musetalk download --draft`, `musetalk run --engine draft`).
 DRAFT_COMPONENTS = {
     "taesd": Component(
         "taesd",
@@ -172,10 +172,7 @@ def missing_files(version: str, models_dir: str | os.PathLike | None = None, dra
     the draft decoder)."""
     root = models_dir_or_default(models_dir)
     missing: list[Path] = []
-    components = [COMPONENTS[name] for name in VERSION_COMPONENTS[version]]
-    if draft:
-        components += list(DRAFT_COMPONENTS.values())
-    for component in components:
+    for component in _components(version, draft=draft):
         if _resolve_component(component, root) is None:
             missing += [w.local_paths(root)[0] for w in component.files if _find_local(w, root) is None]
     return missing
@@ -217,6 +214,16 @@ def syncnet_weights(models_dir: str | os.PathLike | None = None) -> Path | None:
     return found[0] if found else None
 
 
+def _components(version: str, scoring: bool = False, draft: bool = False) -> list[Component]:
+    """What ``version`` needs, with the optional scoring and draft components when asked for."""
+    components = [COMPONENTS[name] for name in VERSION_COMPONENTS[version]]
+    if scoring:
+        components += list(SCORING_COMPONENTS.values())
+    if draft:
+        components += list(DRAFT_COMPONENTS.values())
+    return components
+
+
 def has_draft_decoder(models_dir: str | os.PathLike | None = None) -> bool:
     return _resolve_component(DRAFT_COMPONENTS["taesd"], models_dir_or_default(models_dir)) is not None
 
@@ -247,12 +254,7 @@ def download(version: str = "v15", models_dir: str | os.PathLike | None = None, 
 
     root = models_dir_or_default(models_dir)
     fetched: list[Path] = []
-    components = [COMPONENTS[name] for name in VERSION_COMPONENTS[version]]
-    if scoring:
-        components += list(SCORING_COMPONENTS.values())
-    if draft:
-        components += list(DRAFT_COMPONENTS.values())
-    for component in components:
+    for component in _components(version, scoring, draft):
         for weight in component.files:
             present = _find_local(weight, root)
             if present is not None:

@@ -31,7 +31,7 @@ JOB_SECONDS = 1.5
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    def slow_download(version, models_dir):
+    def slow_download(version, models_dir, draft=False):
         """A model job's stand-in: holds the queue's one slot for a while and fetches nothing."""
         time.sleep(JOB_SECONDS)
 

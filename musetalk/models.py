@@ -128,30 +128,32 @@ def load_vae(vae_dir: Path, device, dtype):
     """The sd-vae-ft-mse autoencoder from its folder (config.json + weights)."""
     from diffusers import AutoencoderKL
 
-    # Say which file to read: left to guess, diffusers logs an error for the format it did not find.
-    use_safetensors = (Path(vae_dir) / "diffusion_pytorch_model.safetensors").is_file()
-    # low_cpu_mem_usage=False: said outright, diffusers does not warn that accelerate is missing (the
-    # 320 MB VAE does not need it).
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, use_safetensors=use_safetensors,
-                                        low_cpu_mem_usage=False)
-    return for_inference(vae, device, dtype)
+    return for_inference(_from_folder(AutoencoderKL, vae_dir), device, dtype)
 
 
 def load_draft_decoder(taesd_dir: Path, device, dtype):
     """TAESD (``diffusers.AutoencoderTiny``): a distilled decoder of the same latents, for the draft quality."""
     from diffusers import AutoencoderTiny
 
-    use_safetensors = (Path(taesd_dir) / "diffusion_pytorch_model.safetensors").is_file()
     # diffusers saves AutoencoderTiny's config with a block_out_channels entry its loader then warns about.
     config_logger = logging.getLogger("diffusers.configuration_utils")
     level = config_logger.level
     config_logger.setLevel(logging.ERROR)
     try:
-        tiny = AutoencoderTiny.from_pretrained(str(taesd_dir), local_files_only=True, use_safetensors=use_safetensors,
-                                               low_cpu_mem_usage=False)
+        tiny = _from_folder(AutoencoderTiny, taesd_dir)
     finally:
         config_logger.setLevel(level)
     return for_inference(tiny, device, dtype)
+
+
+def _from_folder(model_class, folder: Path):
+    """A diffusers model from its folder (config.json + weights), nothing fetched."""
+    # Say which file to read: left to guess, diffusers logs an error for the format it did not find.
+    use_safetensors = (Path(folder) / "diffusion_pytorch_model.safetensors").is_file()
+    # low_cpu_mem_usage=False: said outright, diffusers does not warn that accelerate is missing (these
+    # models, 320 MB at most, do not need it).
+    return model_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=use_safetensors,
+                                       low_cpu_mem_usage=False)
 
 
 def for_inference(model, device, dtype):

@@ -153,7 +153,6 @@ def build_pipeline(model: str, models_dir, device: str, dtype, cache_dir: Path, 
 
 def _full_size_pipeline(device: str, dtype, cache_dir: Path, compile: bool = False, draft: bool = False):
     """The official architectures at full size with random weights (same cost as the real ones)."""
-    import torch
     from diffusers import AutoencoderKL, AutoencoderTiny
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
@@ -162,16 +161,13 @@ def _full_size_pipeline(device: str, dtype, cache_dir: Path, compile: bool = Fal
     from musetalk.avatar import AvatarCache
     from musetalk.engines.musetalk import MuseTalkEngine
     from musetalk.pipeline import LipSyncPipeline
-    from musetalk.testing import full_unet_config
-
-    def config(name: str) -> dict:
-        return json.loads(resources.files("musetalk.model_configs").joinpath(name).read_text())
+    from musetalk.testing import full_unet_config, model_config
 
     torch_device = models.resolve_device(device)
     torch_dtype = models.resolve_dtype(torch_device, dtype)
     unet = models.for_inference(models.build_unet(full_unet_config()), torch_device, torch_dtype)
-    vae = models.for_inference(AutoencoderKL.from_config(config("sd-vae.json")), torch_device, torch_dtype)
-    whisper = WhisperModel(WhisperConfig(**config("whisper-tiny.json"))).encoder
+    vae = models.for_inference(AutoencoderKL.from_config(model_config("sd-vae.json")), torch_device, torch_dtype)
+    whisper = WhisperModel(WhisperConfig(**model_config("whisper-tiny.json"))).encoder
     encoder = WhisperAudioEncoder(whisper, WhisperFeatureExtractor(feature_size=80), torch_device, torch_dtype)
     draft_decoder = models.for_inference(AutoencoderTiny(), torch_device, torch_dtype) if draft else None
     engine = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype, cache_id=f"random-full|{torch_dtype}",
@@ -205,7 +201,7 @@ def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, 
                              str(getattr(pipeline.engine, "dtype", "-")),
                              batch_size, round(floor, 3), round(info.num_frames / floor, 2),
                              compiled=bool(getattr(pipeline.engine, "compiled", False)),
-                             draft=getattr(pipeline.engine, "draft_decoder", None) is not None)
+                             draft=engine == "draft")
         for index in range(runs):
             report.runs.append(_one_run(pipeline, clip, work / f"run{index}.mp4", options, progress))
         return report

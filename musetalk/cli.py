@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from musetalk import __version__
+from musetalk.batching import CPU_BATCH
 from musetalk.config import LENGTH_MODES, LOOP_MODES, OVERSIZE_MODES, PARSING_MODES, RunOptions, option_names
 from musetalk.engines import ENGINES
 from musetalk.errors import InputError, MuseTalkError, WeightsMissingError
@@ -381,9 +382,10 @@ def _relative_to(folder: Path, value) -> str:
 def _bench(args: argparse.Namespace) -> int:
     from musetalk import bench, model_bench
 
+    batch_size = None if args.batch_size == "auto" else args.batch_size
     if args.variants:
-        batch_size = 8 if args.batch_size in (None, "auto") else args.batch_size
-        variants = model_bench.time_variants(args.model, args.device, args.dtype, batch_size, with_compile=args.compile,
+        variants = model_bench.time_variants(args.model, args.device, args.dtype, batch_size or CPU_BATCH,
+                                             with_compile=args.compile,
                                              progress=lambda name: _say(f"timing {name} ...", sys.stderr))
         for line in ([variants.as_json()] if args.json else model_bench.format_variants(variants)):
             _say(line)
@@ -394,7 +396,6 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise InputError(f"--size must look like 1280x720, not {args.size!r}") from None
     with _ProgressBars() as bars:
-        batch_size = None if args.batch_size == "auto" else args.batch_size
         report = bench.run_bench(args.model, args.video, width, height, args.seconds, args.fps, args.models_dir,
                                  args.device, args.dtype, batch_size, args.runs, progress=bars.update,
                                  engine=args.engine, compile=args.compile)

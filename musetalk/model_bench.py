@@ -14,8 +14,8 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import resources
 
+from musetalk.batching import CPU_BATCH
 from musetalk.errors import InputError
 
 VARIANTS = ("baseline", "bf16", "channels_last", "classic_attention", "partial_decode", "tiny_decoder", "compile")
@@ -47,11 +47,9 @@ class VariantReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def time_variants(model: str = "full", device: str = "auto", dtype=None, batch_size: int = 8, repeats: int = 3,
+def time_variants(model: str = "full", device: str = "auto", dtype=None, batch_size: int = CPU_BATCH, repeats: int = 3,
                   with_compile: bool = False, progress: Callable[[str], None] | None = None) -> VariantReport:
     """Time every variant in ``VARIANTS`` (``compile`` only when ``with_compile``: minutes per model)."""
-    import torch
-
     from musetalk import models
 
     if model not in ("tiny", "full"):
@@ -81,13 +79,11 @@ def _build_models(model: str, device, dtype):
 
     torch.manual_seed(0)
     if model == "full":
-        unet_config = testing.full_unet_config()
-        vae_config = json.loads(resources.files("musetalk.model_configs").joinpath("sd-vae.json").read_text())
-        vae_config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
+        unet_config, vae_config = testing.full_unet_config(), testing.model_config("sd-vae.json")
     else:
         unet_config, vae_config = testing.tiny_unet_config(), testing.TINY_VAE
     unet = for_inference(build_unet(unet_config), device, dtype)
-    return unet, for_inference(AutoencoderKL(**vae_config), device, dtype)
+    return unet, for_inference(AutoencoderKL.from_config(vae_config), device, dtype)
 
 
 def _inputs(unet, batch_size: int, device, dtype) -> dict:

@@ -57,8 +57,14 @@ TINY_WHISPER = {
 }
 
 
+def model_config(name: str) -> dict:
+    """A config shipped in ``musetalk.model_configs`` (the official models' own, so full-size
+    architectures can be built without downloading anything)."""
+    return json.loads(resources.files("musetalk.model_configs").joinpath(name).read_text())
+
+
 def full_unet_config() -> dict:
-    return json.loads(resources.files("musetalk.model_configs").joinpath(FULL_UNET_CONFIG).read_text())
+    return model_config(FULL_UNET_CONFIG)
 
 
 def tiny_unet_config() -> dict:

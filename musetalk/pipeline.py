@@ -388,8 +388,7 @@ class LipSyncPipeline:
         prepared = {}
         if missing:
             with timer.stage("crop"):
-                crops = np.stack([blending.crop_face(item.frame, item.box) if item.crop is None else item.crop
-                                  for item in missing.values()])
+                crops = np.stack([item.crop for item in missing.values()])  # cut by _frames_to_dub
                 landmarks = np.stack([_landmarks_in_crop(item.landmarks, item.box) for item in missing.values()])
             new_states = self.engine.prepare(crops, landmarks, timer).detach().to("cpu")
             prepared = dict(zip(missing, new_states))

@@ -44,6 +44,18 @@ def gradio_cache_in_temp(tmp_path_factory):
         os.environ["GRADIO_TEMP_DIR"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def system_temp_in_run_folder(tmp_path_factory):
+    """The system temp folder is one of this run's: gradio_client leaves an empty folder in it for
+    every file it downloads (the tests' clients download every result)."""
+    import tempfile
+
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("system-temp"))
+    yield
+    tempfile.tempdir = previous
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """Tiny UNets (v1.5 and v1.0), VAE and whisper, saved as the official download lays them out."""

@@ -169,9 +169,10 @@ def _full_size_pipeline(device: str, dtype, cache_dir: Path, compile: bool = Fal
     vae = models.for_inference(AutoencoderKL.from_config(model_config("sd-vae.json")), torch_device, torch_dtype)
     whisper = WhisperModel(WhisperConfig(**model_config("whisper-tiny.json"))).encoder
     encoder = WhisperAudioEncoder(whisper, WhisperFeatureExtractor(feature_size=80), torch_device, torch_dtype)
-    draft_decoder = models.for_inference(AutoencoderTiny(), torch_device, torch_dtype) if draft else None
     engine = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype, cache_id=f"random-full|{torch_dtype}",
-                            compile=compile, draft_decoder=draft_decoder)
+                            compile=compile)
+    if draft:
+        engine = engine.with_draft_decoder(models.for_inference(AutoencoderTiny(), torch_device, torch_dtype))
     return LipSyncPipeline(engine, "v15", torch_device, AvatarCache(cache_dir))
 
 

@@ -106,11 +106,21 @@ class LipSyncPipeline:
             vae = models.load_vae(files.vae_dir, torch_device, torch_dtype)
         with _corrupt_files_reported(files.whisper_dir, version, root):
             encoder = audio_lib.WhisperAudioEncoder.from_pretrained(files.whisper_dir, torch_device, torch_dtype)
-        draft_decoder = _load_draft_decoder(models_dir, torch_device, torch_dtype) if engine == "draft" else None
         model = MuseTalkEngine(unet, vae, encoder, torch_device, torch_dtype,
-                               cache_id=_weights_id(files.vae_dir, torch_dtype), compile=compile,
-                               draft_decoder=draft_decoder)
-        return cls(model, version, torch_device, avatar_cache)
+                               cache_id=_weights_id(files.vae_dir, torch_dtype), compile=compile)
+        pipeline = cls(model, version, torch_device, avatar_cache)
+        return pipeline.with_draft_decoder(models_dir) if engine == "draft" else pipeline
+
+    def with_draft_decoder(self, models_dir: str | os.PathLike | None = None) -> LipSyncPipeline:
+        """The draft engine on this pipeline's models: TAESD (``musetalk download --draft``) decodes, the
+        UNet, VAE and Whisper are shared (a studio that offers both qualities holds one copy)."""
+        from musetalk.engines.musetalk import MuseTalkEngine
+
+        if not isinstance(self.engine, MuseTalkEngine) or self.engine.draft_decoder is not None:
+            raise InputError(f"the draft engine is built on a MuseTalk pipeline, not a {self.engine.name} one")
+        decoder = _load_draft_decoder(models_dir, self.engine.device, self.engine.dtype)
+        return LipSyncPipeline(self.engine.with_draft_decoder(decoder), self.version, self.device, self.avatar_cache,
+                               self.overlap, self.face_workers)
 
     # ------------------------------------------------------------------ the job
 

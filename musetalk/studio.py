@@ -481,7 +481,8 @@ class Studio:
 
     def pipeline(self, version: str, progress: Progress | None = None, engine: str = "musetalk"):
         """The loaded pipeline of ``engine`` and ``version``: MuseTalk's weights are fetched and
-        loaded on first use, then kept; the preview engine needs no weights."""
+        loaded on first use, then kept; the preview engine needs no weights. The draft engine is the
+        MuseTalk pipeline's models with TAESD decoding: one copy of the models serves both."""
         _check_engine(engine)
         progress = progress or _no_progress
         key = (engine, version)
@@ -491,9 +492,18 @@ class Studio:
                     self.fetch_weights(version, _Span(progress, 0.0, 0.8), engine)
                 progress(0.85, f"loading the {engine} {version} models" if engine in MODEL_ENGINES
                          else "starting the preview engine")
-                self._pipelines[key] = self._load_pipeline(
-                    self.config.models_dir, version, self.config.device, self.config.dtype, engine)
+                self._pipelines[key] = self._new_pipeline(version, engine)
             return self._pipelines[key]
+
+    def _new_pipeline(self, version: str, engine: str):
+        """Load ``engine``'s pipeline (the lock is held); the draft one is built on MuseTalk's, loaded first
+        if it is not yet."""
+        if engine != "draft":
+            return self._load_pipeline(self.config.models_dir, version, self.config.device, self.config.dtype, engine)
+        base = ("musetalk", version)
+        if base not in self._pipelines:
+            self._pipelines[base] = self._new_pipeline(version, "musetalk")
+        return self._pipelines[base].with_draft_decoder(self.config.models_dir)
 
     def load_models(self) -> bool:
         """At start-up: load the default version when its weights are present; True when loaded."""
@@ -739,7 +749,8 @@ def _scoring_progress(span: _Span, label: str) -> Callable[[str, int, int], None
     return report
 
 
-def _load_pipeline(models_dir, version: str, device: str, dtype: str, engine: str = "musetalk"):
+def _load_pipeline(models_dir, version: str, device: str, dtype: str, engine: str):
+    """``engine``: "musetalk" or "preview" (the studio derives the draft engine from MuseTalk's)."""
     from musetalk.pipeline import LipSyncPipeline
 
     return LipSyncPipeline.from_pretrained(models_dir, version, device, dtype, engine=engine)

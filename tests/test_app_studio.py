@@ -168,6 +168,10 @@ def test_the_draft_engine_fetches_its_decoder_on_first_use(tmp_path, models_dir,
     job = made.generate(face_clip, Speech(audio=str(short)), RunOptions(), score=False, engine="draft")
     assert asked == [("v15", True)]
     assert job.result.engine == "draft" and probe(job.output).num_frames == 15
+    # One copy of the models serves both qualities: the draft engine is MuseTalk's with TAESD decoding.
+    full, draft = made.pipeline("v15"), made.pipeline("v15", engine="draft")
+    assert draft.engine.unet is full.engine.unet and draft.engine.vae is full.engine.vae
+    assert full.engine.name == "musetalk" and draft.engine.name == "draft"
     assert "Draft decoder (TAESD): ready" in made.weights_status()
     made.close()
 

@@ -6,7 +6,6 @@ mouth's inside painted dark in the frames marked open; MediaPipe reads that as a
 
 from __future__ import annotations
 
-import json
 import wave
 from pathlib import Path
 

@@ -22,7 +22,7 @@ import pytest
 
 from musetalk import video_io
 from musetalk.errors import FFmpegError, InputError
-from musetalk.video_io import FrameReader, FrameWriter, decode_audio, extract_audio, probe, read_frames
+from musetalk.video_io import FrameWriter, decode_audio, extract_audio, probe, read_frames
 
 from conftest import ffmpeg
 

@@ -8,8 +8,6 @@ slow model job, so the queue test costs seconds of sleeping, not of computing.
 
 from __future__ import annotations
 
-import shutil
-import threading
 import time
 import urllib.error
 import urllib.parse

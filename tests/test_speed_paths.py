@@ -277,6 +277,19 @@ def test_the_draft_decoder_redraws_the_face_from_the_same_latents(clip, speech, 
     assert all(np.array_equal(a[:40], b[:40]) for a, b in pairs)  # above the face: untouched by either
     assert all(not np.array_equal(a, b) for a, b in pairs)  # the lower face: another decoder drew it
 
+    # Built on a loaded pipeline (as the studio does), the draft engine shares its models and draws the same.
+    shared = vae.with_draft_decoder(models)
+    assert shared.engine.unet is vae.engine.unet and shared.engine.vae is vae.engine.vae
+    assert shared.engine.audio_encoder is vae.engine.audio_encoder and vae.engine.name == "musetalk"
+    shared(clip, speech, tmp_path / "shared.mp4", lossless)
+    for a, b in zip(frames_of(tmp_path / "draft.mp4"), frames_of(tmp_path / "shared.mp4"), strict=True):
+        assert np.array_equal(a, b)
+    with pytest.raises(InputError, match="built on a MuseTalk pipeline"):
+        shared.with_draft_decoder(models)
+    compiled = LipSyncPipeline.from_pretrained(models, device="cpu", cache_dir=False, compile=True)
+    compiled_draft = compiled.with_draft_decoder(models).engine
+    assert compiled_draft.compiled and isinstance(compiled_draft.decoder.decoder, torch._dynamo.eval_frame.OptimizedModule)
+
 
 def test_half_precision_runs_the_whole_job_and_keeps_its_own_latents(models_dir, clip, speech, tmp_path, lossless):
     # fp16 is what a GPU runs by default; the CPU runs it too (slowly), so dtype slips (a float32

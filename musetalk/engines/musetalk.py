@@ -31,8 +31,8 @@ class MuseTalkEngine:
         self.dtype = dtype
         self.scaling_factor = vae_scaling_factor(vae)
         self.cache_id = cache_id  # the draft decoder changes no prepared state: the cache is shared
-        # What decodes the UNet's latents: the VAE, or TAESD for the draft quality. TAESD takes the scaled
-        # latents as they are (its config's scaling factor is 1).
+        # What decodes the UNet's latents: the VAE, or TAESD for the draft quality (``with_draft_decoder``).
+        # TAESD takes the scaled latents as they are (its config's scaling factor is 1).
         self.draft_decoder = draft_decoder
         self.name = "musetalk" if draft_decoder is None else "draft"
         self.decoder = draft_decoder or vae
@@ -41,19 +41,25 @@ class MuseTalkEngine:
         self._encodings: dict[int, object] = {}
         self.compiled = compile
         if compile:
-            self._compile()
+            self.unet = self._compiled(unet)
+            vae.encoder, vae.decoder = self._compiled(vae.encoder), self._compiled(vae.decoder)
 
-    def _compile(self) -> None:
-        """``torch.compile`` the UNet and both halves of the VAE. Each compiles at its first call (a minute
-        or more per batch shape), so it pays for long videos and for a server that keeps the pipeline.
-        Shapes are fixed (no dynamic-shape kernels): batches are padded to a power of two (``_padded``)."""
-        torch = self._torch
-        self.unet = torch.compile(self.unet, dynamic=False, backend=COMPILE_BACKEND)
-        self.vae.encoder = torch.compile(self.vae.encoder, dynamic=False, backend=COMPILE_BACKEND)
-        self.vae.decoder = torch.compile(self.vae.decoder, dynamic=False, backend=COMPILE_BACKEND)
-        if self.draft_decoder is not None:
-            self.draft_decoder.decoder = torch.compile(self.draft_decoder.decoder, dynamic=False,
-                                                       backend=COMPILE_BACKEND)
+    def _compiled(self, module):
+        """``torch.compile`` of a model (the UNet, a half of the VAE, TAESD's decoder). Each compiles at
+        its first call (a minute or more per batch shape), so it pays for long videos and for a server
+        that keeps the pipeline. Shapes are fixed (no dynamic-shape kernels): batches are padded to a
+        power of two (``_padded``)."""
+        return self._torch.compile(module, dynamic=False, backend=COMPILE_BACKEND)
+
+    def with_draft_decoder(self, draft_decoder) -> MuseTalkEngine:
+        """An engine on these same models that decodes with TAESD (the draft quality): the UNet, VAE and
+        Whisper are shared, not loaded (or compiled) again."""
+        engine = MuseTalkEngine(self.unet, self.vae, self.audio_encoder, self.device, self.dtype, self.cache_id,
+                                draft_decoder=draft_decoder)
+        if self.compiled:
+            engine.compiled = True
+            draft_decoder.decoder = self._compiled(draft_decoder.decoder)
+        return engine
 
     def _padded(self, tensor):
         """Compiled models only: the batch repeated at its end up to a power of two, so that the few

@@ -24,18 +24,16 @@ in for it (see their comments for how they were chosen).
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from musetalk.errors import InputError, NoFaceError
+from musetalk.stages import ordered_map, thread_pool
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +86,6 @@ _CROP_SIDE = 320
 # takes about 40% off face analysis, and a face cannot be followed to a neighbour for longer than
 # this many frames before the detector chooses again.
 DETECT_EVERY = 5
-# Face analysis threads at most: at 4 (about 300 frames/s of 720p) it outpaces the model on a GPU.
-MAX_FACE_WORKERS = 4
 # A mesh with fewer of its points inside the frame than this is treated as no face.
 _MIN_INSIDE_FRACTION = 0.5
 
@@ -319,17 +315,6 @@ class FaceAnalyzer:
             yield frame, found
 
 
-def face_workers() -> int:
-    """How many threads analyse faces at once: one per two CPU cores this process may use, up to
-    ``MAX_FACE_WORKERS`` (MediaPipe releases the GIL while it runs; the other cores decode, run the
-    model's host side, blend and encode)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_FACE_WORKERS, cores // 2))
-
-
 def stream_landmarks(frames: Iterable[np.ndarray], face_index: int | None = None, workers: int = 1
                      ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """``FaceAnalyzer.stream`` spread over ``workers`` threads, results in frame order.
@@ -353,17 +338,11 @@ def stream_landmarks(frames: Iterable[np.ndarray], face_index: int | None = None
             analyzers.append(local.analyzer)  # list.append is atomic
         return list(local.analyzer.stream(segment))
 
-    in_flight: collections.deque = collections.deque()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="faces")
     try:
-        for segment in _segments(frames, DETECT_EVERY):
-            if len(in_flight) > workers:
-                yield from in_flight.popleft().result()
-            in_flight.append(pool.submit(analyse_segment, segment))
-        while in_flight:
-            yield from in_flight.popleft().result()
+        with thread_pool(workers, "faces") as pool:
+            for results in ordered_map(analyse_segment, _segments(frames, DETECT_EVERY), pool, workers):
+                yield from results
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         for analyzer in analyzers:
             analyzer.close()
 

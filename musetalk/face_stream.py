@@ -21,7 +21,7 @@ import numpy as np
 from musetalk import face
 from musetalk.avatar import Avatar, FaceFrame
 from musetalk.config import RunOptions
-from musetalk.stages import DONE, drain, put_unless_stopped
+from musetalk.stages import DONE, cpu_workers, drain, put_unless_stopped
 from musetalk.timing import StageTimer
 
 # Finished frames waiting for the generation (the decoder ahead of the analysis holds more).
@@ -33,9 +33,9 @@ def analyse(frames: Iterable[np.ndarray], key: str, width: int, height: int, fps
             progress: Callable[[int], None] | None = None, source: str = "the video",
             workers: int | None = None) -> Avatar:
     """Landmarks, crop box and whether to redraw, for every frame; ``hand_on`` gets each frame as
-    soon as its face is final. ``workers``: face analysis threads (None: ``face.face_workers()``).
+    soon as its face is final. ``workers``: face analysis threads (None: ``stages.cpu_workers()``).
     Raises NoFaceError when no frame has a face."""
-    workers = face.face_workers() if workers is None else workers
+    workers = cpu_workers() if workers is None else workers
     smoother = face.LandmarkSmoother(options.smoothing, fps)
     rows: list[np.ndarray | None] = []
     boxes: list[np.ndarray] = []

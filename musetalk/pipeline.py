@@ -27,7 +27,7 @@ from musetalk.config import RunOptions
 from musetalk.engines import CROP_SIZE, ENGINES, Engine
 from musetalk.errors import GPUMemoryError, InputError, MuseTalkError, WeightsMissingError
 from musetalk.face_stream import FaceStream, analyse
-from musetalk.stages import BackgroundCall, prefetch, worker
+from musetalk.stages import BackgroundCall, cpu_workers, ordered_map, prefetch, thread_pool, worker
 from musetalk.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -61,13 +61,14 @@ class LipSyncResult:
 
 class LipSyncPipeline:
     def __init__(self, engine: Engine, version: str = "v15", device=None, avatar_cache: AvatarCache | None = None,
-                 overlap: bool = True, face_workers: int | None = None):
+                 overlap: bool = True, cpu_workers: int | None = None):
         self.engine = engine
         self.version = version
         self.device = device
         self.avatar_cache = avatar_cache  # None: every run analyses the faces again
         self.overlap = overlap  # False: decode, model, blend and encode take turns on one thread
-        self.face_workers = face_workers  # face analysis threads; None: by the CPU cores (face.face_workers)
+        # Threads for each per-frame CPU step (face analysis; crops and blending); None: by the CPU cores.
+        self.cpu_workers = cpu_workers
 
     @classmethod
     def from_pretrained(cls, models_dir: str | os.PathLike | None = None, version: str = "v15",
@@ -120,7 +121,7 @@ class LipSyncPipeline:
             raise InputError(f"the draft engine is built on a MuseTalk pipeline, not a {self.engine.name} one")
         decoder = _load_draft_decoder(models_dir, self.engine.device, self.engine.dtype)
         return LipSyncPipeline(self.engine.with_draft_decoder(decoder), self.version, self.device, self.avatar_cache,
-                               self.overlap, self.face_workers)
+                               self.overlap, self.cpu_workers)
 
     # ------------------------------------------------------------------ the job
 
@@ -224,6 +225,9 @@ class LipSyncPipeline:
 
     # ------------------------------------------------------------------ steps
 
+    def _workers(self) -> int:
+        return self.cpu_workers or cpu_workers()
+
     def _synchronize(self) -> None:
         if self.device is not None and getattr(self.device, "type", "") == "cuda":
             import torch
@@ -254,10 +258,10 @@ class LipSyncPipeline:
         report = lambda done: progress("faces", done, max(done, expected))  # noqa: E731
         if self.overlap:
             return FaceStream(frames, key, info.width, info.height, fps, options, timer, report, info.path,
-                              self.face_workers)
+                              self._workers())
         try:
             return analyse(frames, key, info.width, info.height, fps, options, timer, progress=report,
-                           source=info.path, workers=self.face_workers)
+                           source=info.path, workers=self._workers())
         finally:
             frames.close()
 
@@ -287,19 +291,23 @@ class LipSyncPipeline:
         return num_frames
 
     def _frames_to_dub(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict,
-                       options: RunOptions, timer: StageTimer) -> Iterator[FaceFrame]:
+                       options: RunOptions, timer: StageTimer, pool) -> Iterator[FaceFrame]:
         """Each output frame's source frame with its face, in output order, cropped for the engine
-        where it has no state for that frame yet (here, not on the model's thread, which a GPU
-        would otherwise wait on).
+        where it has no state for that frame yet (on ``pool``'s threads, not on the model's, which a
+        GPU would otherwise wait on).
 
         Output frame i shows source frame i for as long as the video lasts (every loop mode starts
         so): those come from the face analysis as it finishes them. The rest of a schedule (the
         audio outlasts the video) needs the whole avatar, and decodes its frames again."""
-        for item in self._source_frames(info, fps, num_frames, faces, options):
+
+        def cut(item: FaceFrame) -> FaceFrame:
             if item.box is not None and item.index not in states:
                 with timer.stage("crop"):
                     item.crop = blending.crop_face(item.frame, item.box)
-            yield item
+            return item
+
+        yield from ordered_map(cut, self._source_frames(info, fps, num_frames, faces, options), pool,
+                               self._workers())
 
     def _source_frames(self, info, fps, num_frames: int, faces: Avatar | FaceStream,
                        options: RunOptions) -> Iterator[FaceFrame]:
@@ -324,19 +332,33 @@ class LipSyncPipeline:
         Three threads beside the face analysis: one brings source frames in output order, this one
         runs the model, one blends and encodes; bounded queues between them keep memory flat."""
 
+        with thread_pool(self._workers(), "frames") as pool:
+            return self._generate_on(info, fps, num_frames, faces, states, features, options, writer, timer,
+                                     progress, pool)
+
+    def _generate_on(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict, features,
+                     options: RunOptions, writer, timer: StageTimer, progress: ProgressCallback,
+                     pool) -> tuple[int, int]:
+        """``_generate`` with crops and blending spread over ``pool`` (None: one thread each)."""
+
+        def blend(pair: tuple[FaceFrame, np.ndarray | None]) -> np.ndarray:
+            item, new_face = pair
+            if new_face is None:
+                return item.frame
+            with timer.stage("blend"):
+                return _blend(item, new_face, options)
+
         def blend_and_write(batch) -> None:
             last_position, items, new_faces = batch
-            with timer.stage("blend"):
-                frames = [_blend(item, new_faces[k], options) if k in new_faces else item.frame
-                          for k, item in enumerate(items)]
-            with timer.stage("encode"):
-                for frame in frames:
+            pairs = [(item, new_faces.get(k)) for k, item in enumerate(items)]
+            for frame in ordered_map(blend, pairs, pool, len(pairs)):
+                with timer.stage("encode"):
                     writer.write(frame)
             progress("generate", last_position + 1, num_frames)
 
         batch_size = BatchSize(options.batch_size, self.device)
-        decoded = prefetch(self._frames_to_dub(info, fps, num_frames, faces, states, options, timer), FRAMES_AHEAD,
-                           "decode", self.overlap)
+        decoded = prefetch(self._frames_to_dub(info, fps, num_frames, faces, states, options, timer, pool),
+                           FRAMES_AHEAD, "decode", self.overlap)
         writing = worker(blend_and_write, BATCHES_BEHIND, "blend-encode", self.overlap)
         redrawn = 0
         positions = range(0)

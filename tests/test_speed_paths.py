@@ -18,6 +18,7 @@ from musetalk.errors import GPUMemoryError, InputError, WeightsMissingError
 from musetalk.face import LandmarkSmoother
 from musetalk.face_stream import FRAMES_HANDED_ON, FaceStream, analyse
 from musetalk.pipeline import LipSyncPipeline
+from musetalk.stages import ordered_map, thread_pool
 from musetalk.testing import save_taesd, save_tiny_models
 from musetalk.timing import StageTimer
 from musetalk.video_io import read_frames
@@ -54,8 +55,8 @@ def speech(speech_clip, tmp_path_factory):
 
 def test_overlapped_run_equals_one_at_a_time(models_dir, clip, speech, tmp_path, lossless):
     threaded = LipSyncPipeline.from_pretrained(models_dir, device="cpu", cache_dir=False)
-    threaded.face_workers = 2  # the analysis spread over threads as well
-    serial = LipSyncPipeline(threaded.engine, overlap=False, face_workers=1)
+    threaded.cpu_workers = 3  # the analysis, the crops and the blending spread over threads as well
+    serial = LipSyncPipeline(threaded.engine, overlap=False, cpu_workers=1)
     threaded(clip, speech, tmp_path / "threaded.mp4", lossless)
     serial(clip, speech, tmp_path / "serial.mp4", lossless)
     for a, b in zip(frames_of(tmp_path / "threaded.mp4"), frames_of(tmp_path / "serial.mp4"), strict=True):
@@ -309,3 +310,38 @@ def test_half_precision_runs_the_whole_job_and_keeps_its_own_latents(models_dir,
         # overflow to inf or NaN would blank the face, a third of the picture.
         difference = np.abs(a.astype(int) - b.astype(int))
         assert difference.mean() < 0.5 and (difference > 8).mean() < 0.005
+
+
+def test_ordered_map_keeps_the_order_bounds_the_calls_and_passes_errors_on():
+    started, running, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def slow_square(value: int) -> int:
+        with lock:
+            started.append(value)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        threading.Event().wait(0.02 * (value % 3))  # later calls often end first
+        with lock:
+            running[0] -= 1
+        return value * value
+
+    with thread_pool(3, "test") as pool:
+        assert list(ordered_map(slow_square, range(12), pool, 3)) == [v * v for v in range(12)]
+        assert most[0] > 1  # the calls did run side by side
+        started.clear()
+        results = ordered_map(slow_square, range(100), pool, 3)
+        assert next(results) == 0
+        results.close()  # stopping early: what was not started is dropped
+    assert len(started) <= 4  # ahead + 1 were submitted when the first result came back
+
+    def fails_on_five(value: int) -> int:
+        if value == 5:
+            raise InputError("frame 5 is broken")
+        return value
+
+    with thread_pool(2, "test") as pool:
+        with pytest.raises(InputError, match="frame 5"):
+            list(ordered_map(fails_on_five, range(10), pool, 2))
+    with thread_pool(1, "test") as pool:
+        assert pool is None and list(ordered_map(slow_square, range(4), pool, 1)) == [0, 1, 4, 9]

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from musetalk import stages
 from musetalk.config import RunOptions
 from musetalk.errors import InputError
 
@@ -59,6 +60,7 @@ class BenchReport:
     runs: list[RunReport] = field(default_factory=list)
     compiled: bool = False  # the models went through torch.compile
     draft: bool = False  # TAESD decoded the faces
+    cpu_workers: int = 1  # threads for each per-frame CPU step (face analysis; crops and blending)
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -179,13 +181,16 @@ def _full_size_pipeline(device: str, dtype, cache_dir: Path, compile: bool = Fal
 def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, height: int = 720,
               seconds: float = 10.0, fps: float = 25.0, models_dir=None, device: str = "auto", dtype=None,
               batch_size: int | None = None, runs: int = 2, progress=None, engine: str = "musetalk",
-              compile: bool = False) -> BenchReport:
+              compile: bool = False, cpu_workers: int | None = None) -> BenchReport:
+    """``cpu_workers``: threads for each per-frame CPU step (None: by the cores, as a job has them)."""
     from musetalk.engines import ENGINES
 
     if model not in MODEL_KINDS:
         raise InputError(f"--model must be one of {', '.join(MODEL_KINDS)}, not {model!r}")
     if engine not in ENGINES:
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if cpu_workers is not None and cpu_workers < 1:
+        raise InputError(f"--cpu-workers must be 1 or more, not {cpu_workers}")
     from musetalk.video_io import probe
 
     with tempfile.TemporaryDirectory(prefix="musetalk-bench-") as temp:
@@ -197,12 +202,13 @@ def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, 
         options = RunOptions(batch_size=batch_size)
         floor = time_floor(clip, work, options.crf)
         pipeline = build_pipeline(model, models_dir, device, dtype, work / "avatar-cache", work, engine, compile)
+        pipeline.cpu_workers = cpu_workers
         report = BenchReport(str(video or f"generated {width}x{height}"), info.width, info.height, info.fps,
                              info.duration, engine if engine == "preview" else model, str(pipeline.device or "cpu"),
                              str(getattr(pipeline.engine, "dtype", "-")),
                              batch_size, round(floor, 3), round(info.num_frames / floor, 2),
                              compiled=bool(getattr(pipeline.engine, "compiled", False)),
-                             draft=engine == "draft")
+                             draft=engine == "draft", cpu_workers=cpu_workers or stages.cpu_workers())
         for index in range(runs):
             report.runs.append(_one_run(pipeline, clip, work / f"run{index}.mp4", options, progress))
         return report
@@ -232,7 +238,7 @@ def format_report(report: BenchReport) -> list[str]:
     lines = [f"clip: {report.clip}, {report.width}x{report.height} at {report.fps:g} fps, {report.duration:.1f} s",
              f"model: {report.model} on {report.device} ({report.dtype}{', compiled' if report.compiled else ''}"
              f"{', draft decoder' if report.draft else ''}), "
-             f"batch size {report.batch_size or 'auto'}",
+             f"batch size {report.batch_size or 'auto'}, {report.cpu_workers} CPU threads per frame step",
              f"floor (decode + encode, no model): {report.floor_seconds:.2f} s, {report.floor_fps:.1f} frames/s"]
     for index, run in enumerate(report.runs):
         label = "first run (prepares the avatar)" if index == 0 else "again (avatar from the cache)"

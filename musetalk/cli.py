@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=batch_size_argument, default=None,
                        help="frames per model call, or auto (default: 8 on a CPU, what the GPU's memory holds)")
     bench.add_argument("--runs", type=int, default=2, help="the second and later runs find the avatar in the cache")
+    bench.add_argument("--cpu-workers", type=int, default=None,
+                       help="threads for each per-frame CPU step: face analysis, crops, blending (default: one per "
+                            "two cores, up to 4)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.add_argument("--variants", action="store_true",
                        help="time the model alone per frame, as is and in each GPU-path variant (bf16, channels-last, "
@@ -398,7 +401,7 @@ def _bench(args: argparse.Namespace) -> int:
     with _ProgressBars() as bars:
         report = bench.run_bench(args.model, args.video, width, height, args.seconds, args.fps, args.models_dir,
                                  args.device, args.dtype, batch_size, args.runs, progress=bars.update,
-                                 engine=args.engine, compile=args.compile)
+                                 engine=args.engine, compile=args.compile, cpu_workers=args.cpu_workers)
     for line in ([report.as_json()] if args.json else bench.format_report(report)):
         _say(line)
     return 0

@@ -6,9 +6,10 @@ from musetalk.model_bench import VARIANTS, VariantReport, VariantTiming, format_
 
 def test_bench_reports_every_stage_and_the_cached_rerun(capsys):
     assert cli.main(["bench", "--model", "tiny", "--size", "192x144", "--seconds", "1", "--device", "cpu",
-                     "--json"]) == 0
+                     "--cpu-workers", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["width"], report["height"], report["model"]) == (192, 144, "tiny")
+    assert report["cpu_workers"] == 2
     assert report["floor_fps"] > 0
     first, again = report["runs"]
     assert first["frames"] == again["frames"] == 25

@@ -240,9 +240,42 @@ def test_the_automatic_batch_size_fits_the_free_memory():
     assert BatchSize(3, torch.device("cuda")).size == 3  # asked for: kept
     gib = 2**30
     assert fitting_batch_size(40 * gib, 0.35 * gib) == MAX_AUTO_BATCH
-    assert fitting_batch_size(10 * gib, 0.35 * gib) == 16  # 20 frames fit: a multiple of 8
+    assert fitting_batch_size(10 * gib, 0.35 * gib) == 16  # 20 frames fit: the power of two below
     assert fitting_batch_size(2 * gib, 0.35 * gib) == 4
     assert fitting_batch_size(0, 0.35 * gib) == 1
+
+
+def test_the_first_gpu_batch_is_measured_and_sizes_the_rest(monkeypatch):
+    # No GPU here: torch.cuda's memory readings are played as a GPU would give them (each name must exist).
+    mib = 2**20
+    readings = {"allocated": 1000 * mib, "peak": 0, "reserved": 1200 * mib, "free": 20000 * mib}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: readings["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: readings["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: readings["reserved"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (readings["free"], 80000 * mib))
+    batch = BatchSize(None, torch.device("cuda"))
+    assert batch.size == CPU_BATCH
+    batch.before_batch()
+    readings["peak"] = 1000 * mib + 6 * 300 * mib  # 6 of the 8 frames had a face: 300 MB each
+    batch.after_batch(6)
+    # (20000 free + 200 held by torch, unused) * 0.7 / 300 = 47 frames fit: 32
+    assert batch.size == 32
+    readings["peak"] = 10**12  # later batches are not measured again
+    batch.before_batch()
+    batch.after_batch(32)
+    assert batch.size == 32
+    batch.halve(32)
+    assert batch.size == 16
+
+    waiting = BatchSize(None, torch.device("cuda"))  # a first batch without a face measures nothing
+    waiting.before_batch()
+    waiting.after_batch(0)
+    assert waiting.size == CPU_BATCH
+    waiting.before_batch()
+    readings["peak"] = 1000 * mib + 8 * 1200 * mib
+    waiting.after_batch(8)
+    assert waiting.size == 8  # 20200 * 0.7 / 1200 = 11 frames fit
 
 
 def test_compiled_models_give_the_same_frames(models_dir, clip, speech, tmp_path, lossless, monkeypatch):

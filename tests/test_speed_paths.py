@@ -378,3 +378,26 @@ def test_ordered_map_keeps_the_order_bounds_the_calls_and_passes_errors_on():
             list(ordered_map(fails_on_five, range(10), pool, 2))
     with thread_pool(1, "test") as pool:
         assert pool is None and list(ordered_map(slow_square, range(4), pool, 1)) == [0, 1, 4, 9]
+
+
+def test_only_the_models_stages_wait_for_the_device(models_dir, clip, speech, tmp_path, lossless):
+    # On a GPU the timer synchronizes around the model's stages; a synchronize from the face analysis,
+    # crop, blend or encode threads would stall them on the model's work, so those never call it.
+    timer_calls = []
+    timer = StageTimer(lambda: timer_calls.append(1))
+    with timer.stage("blend"):
+        pass
+    assert timer_calls == []
+    with timer.stage("unet", device=True):
+        pass
+    assert timer_calls == [1, 1]
+
+    pipeline = LipSyncPipeline.from_pretrained(models_dir, device="cpu", cache_dir=False)
+    pipeline.cpu_workers = 2
+    threads = []
+    pipeline._synchronize = lambda: threads.append(threading.current_thread().name)
+    result = pipeline(clip, speech, tmp_path / "out.mp4", lossless)
+    assert {"face", "crop", "blend", "encode"} <= set(result.timings)
+    # The model runs on the caller's thread, Whisper on the audio thread: 2 calls per model stage.
+    assert set(threads) == {"MainThread", "_audio_features"}
+    assert threads.count("_audio_features") == 2

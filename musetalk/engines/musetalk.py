@@ -72,7 +72,7 @@ class MuseTalkEngine:
 
     def audio_features(self, wav: np.ndarray, speech, events=(), timer: StageTimer | None = None) -> np.ndarray:
         """Whisper hidden states [T, L, D] of the (silence-gated) waveform; timings are not used."""
-        with (timer or StageTimer()).stage("whisper"):
+        with (timer or StageTimer()).stage("whisper", device=True):
             return self.audio_encoder.encode(wav)
 
     def frame_audio(self, features: np.ndarray, positions: np.ndarray, fps: float, options) -> np.ndarray:
@@ -98,7 +98,7 @@ class MuseTalkEngine:
     def prepare(self, crops: np.ndarray, landmarks: np.ndarray, timer: StageTimer):
         """Per crop: cat(masked latent, reference latent) -> [B, 8, 32, 32] (the landmarks are not used)."""
         count = len(crops)
-        with timer.stage("vae_encode"), self._torch.inference_mode():
+        with timer.stage("vae_encode", device=True), self._torch.inference_mode():
             reference = self._padded(self._to_tensor(crops))
             masked = reference.clone()
             masked[:, :, CROP_SIZE // 2 :, :] = -1.0  # the lower half black, as in training
@@ -112,13 +112,13 @@ class MuseTalkEngine:
         torch = self._torch
         count = len(states)
         with torch.inference_mode():
-            with timer.stage("unet"):
+            with timer.stage("unet", device=True):
                 latents = self._padded(states.to(self.device, self.dtype))
                 audio = self._padded(torch.from_numpy(frame_audio).to(self.device, self.dtype))
                 audio = audio + self._positional_encoding(audio.shape[1])
                 timestep = torch.zeros((), device=self.device, dtype=torch.long)
                 predicted = self.unet(latents, timestep, encoder_hidden_states=audio).sample
-            with timer.stage("vae_decode"):
+            with timer.stage("vae_decode", device=True):
                 faces = self.decoder.decode(predicted / self.decode_scale).sample.clamp(-1.0, 1.0)
                 faces = ((faces + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
                 return faces[:count].cpu().numpy()

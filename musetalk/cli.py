@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.add_argument("--variants", action="store_true",
                        help="time the model alone per frame, as is and in each GPU-path variant (bf16, channels-last, "
-                            "attention, partial decode, tiny decoder; compile with --compile); --model tiny or full")
+                            "attention, cuDNN autotuning, partial decode, tiny decoder; compile with --compile); "
+                            "--model tiny or full")
     _add_model_arguments(bench)
     bench.set_defaults(handler=_bench)
 

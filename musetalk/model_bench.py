@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from musetalk.batching import CPU_BATCH
 from musetalk.errors import InputError
 
-VARIANTS = ("baseline", "bf16", "channels_last", "classic_attention", "partial_decode", "tiny_decoder", "compile")
+VARIANTS = ("baseline", "bf16", "channels_last", "classic_attention", "cudnn_benchmark", "partial_decode",
+            "tiny_decoder", "compile")
 # Partial decode: the latent rows below the mask's top (half of the 32 rows) and this many above it,
 # which the decoder's convolutions need to draw the mask's top edge.
 PARTIAL_DECODE_CONTEXT_ROWS = 4
@@ -104,6 +105,8 @@ def _time_variant(name: str, unet, vae, inputs: dict, device, dtype, repeats: in
         # On a CPU bf16 is emulated: the tiny models ran 3 to 7 times slower, the full ones far more.
         why = "the baseline is bf16 already" if dtype == torch.bfloat16 else "not timed on a CPU (no bf16 matrix units)"
         return VariantTiming(name, None, None, None, why)
+    if name == "cudnn_benchmark" and device.type != "cuda":
+        return VariantTiming(name, None, None, None, "not timed on a CPU (cuDNN is the GPU's convolution library)")
     batch = inputs["states"].shape[0]
     if name in ("partial_decode", "tiny_decoder"):
         decode, note = _decoder_variant(name, vae, inputs["latents"], device)
@@ -113,7 +116,12 @@ def _time_variant(name: str, unet, vae, inputs: dict, device, dtype, repeats: in
     stages = (lambda: vae.encode(inputs["crops"]).latent_dist.mode(),
               lambda: unet(inputs["states"], timestep, encoder_hidden_states=inputs["audio"]).sample,
               lambda: vae.decode(inputs["latents"]).sample)
-    return VariantTiming(name, *(_per_frame(stage, batch, device, repeats) for stage in stages), note)
+    benchmarking = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = name == "cudnn_benchmark"  # the warm-up call lets cuDNN try its kernels
+    try:
+        return VariantTiming(name, *(_per_frame(stage, batch, device, repeats) for stage in stages), note)
+    finally:
+        torch.backends.cudnn.benchmark = benchmarking
 
 
 def _model_variant(name: str, unet, vae, inputs: dict) -> tuple:
@@ -124,6 +132,8 @@ def _model_variant(name: str, unet, vae, inputs: dict) -> tuple:
 
     if name == "baseline":
         return unet, vae, inputs, ""
+    if name == "cudnn_benchmark":  # the same models; only the library's kernel choice changes
+        return unet, vae, inputs, "cuDNN times its convolution kernels per shape and keeps the fastest"
     unet, vae = copy.deepcopy(unet), copy.deepcopy(vae)
     if name == "bf16":
         device = inputs["states"].device

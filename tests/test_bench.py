@@ -30,7 +30,8 @@ def test_the_variants_time_the_model_alone(capsys):
     assert list(variants) == [name for name in VARIANTS if name != "compile"]  # compile only with --compile
     for name in ("baseline", "channels_last", "classic_attention"):
         assert all(variants[name][stage] > 0 for stage in ("vae_encode_ms", "unet_ms", "vae_decode_ms")), name
-    assert variants["bf16"]["unet_ms"] is None and "not timed on a CPU" in variants["bf16"]["note"]
+    for name in ("bf16", "cudnn_benchmark"):
+        assert variants[name]["unet_ms"] is None and "not timed on a CPU" in variants[name]["note"]
     for name in ("partial_decode", "tiny_decoder"):  # they change the decoder only
         assert variants[name]["vae_encode_ms"] is None and variants[name]["vae_decode_ms"] > 0
     table = format_variants(VariantReport(**{**report, "variants": [VariantTiming(**v) for v in report["variants"]]}))

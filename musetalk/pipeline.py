@@ -97,6 +97,8 @@ class LipSyncPipeline:
 
             return cls(PreviewEngine(), version, None, avatar_cache)
         files = weights.resolve(version, models_dir, draft=engine == "draft")
+        if engine == "draft":
+            weights.draft_decoder_dir(models_dir)  # a missing TAESD is said now, not after loading the rest
         torch_device = models.resolve_device(device)
         torch_dtype = models.resolve_dtype(torch_device, dtype)
         root = weights.models_dir_or_default(models_dir)

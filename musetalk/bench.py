@@ -28,6 +28,8 @@ from musetalk.errors import InputError
 logger = logging.getLogger(__name__)
 
 MODEL_KINDS = ("tiny", "full", "weights")
+# The engine's per-frame work: the model's own time, which the other stages should add little to.
+MODEL_STAGES = ("vae_encode", "unet", "vae_decode", "render")
 STAGE_ORDER = ("probe", "cache_lookup", "face", "audio_decode", "silence_gate", "whisper", "mouth_shapes", "decode",
                "crop", "vae_encode", "unet", "vae_decode", "render", "blend", "encode", "cache_save")
 
@@ -42,6 +44,8 @@ class RunReport:
     peak_gpu_mb: float | None
     stages: dict[str, float]  # seconds per stage (overlapping stages each count their own time)
     batch_size: int  # frames per model call at the end of the run
+    model_seconds: float  # the engine's per-frame work (MODEL_STAGES)
+    outside_model_percent: float | None  # how much the whole job's time exceeds the model's, in percent
 
 
 @dataclass
@@ -229,9 +233,11 @@ def _one_run(pipeline, clip: Path, out: Path, options: RunOptions, progress) -> 
 
         peak_gpu = round(torch.cuda.max_memory_allocated(pipeline.device) / 2**20, 1)
     stages = {name: result.timings[name] for name in STAGE_ORDER if name in result.timings}
+    model = sum(stages.get(name, 0.0) for name in MODEL_STAGES)
+    outside = round(100 * (total / model - 1), 1) if model > 0 else None
     return RunReport(round(total, 3), result.num_frames, round(result.num_frames / total, 2),
                      round(total / result.duration, 3), round(memory.peak_bytes / 2**20, 1), peak_gpu, stages,
-                     result.batch_size)
+                     result.batch_size, round(model, 3), outside)
 
 
 def format_report(report: BenchReport) -> list[str]:
@@ -248,6 +254,9 @@ def format_report(report: BenchReport) -> list[str]:
                      f"peak RAM {run.peak_ram_mb:.0f} MB"
                      + (f", peak GPU {run.peak_gpu_mb:.0f} MB" if run.peak_gpu_mb is not None else "")
                      + f", {run.batch_size} frames per model call")
+        if run.outside_model_percent is not None:
+            lines.append(f"  the model's own time {run.model_seconds:.2f} s; the whole job takes "
+                         f"{run.outside_model_percent:.0f}% longer")
         lines.append(f"  {'stage':<14}{'seconds':>9}{'frames/s':>10}")
         for stage, value in run.stages.items():
             rate = f"{run.frames / value:.1f}" if value > 0 else "-"

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from musetalk import cli
 from musetalk.model_bench import VARIANTS, VariantReport, VariantTiming, format_variants
 
@@ -17,6 +19,10 @@ def test_bench_reports_every_stage_and_the_cached_rerun(capsys):
         assert first["stages"][stage] > 0, stage
     assert "face" not in again["stages"] and "vae_encode" not in again["stages"]
     assert first["peak_ram_mb"] > 100 and first["realtime_factor"] > 0
+    model = first["stages"]["vae_encode"] + first["stages"]["unet"] + first["stages"]["vae_decode"]
+    assert first["model_seconds"] == round(model, 3)
+    outside = 100 * (first["seconds"] / first["model_seconds"] - 1)
+    assert first["outside_model_percent"] == pytest.approx(outside, abs=0.2)  # from the unrounded times
     assert report["batch_size"] is None and first["batch_size"] == again["batch_size"] == 8  # auto on a CPU
 
 

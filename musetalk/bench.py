@@ -244,7 +244,8 @@ def format_report(report: BenchReport) -> list[str]:
     lines = [f"clip: {report.clip}, {report.width}x{report.height} at {report.fps:g} fps, {report.duration:.1f} s",
              f"model: {report.model} on {report.device} ({report.dtype}{', compiled' if report.compiled else ''}"
              f"{', draft decoder' if report.draft else ''}), "
-             f"batch size {report.batch_size or 'auto'}, {report.cpu_workers} CPU threads per frame step",
+             f"batch size {report.batch_size or 'auto'}, "
+             f"{report.cpu_workers} CPU thread{'s' if report.cpu_workers > 1 else ''} per frame step",
              f"floor (decode + encode, no model): {report.floor_seconds:.2f} s, {report.floor_fps:.1f} frames/s"]
     for index, run in enumerate(report.runs):
         label = "first run (prepares the avatar)" if index == 0 else "again (avatar from the cache)"

@@ -83,8 +83,9 @@ def _build_models(model: str, device, dtype):
         unet_config, vae_config = testing.full_unet_config(), testing.model_config("sd-vae.json")
     else:
         unet_config, vae_config = testing.tiny_unet_config(), testing.TINY_VAE
-    unet = for_inference(build_unet(unet_config), device, dtype)
-    return unet, for_inference(AutoencoderKL.from_config(vae_config), device, dtype)
+    with device:  # random weights drawn where they will run (the full UNet takes 20 s on a CPU)
+        unet = for_inference(build_unet(unet_config), device, dtype)
+        return unet, for_inference(AutoencoderKL.from_config(vae_config), device, dtype)
 
 
 def _inputs(unet, batch_size: int, device, dtype) -> dict:

@@ -332,8 +332,8 @@ class LipSyncPipeline:
         batch size at the end.
 
         Three threads beside the face analysis: one brings source frames in output order, this one
-        runs the model, one blends and encodes; bounded queues between them keep memory flat."""
-
+        runs the model, one blends and encodes; bounded queues between them keep memory flat. Crops
+        and blending run on a pool of ``cpu_workers`` threads, so no one core limits them."""
         with thread_pool(self._workers(), "frames") as pool:
             return self._generate_on(info, fps, num_frames, faces, states, features, options, writer, timer,
                                      progress, pool)

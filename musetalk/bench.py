@@ -220,6 +220,9 @@ def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, 
 
 
 def _one_run(pipeline, clip: Path, out: Path, options: RunOptions, progress) -> RunReport:
+    """One dub of the clip with its own sound, timed. On CUDA the peak GPU memory counts from the first
+    model batch when the batch size is automatic (measuring that batch resets the peak): the models and
+    every batch are in it, the audio encoder's brief use before it is not."""
     gpu = pipeline.device is not None and pipeline.device.type == "cuda"
     if gpu:
         import torch

@@ -17,6 +17,16 @@ logger = logging.getLogger(__name__)
 COMPILE_BACKEND = "inductor"  # torch.compile's code generator (the tests use a quicker one)
 
 
+def compiled(module):
+    """``torch.compile`` of a model (the UNet, a half of the VAE, TAESD's decoder). Each compiles at its
+    first call (a minute or more per batch shape), so it pays for long videos and for a server that keeps
+    the pipeline. Shapes are fixed (no dynamic-shape kernels): batches are padded to a power of two
+    (``MuseTalkEngine._padded``)."""
+    import torch
+
+    return torch.compile(module, dynamic=False, backend=COMPILE_BACKEND)
+
+
 class MuseTalkEngine:
     name = "musetalk"
 
@@ -41,15 +51,8 @@ class MuseTalkEngine:
         self._encodings: dict[int, object] = {}
         self.compiled = compile
         if compile:
-            self.unet = self._compiled(unet)
-            vae.encoder, vae.decoder = self._compiled(vae.encoder), self._compiled(vae.decoder)
-
-    def _compiled(self, module):
-        """``torch.compile`` of a model (the UNet, a half of the VAE, TAESD's decoder). Each compiles at
-        its first call (a minute or more per batch shape), so it pays for long videos and for a server
-        that keeps the pipeline. Shapes are fixed (no dynamic-shape kernels): batches are padded to a
-        power of two (``_padded``)."""
-        return self._torch.compile(module, dynamic=False, backend=COMPILE_BACKEND)
+            self.unet = compiled(unet)
+            vae.encoder, vae.decoder = compiled(vae.encoder), compiled(vae.decoder)
 
     def with_draft_decoder(self, draft_decoder) -> MuseTalkEngine:
         """An engine on these same models that decodes with TAESD (the draft quality): the UNet, VAE and
@@ -58,7 +61,7 @@ class MuseTalkEngine:
                                 draft_decoder=draft_decoder)
         if self.compiled:
             engine.compiled = True
-            draft_decoder.decoder = self._compiled(draft_decoder.decoder)
+            draft_decoder.decoder = compiled(draft_decoder.decoder)
         return engine
 
     def _padded(self, tensor):

@@ -65,6 +65,7 @@ class BenchReport:
     compiled: bool = False  # the models went through torch.compile
     draft: bool = False  # TAESD decoded the faces
     cpu_workers: int = 1  # threads for each per-frame CPU step (face analysis; crops and blending)
+    torch_threads: int = 1  # torch's threads per model call (OMP_NUM_THREADS sets it before the start)
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -188,6 +189,8 @@ def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, 
               batch_size: int | None = None, runs: int = 2, progress=None, engine: str = "musetalk",
               compile: bool = False, cpu_workers: int | None = None) -> BenchReport:
     """``cpu_workers``: threads for each per-frame CPU step (None: by the cores, as a job has them)."""
+    import torch
+
     from musetalk.engines import ENGINES
 
     if model not in MODEL_KINDS:
@@ -213,7 +216,8 @@ def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, 
                              str(getattr(pipeline.engine, "dtype", "-")),
                              batch_size, round(floor, 3), round(info.num_frames / floor, 2),
                              compiled=bool(getattr(pipeline.engine, "compiled", False)),
-                             draft=engine == "draft", cpu_workers=cpu_workers or stages.cpu_workers())
+                             draft=engine == "draft", cpu_workers=cpu_workers or stages.cpu_workers(),
+                             torch_threads=torch.get_num_threads())
         for index in range(runs):
             report.runs.append(_one_run(pipeline, clip, work / f"run{index}.mp4", options, progress))
         return report
@@ -249,7 +253,8 @@ def format_report(report: BenchReport) -> list[str]:
              f"model: {report.model} on {report.device} ({report.dtype}{', compiled' if report.compiled else ''}"
              f"{', draft decoder' if report.draft else ''}), "
              f"batch size {report.batch_size or 'auto'}, "
-             f"{report.cpu_workers} CPU thread{'s' if report.cpu_workers > 1 else ''} per frame step",
+             f"{report.cpu_workers} CPU thread{'s' if report.cpu_workers > 1 else ''} per frame step, "
+             f"{report.torch_threads} torch thread{'s' if report.torch_threads > 1 else ''} per model call",
              f"floor (decode + encode, no model): {report.floor_seconds:.2f} s, {report.floor_fps:.1f} frames/s"]
     for index, run in enumerate(report.runs):
         label = "first run (prepares the avatar)" if index == 0 else "again (avatar from the cache)"

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from musetalk import cli
 from musetalk.model_bench import VARIANTS, VariantReport, VariantTiming, format_variants
@@ -12,6 +13,7 @@ def test_bench_reports_every_stage_and_the_cached_rerun(capsys):
     report = json.loads(capsys.readouterr().out)
     assert (report["width"], report["height"], report["model"]) == (192, 144, "tiny")
     assert report["cpu_workers"] == 2
+    assert report["torch_threads"] == torch.get_num_threads()
     assert report["floor_fps"] > 0
     first, again = report["runs"]
     assert first["frames"] == again["frames"] == 25

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from musetalk import stages
 from musetalk.config import RunOptions
 from musetalk.errors import InputError
 
@@ -216,7 +215,7 @@ def run_bench(model: str = "tiny", video: str | None = None, width: int = 1280, 
                              str(getattr(pipeline.engine, "dtype", "-")),
                              batch_size, round(floor, 3), round(info.num_frames / floor, 2),
                              compiled=bool(getattr(pipeline.engine, "compiled", False)),
-                             draft=engine == "draft", cpu_workers=cpu_workers or stages.cpu_workers(),
+                             draft=engine == "draft", cpu_workers=pipeline.worker_count(),
                              torch_threads=torch.get_num_threads())
         for index in range(runs):
             report.runs.append(_one_run(pipeline, clip, work / f"run{index}.mp4", options, progress))

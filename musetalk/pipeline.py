@@ -227,7 +227,8 @@ class LipSyncPipeline:
 
     # ------------------------------------------------------------------ steps
 
-    def _workers(self) -> int:
+    def worker_count(self) -> int:
+        """Threads for each per-frame CPU step in this pipeline's jobs (``cpu_workers``, or by the cores)."""
         return self.cpu_workers or cpu_workers()
 
     def _synchronize(self) -> None:
@@ -260,10 +261,10 @@ class LipSyncPipeline:
         report = lambda done: progress("faces", done, max(done, expected))  # noqa: E731
         if self.overlap:
             return FaceStream(frames, key, info.width, info.height, fps, options, timer, report, info.path,
-                              self._workers())
+                              self.worker_count())
         try:
             return analyse(frames, key, info.width, info.height, fps, options, timer, progress=report,
-                           source=info.path, workers=self._workers())
+                           source=info.path, workers=self.worker_count())
         finally:
             frames.close()
 
@@ -309,7 +310,7 @@ class LipSyncPipeline:
             return item
 
         yield from ordered_map(cut, self._source_frames(info, fps, num_frames, faces, options), pool,
-                               self._workers())
+                               self.worker_count())
 
     def _source_frames(self, info, fps, num_frames: int, faces: Avatar | FaceStream,
                        options: RunOptions) -> Iterator[FaceFrame]:
@@ -334,7 +335,7 @@ class LipSyncPipeline:
         Three threads beside the face analysis: one brings source frames in output order, this one
         runs the model, one blends and encodes; bounded queues between them keep memory flat. Crops
         and blending run on a pool of ``cpu_workers`` threads, so no one core limits them."""
-        with thread_pool(self._workers(), "frames") as pool:
+        with thread_pool(self.worker_count(), "frames") as pool:
             return self._generate_on(info, fps, num_frames, faces, states, features, options, writer, timer,
                                      progress, pool)
 

@@ -32,8 +32,10 @@ logger = logging.getLogger("musetalk.app")
 TITLE = "MuseTalk Studio"
 FACE_CHOICES = [("The largest face", "largest"), ("1st from the left", "0"), ("2nd from the left", "1"),
                 ("3rd from the left", "2"), ("4th from the left", "3")]
-MASK_CHOICES = [("Jaw: lower face down to the jaw (default)", "jaw"), ("Raw: lower face as found", "raw"),
-                ("Mouth: lips only (keeps a beard or moustache)", "mouth")]
+MASK_CHOICES = [("Official for the version (v1.5: jaw, v1.0: raw)", "official"),
+                ("Jaw: lower face to the jaw line, cheeks narrowed (v1.5)", "jaw"),
+                ("Raw: lower face as segmented (v1.0)", "raw"),
+                ("Mouth: lips and a margin (keeps a beard or moustache)", "mouth")]
 LOOP_CHOICES = [("Forward and back (ping-pong)", "pingpong"), ("From the start again", "loop"),
                 ("Hold the last frame", "freeze")]
 LENGTH_CHOICES = [("As long as the audio", "audio"), ("As long as the video", "video")]
@@ -68,7 +70,8 @@ def run_options(version, extra_margin, bbox_shift, mask_mode, left_cheek_width, 
     """RunOptions from the controls' values (sliders give floats, the face menu strings; batch size 0: automatic)."""
     face_index = None if face in (None, "", "largest") else int(face)
     return RunOptions(
-        version=version, extra_margin=int(extra_margin), bbox_shift=int(bbox_shift), parsing_mode=mask_mode,
+        version=version, extra_margin=int(extra_margin), bbox_shift=int(bbox_shift),
+        parsing_mode=None if mask_mode in (None, "", "official") else mask_mode,
         left_cheek_width=int(left_cheek_width), right_cheek_width=int(right_cheek_width), face_index=face_index,
         smoothing=float(smoothing), length=length, loop=loop, silence_gate=bool(silence_gate),
         batch_size=int(batch_size) or None, crf=int(quality),
@@ -199,7 +202,7 @@ def build_demo(services: Studio):
                     with gr.Row():
                         version = gr.Dropdown(VERSION_CHOICES, value=defaults.version, label="Model version")
                         face = gr.Dropdown(FACE_CHOICES, value="largest", label="Face to dub")
-                    mask_mode = gr.Radio(MASK_CHOICES, value=defaults.parsing_mode, label="Blend mask")
+                    mask_mode = gr.Radio(MASK_CHOICES, value="official", label="Blend mask")
                     with gr.Row():
                         extra_margin = gr.Slider(0, 60, value=defaults.extra_margin, step=1, precision=0,
                                                  label="Extra margin below the chin (v1.5, px)")

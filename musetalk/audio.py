@@ -14,7 +14,9 @@ gives the same log-mel values as the zero padding Whisper puts after every clip 
 
 Time axes: the encoder gives 50 steps per second (``WHISPER_STEPS_PER_SECOND``);
 ``T = floor(seconds * 50)``. A video frame ``i`` at ``fps`` takes a window of
-``2 * (pad_left + pad_right + 1)`` steps (10 for the defaults) around step ``floor(i * 50 / fps)``.
+``2 * (pad_left + pad_right + 1)`` steps (10 for the defaults) around step ``floor(i * (50 / fps))``.
+Every count and index is computed with the official code's floating-point expressions: the model
+was trained on what they give, and at the rounding edges exact arithmetic gives another step.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ WHISPER_WINDOW_SECONDS = 30
 DIGITAL_SILENCE_PEAK = 1e-4
 # Shorter than this, the detector cannot judge (its context is a few 32 ms windows).
 MIN_DETECTABLE_SECONDS = 0.1
-VERSIONS = ("v15", "v1")
 
 
 # --------------------------------------------------------------------------- waveforms
@@ -96,15 +97,18 @@ def fit_length(wav: np.ndarray, num_samples: int) -> np.ndarray:
 
 
 def num_whisper_steps(num_samples: int, sr: int = SAMPLE_RATE) -> int:
-    """Encoder steps for a waveform: ``floor(seconds * 50)`` in exact integer arithmetic."""
-    return num_samples * WHISPER_STEPS_PER_SECOND // sr
+    """Encoder steps kept for a waveform: ``floor(seconds * 50)``, in floating point as the official code
+    computes it. Exact arithmetic keeps one step more for about 5% of the lengths that are multiples of
+    320 samples: for 9280 samples ``9280 / 16000 * 50`` is 28.999999999999996, so 28 steps, not 29. The
+    model only ever saw the official count, and the last frames' windows depend on it."""
+    return math.floor((num_samples / sr) * WHISPER_STEPS_PER_SECOND)
 
 
 def num_video_frames(num_samples: int, fps: float, sr: int = SAMPLE_RATE) -> int:
-    """Video frames the audio covers: ``floor(seconds * fps)`` (facts section 3)."""
+    """Video frames the audio covers: ``floor(seconds * fps)``, in floating point as the official code."""
     if fps <= 0:
         raise InputError(f"fps must be positive, got {fps}")
-    return int(math.floor(num_samples * fps / sr + 1e-9))
+    return math.floor((num_samples / sr) * fps)
 
 
 # --------------------------------------------------------------------------- speech detection
@@ -408,30 +412,24 @@ def window_length(pad_left: int = 2, pad_right: int = 2) -> int:
 def chunk_indices(
     num_frames: int,
     fps: float,
-    version: str = "v15",
     pad_left: int = 2,
     pad_right: int = 2,
     num_steps: int | None = None,
 ) -> np.ndarray:
     """Indices ``[num_frames, W]`` into the unpadded features ``[T, L, D]``; -1 means a zero vector.
 
-    ``W = 2 * (pad_left + pad_right + 1)`` and ``m = 50 / fps``.
-
-    v15 (MuseTalk 1.5): with ``p = ceil(m)`` the official code puts ``p * pad_left`` zero steps
-    before the features (and enough after), and frame ``i`` takes the ``W`` steps that start at
-    ``floor(i * m)`` of that padded array. In unpadded indices that window starts at
-    ``floor(i * m) - p * pad_left``; steps before 0 or at/after ``T`` are zero (-1 here).
+    ``W = 2 * (pad_left + pad_right + 1)`` and ``m = 50 / fps``, computed first, in floating point, as
+    the official code does (for MuseTalk 1.5 and 1.0 alike). With ``p = ceil(m)`` the official code
+    puts ``p * pad_left`` zero steps before the features (and some after), and frame ``i`` takes the
+    ``W`` steps that start at ``floor(i * m)`` of that padded array. In unpadded indices that window
+    starts at ``floor(i * m) - p * pad_left``; steps before 0 or at/after ``T`` are zero (-1 here).
     At 25 fps frame ``i`` covers steps ``2i - 4 .. 2i + 5``: four before, its own two, four after.
 
-    v1 (MuseTalk 1.0): the window starts at ``floor(i * m) - 2 * pad_left`` and indices are
-    clamped to ``[0, T - 1]`` (the edge step repeats), so -1 appears only when ``T == 0``.
-
-    ``num_steps`` is ``T``; pass ``features.shape[0]``. Left out, it is taken as the steps of
-    audio exactly ``num_frames / fps`` seconds long. ``fps`` is used as given (the official code
-    truncates it to an integer, which drifts on 29.97 fps video; we do not).
+    ``num_steps`` is ``T``; pass ``features.shape[0]``. Left out, it is taken as the steps of audio
+    exactly ``num_frames / fps`` seconds long. ``fps`` is used as given: the official code truncates it
+    to an integer (29.97 fps video drifts against its audio by 3%) and stops at 50 fps and above, where
+    its zero padding after the features runs out; here every step past the end is zero, as the padding is.
     """
-    if version not in VERSIONS:
-        raise InputError(f"unknown MuseTalk version {version!r}; use one of {', '.join(VERSIONS)}")
     if fps <= 0 or not math.isfinite(fps):
         raise InputError(f"fps must be a positive number, got {fps}")
     if num_frames < 0 or pad_left < 0 or pad_right < 0:
@@ -440,16 +438,10 @@ def chunk_indices(
         num_steps = int(math.floor(num_frames * WHISPER_STEPS_PER_SECOND / fps + 1e-9))
     if num_steps < 0:
         raise InputError(f"num_steps must be >= 0, got {num_steps}")
-    frames = np.arange(num_frames, dtype=np.int64)
-    # i * 50 / fps rather than i * (50 / fps): exact for integer rates, so floor() is exact too.
-    centre = np.floor(frames * WHISPER_STEPS_PER_SECOND / fps + 1e-9).astype(np.int64)
-    per_context = math.ceil(WHISPER_STEPS_PER_SECOND / fps - 1e-9) if version == "v15" else 2
-    starts = centre - per_context * pad_left
+    steps_per_frame = WHISPER_STEPS_PER_SECOND / fps
+    starts = np.floor(np.arange(num_frames, dtype=np.float64) * steps_per_frame).astype(np.int64)
+    starts -= math.ceil(steps_per_frame) * pad_left
     indices = starts[:, None] + np.arange(window_length(pad_left, pad_right), dtype=np.int64)[None, :]
-    if num_steps == 0:
-        return np.full_like(indices, -1)
-    if version == "v1":
-        return np.clip(indices, 0, num_steps - 1)
     indices[(indices < 0) | (indices >= num_steps)] = -1
     return indices
 

@@ -182,7 +182,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--bbox-shift", type=int, help="v1.0: move the box's middle line; positive opens the mouth more")
     job.add_argument("--face-index", type=int, help="which face when there are several, 0 = leftmost (default: the largest)")
     job.add_argument("--smoothing", type=float, help=f"temporal smoothing 0..1 (default {defaults.smoothing})")
-    job.add_argument("--parsing-mode", choices=PARSING_MODES, help="blend mask (default jaw)")
+    job.add_argument("--parsing-mode", choices=PARSING_MODES, help="blend mask (default: the version's official one, jaw for v15, raw for v1)")
     job.add_argument("--left-cheek-width", type=int, help=f"jaw mode cheek band (default {defaults.left_cheek_width})")
     job.add_argument("--right-cheek-width", type=int, help=f"jaw mode cheek band (default {defaults.right_cheek_width})")
     job.add_argument("--no-silence-gate", dest="silence_gate", action="store_const", const=False,

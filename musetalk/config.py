@@ -30,8 +30,9 @@ class RunOptions:
     face_index: int | None = None
     # Strength of the temporal smoothing of landmarks and boxes, 0 = off, 1 = strong.
     smoothing: float = 0.5
-    # Blend mask: "jaw" (official v1.5 default), "raw" (lower face as is) or "mouth" (lips and a margin).
-    parsing_mode: str = "jaw"
+    # Blend mask: "jaw" (official v1.5 default), "raw" (official v1.0: the lower face as segmented) or
+    # "mouth" (ours: lips and a margin); None: the official one of the version.
+    parsing_mode: str | None = None
     # Width in pixels, on a 512 canvas of the face square, kept left/right of the centre in jaw mode.
     left_cheek_width: int = 90
     right_cheek_width: int = 90
@@ -63,7 +64,8 @@ class RunOptions:
     def validate(self) -> RunOptions:
         """Return self, or raise InputError naming the first bad option and its allowed values."""
         _one_of("version", self.version, VERSIONS)
-        _one_of("parsing_mode", self.parsing_mode, PARSING_MODES)
+        if self.parsing_mode is not None:
+            _one_of("parsing_mode", self.parsing_mode, PARSING_MODES)
         _one_of("loop", self.loop, LOOP_MODES)
         _one_of("length", self.length, LENGTH_MODES)
         _one_of("oversize", self.oversize, OVERSIZE_MODES)
@@ -85,6 +87,10 @@ class RunOptions:
         if self.fps is not None:
             _in_range("fps", self.fps, 1, 120)
         return self
+
+    def mask_mode(self) -> str:
+        """The blend mask this job uses: the one asked for, else the official one of its version."""
+        return self.parsing_mode or ("jaw" if self.version == "v15" else "raw")
 
     def replace(self, **changes) -> RunOptions:
         """A copy with some fields changed; unknown names raise InputError."""

@@ -47,6 +47,12 @@ FACE_OVAL = (
 )
 # The outer lip contour, in order (mouth corner 61, upper lip, corner 291, lower lip).
 LIPS_OUTER = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146)
+# The inner lip contour (the mouth opening), in order.
+LIPS_INNER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
+# The nose as a face-parsing network segments it (bridge, sides, wings and base): MediaPipe's own
+# nose contour points (FACEMESH_NOSE); their convex hull is the nose class of the blending masks.
+NOSE_REGION = (1, 2, 4, 5, 6, 19, 45, 48, 64, 94, 97, 98, 115, 168, 195, 197, 220, 275, 278, 294, 326, 327,
+               344, 440)
 CHIN = 152
 
 # Which mesh points stand in for the 68-point layout. Checked on tests/data/face.jpg: the
@@ -585,12 +591,13 @@ def crop_boxes(track: FaceTrack, version: str = "v15", extra_margin: int = 10, b
     boxes = np.full((len(track), 4), -1, dtype=np.int32)
     if not track.has_face.any():
         return boxes
-    points = track.landmarks[track.has_face].astype(np.float64)
+    # The official code truncates its landmarks to whole pixels before it measures the box.
+    points = np.trunc(track.landmarks[track.has_face].astype(np.float64))
     outline = points[:, OUTLINE_68]
     x1 = outline[:, :, 0].min(axis=1)
     x2 = outline[:, :, 0].max(axis=1)
     y2 = outline[:, :, 1].max(axis=1)
-    mid = points[:, list(NOSE_29), 1].mean(axis=1)
+    mid = np.trunc(track.landmarks[track.has_face][:, list(NOSE_29), 1].astype(np.float64).mean(axis=1))
     if version == "v1":
         mid = mid + bbox_shift
     y1 = mid - (y2 - mid)

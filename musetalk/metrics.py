@@ -58,8 +58,7 @@ ProgressCallback = Callable[[str, int, int], None]
 UPPER_INNER_LIP, LOWER_INNER_LIP = 13, 14
 MOUTH_CORNERS = (61, 291)
 EYE_OUTER_CORNERS = (33, 263)
-LIPS_INNER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95)
-LIP_POINTS = tuple(face_lib.LIPS_OUTER) + LIPS_INNER
+LIP_POINTS = tuple(face_lib.LIPS_OUTER) + face_lib.LIPS_INNER
 # The face oval from ear to ear over the forehead: the face box measured from these points does
 # not grow when the jaw opens.
 UPPER_OVAL = (234, 127, 162, 21, 54, 103, 67, 109, 10, 338, 297, 332, 284, 251, 389, 356, 454)

@@ -437,7 +437,7 @@ def _blend(item: FaceFrame, new_face: np.ndarray, options: RunOptions) -> np.nda
     height, width = item.frame.shape[:2]
     square = blending.face_square(item.box, width, height)
     mask = blending.blend_mask(
-        item.landmarks, item.box, square, mode=options.parsing_mode,
+        item.landmarks, item.box, square, mode=options.mask_mode(),
         left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
         upper_boundary_ratio=options.upper_boundary_ratio,
     )

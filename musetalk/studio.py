@@ -243,7 +243,7 @@ class Comparison:
             total = job.timings.get("total", 0.0)
             values = {row[0]: row[1] for row in job.score_rows()}
             rows.append([
-                job.label, job.result.engine, job.speech, job.options.version, job.options.parsing_mode,
+                job.label, job.result.engine, job.speech, job.options.version, job.options.mask_mode(),
                 job.options.extra_margin,
                 "reused" if job.faces_reused else "analysed", job.result.num_frames, round(job.result.duration, 2),
                 round(total, 2),
@@ -565,7 +565,7 @@ class Studio:
             raise NoFaceError(f"the face in frame {index} lies outside the picture; use a video where the face "
                               "is whole")
         square = blending.face_square(box, info.width, info.height)
-        mask = blending.blend_mask(landmarks, box, square, mode=options.parsing_mode,
+        mask = blending.blend_mask(landmarks, box, square, mode=options.mask_mode(),
                                    left_cheek_width=options.left_cheek_width,
                                    right_cheek_width=options.right_cheek_width,
                                    upper_boundary_ratio=options.upper_boundary_ratio)
@@ -573,7 +573,7 @@ class Studio:
         x1, y1, x2, y2 = (int(v) for v in box)
         message = (f"Frame {index}: the model sees the yellow box ({x2 - x1}x{y2 - y1} px), the new face is "
                    f"pasted back into the blue square, and only the green area changes "
-                   f"({options.parsing_mode} mask).")
+                   f"({options.mask_mode()} mask).")
         return Preview(image, index, (x1, y1, x2, y2), message)
 
     @staticmethod

@@ -118,6 +118,8 @@ def test_num_steps_and_frames_are_floors():
     assert audio.num_whisper_steps(int(1.3 * SR)) == 65
     assert audio.num_whisper_steps(319) == 0
     assert audio.num_whisper_steps(320) == 1
+    # the official floating-point floor: 9280 / 16000 * 50 = 28.999999999999996
+    assert audio.num_whisper_steps(9280) == 28
     assert audio.num_video_frames(SR * 2, 25) == 50
     assert audio.num_video_frames(SR * 2 - 1, 25) == 49
     assert audio.num_video_frames(SR, 29.97) == 29
@@ -317,18 +319,16 @@ def test_chunk_indices_other_contexts_and_defaults():
     assert (chunk_indices(2, 25, num_steps=0) == -1).all()
 
 
-def test_chunk_indices_v1_clamps():
-    idx = chunk_indices(50, 25, version="v1", num_steps=100)
-    assert idx[0].tolist() == [0, 0, 0, 0, 0, 1, 2, 3, 4, 5]
-    assert idx[49].tolist() == [94, 95, 96, 97, 98, 99, 99, 99, 99, 99]
-    assert idx.min() >= 0
-    # v1 always steps back 2 per context unit, whatever the rate: 50 fps -> start i - 4
-    assert chunk_indices(10, 50, version="v1", num_steps=10)[5].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 9]
+def test_chunk_indices_round_as_the_official_code_at_29_and_31_fps():
+    # floor(i * (50 / fps)) with m computed first: at 29 fps frame 145's window starts at 249
+    # (145 * m is 249.99999999999997 in floating point), where exact arithmetic says 250.
+    assert math.floor(145 * (50 / 29)) == 249 and 145 * 50 // 29 == 250
+    assert chunk_indices(150, 29, num_steps=300)[145, 0] == 249 - 2 * 2
+    starts = chunk_indices(400, 31, num_steps=1000)[10:, 0] + 2 * 2
+    assert starts.tolist() == [math.floor(i * (50 / 31)) for i in range(10, 400)]
 
 
 def test_chunk_indices_rejects_bad_input():
-    with pytest.raises(InputError, match="version"):
-        chunk_indices(5, 25, version="v2")
     with pytest.raises(InputError, match="fps"):
         chunk_indices(5, 0)
     with pytest.raises(InputError):
@@ -354,17 +354,6 @@ def _reference_v15(features: np.ndarray, num_frames: int, fps: float, left: int 
     return np.stack(clips).reshape(num_frames, window * layers, width)
 
 
-def _reference_v1(features: np.ndarray, num_frames: int, fps: float, left: int = 2, right: int = 2) -> np.ndarray:
-    """MuseTalk 1.0's slicing: centre int(i * 50 / fps), 2 steps per context unit, clamped."""
-    steps = features.shape[0]
-    rows = []
-    for i in range(num_frames):
-        centre = int(i * 50 / fps)
-        picked = [min(max(j, 0), steps - 1) for j in range(centre - 2 * left, centre + 2 * (right + 1))]
-        rows.append(features[picked].reshape(-1, features.shape[2]))
-    return np.stack(rows)
-
-
 @pytest.mark.parametrize("fps", [25, 30, 24, 50, 60])
 @pytest.mark.parametrize("seconds", [0.52, 3.0, 7.37])
 def test_frame_features_match_literal_padding(fps, seconds):
@@ -374,8 +363,6 @@ def test_frame_features_match_literal_padding(fps, seconds):
     features = rng.standard_normal((steps, 3, 4)).astype(np.float32)
     got = frame_features(features, chunk_indices(frames, fps, num_steps=steps))
     np.testing.assert_array_equal(got, _reference_v15(features, frames, fps))
-    got_v1 = frame_features(features, chunk_indices(frames, fps, version="v1", num_steps=steps))
-    np.testing.assert_array_equal(got_v1, _reference_v1(features, frames, fps))
 
 
 def test_frame_features_shape_zeros_and_time_major_order():

@@ -37,71 +37,93 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_face_square_is_the_official_square_clipped_to_the_frame():
-    # box 100x80 centred at (150, 140): half side int(100 / 2 * 1.5) = 75
+    # box 100x80 centred at (150, 140): half side (100 // 2) * 1.5 = 75
     assert face_square((100, 100, 200, 180), 640, 480) == (75, 65, 225, 215)
+    # an odd longer side: (101 // 2) * 1.5 = 75, not int(101 / 2 * 1.5) = 75.75 -> 75 ... and 103: 76, not 77
+    assert face_square((100, 100, 203, 180), 640, 480) == (75, 64, 227, 216)
     assert face_square((0, 10, 100, 90), 640, 480) == (0, 0, 125, 125)  # clipped, not moved
     with pytest.raises(InputError):
         face_square((10, 10, 10, 50), 640, 480)
 
 
+def _feather_radius(square) -> int:
+    side = square[3] - square[1]
+    return (int(0.05 * side // 2 * 2) + 1) // 2
+
+
 @pytest.mark.parametrize("mode", MASK_MODES)
-def test_every_mask_is_feathered_zero_above_the_boundary_and_at_the_border(scene, mode):
+def test_every_mask_is_cut_at_the_boundary_then_feathered(scene, mode):
     _, landmarks, box, square = scene
     mask = blend_mask(landmarks, box, square, mode=mode)
     sx1, sy1, sx2, sy2 = square
-    assert mask.dtype == np.float32 and mask.shape == (sy2 - sy1, sx2 - sx1)
-    assert mask.min() >= 0.0 and mask.max() == pytest.approx(1.0, abs=1e-3)
+    assert mask.dtype == np.uint8 and mask.shape == (sy2 - sy1, sx2 - sx1)
+    assert mask.max() == 255
     side = sy2 - sy1
-    assert not mask[: int(side * 0.5) + 1].any()
+    boundary, radius = int(side * 0.5), _feather_radius(square)
+    # Cut first, blurred after: nothing more than a blur radius above the boundary ...
+    assert not mask[: boundary - radius].any()
+    if mode != "mouth":  # ... and the feather does reach above it where the face crosses the cut
+        assert mask[boundary - 2].max() > 0 and 64 < mask[boundary].max() < 192
     assert not mask[0].any() and not mask[-1].any() and not mask[:, 0].any() and not mask[:, -1].any()
-    # Feathered: values strictly between 0 and 1 exist (a soft edge, not a cut-out).
-    assert ((mask > 0.05) & (mask < 0.95)).sum() > 0.1 * (mask > 0.5).sum()
+    # Nothing outside the face box but the feather.
+    x1, y1, x2, y2 = box
+    assert not mask[y2 - sy1 + radius + 1 :].any()
+    assert not mask[:, : x1 - sx1 - radius].any() and not mask[:, x2 - sx1 + radius + 1 :].any()
+    # Feathered: values strictly between 0 and 255 exist (a soft edge, not a cut-out).
+    assert ((mask > 12) & (mask < 243)).sum() > 0.1 * (mask > 127).sum()
 
 
-def test_masks_sit_on_the_lower_face(scene):
+def test_masks_sit_on_the_lower_face_and_leave_the_nose_out(scene):
     _, landmarks, box, square = scene
     sx1, sy1 = square[:2]
     mouth_centre = landmarks[[13, 14]].mean(axis=0) - np.array([sx1, sy1])
+    nose_wing = landmarks[[98, 327]].mean(axis=0) - np.array([sx1, sy1])  # below the boundary
     for mode in MASK_MODES:
         mask = blend_mask(landmarks, box, square, mode=mode)
-        assert mask[int(mouth_centre[1]), int(mouth_centre[0])] > 0.99, mode
+        assert mask[int(mouth_centre[1]), int(mouth_centre[0])] == 255, mode
         eye = landmarks[33] - np.array([sx1, sy1])
-        assert mask[int(eye[1]), int(eye[0])] == 0.0, mode
+        assert mask[int(eye[1]), int(eye[0])] == 0, mode
+        assert mask[int(nose_wing[1]), int(nose_wing[0])] < 64, mode
 
 
 def test_mouth_mask_is_smaller_than_jaw_and_cheek_width_narrows_jaw(scene):
     _, landmarks, box, square = scene
-    jaw = blend_mask(landmarks, box, square, mode="jaw")
-    raw = blend_mask(landmarks, box, square, mode="raw")
-    mouth = blend_mask(landmarks, box, square, mode="mouth")
+    jaw = blend_mask(landmarks, box, square, mode="jaw").astype(np.int64)
+    raw = blend_mask(landmarks, box, square, mode="raw").astype(np.int64)
+    mouth = blend_mask(landmarks, box, square, mode="mouth").astype(np.int64)
     assert mouth.sum() < 0.6 * jaw.sum() and mouth.sum() < 0.6 * raw.sum()
+    # Narrower cheek bands: more of the cheeks eroded sideways (not removed).
     narrow = blend_mask(landmarks, box, square, mode="jaw", left_cheek_width=40, right_cheek_width=40)
-    assert narrow.sum() < 0.75 * jaw.sum()
-    columns = np.flatnonzero(narrow.max(axis=0) > 0.5)
-    wide_columns = np.flatnonzero(jaw.max(axis=0) > 0.5)
-    assert np.ptp(columns) < np.ptp(wide_columns)
-    # Only the left cheek trimmed: the right edge stays where it was.
+    assert narrow.astype(np.int64).sum() < 0.97 * jaw.sum()
+    assert (narrow.astype(np.int64) <= jaw + 1).all()
+    # Only the left band narrowed: only the left half changes.
     left_only = blend_mask(landmarks, box, square, mode="jaw", left_cheek_width=40)
-    assert np.flatnonzero(left_only.max(axis=0) > 0.5).max() == wide_columns.max()
-    assert np.flatnonzero(left_only.max(axis=0) > 0.5).min() > wide_columns.min()
+    changed = np.flatnonzero((left_only != jaw).any(axis=0))
+    assert changed.size and changed.max() < (square[2] - square[0]) // 2
 
 
-def test_jaw_mode_reaches_below_the_chin_raw_does_not(scene):
+def test_jaw_mode_grows_the_skin_upward_and_stops_near_the_chin(scene):
+    from musetalk.blending import mask_from_parsing, parsing_from_landmarks
+
     _, landmarks, box, square = scene
-    chin_row = int(landmarks[152, 1]) - square[1]
-    chin_col = int(landmarks[152, 0]) - square[0]
-    below = chin_row + 6
-    jaw = blend_mask(landmarks, box, square, mode="jaw")
-    raw = blend_mask(landmarks, box, square, mode="raw")
-    assert jaw[below, chin_col] > raw[below, chin_col] + 0.2
+    parsing = parsing_from_landmarks(landmarks, box)
+    # A skin band alone on the canvas: jaw mode grows it 16 px up and at most 6 px down (as a point).
+    band = np.zeros_like(parsing)
+    band[300:310, 200:312] = 1
+    jaw = mask_from_parsing(band, box, "jaw", upper_boundary_ratio=0.01)
+    raw = mask_from_parsing(band, box, "raw", upper_boundary_ratio=0.01)
+    rows_jaw, rows_raw = np.flatnonzero(jaw.max(axis=1) > 127), np.flatnonzero(raw.max(axis=1) > 127)
+    scale = (square[3] - square[1]) / 512
+    assert rows_jaw.min() < rows_raw.min() - 12 * scale  # grown upward
+    assert rows_jaw.max() <= rows_raw.max() + 8 * scale + 1  # hardly downward
 
 
 def test_upper_boundary_ratio_moves_the_boundary(scene):
     _, landmarks, box, square = scene
     side = square[3] - square[1]
     lower = blend_mask(landmarks, box, square, mode="raw", upper_boundary_ratio=0.65)
-    assert not lower[: int(side * 0.65) + 1].any()
-    assert lower.sum() < blend_mask(landmarks, box, square, mode="raw").sum()
+    assert not lower[: int(side * 0.65) - _feather_radius(square)].any()
+    assert lower.astype(np.int64).sum() < blend_mask(landmarks, box, square, mode="raw").astype(np.int64).sum()
 
 
 def test_paste_changes_only_the_masked_part_of_the_square(scene):
@@ -116,11 +138,30 @@ def test_paste_changes_only_the_masked_part_of_the_square(scene):
     outside = np.ones(frame.shape[:2], dtype=bool)
     outside[sy1:sy2, sx1:sx2] = False
     assert np.array_equal(pasted[outside], frame[outside])
-    boundary = sy1 + int((sy2 - sy1) * 0.5)
-    assert np.array_equal(pasted[: boundary + 1], frame[: boundary + 1])
-    full = mask > 0.999
+    top = sy1 + int((sy2 - sy1) * 0.5) - _feather_radius(square)
+    assert np.array_equal(pasted[:top], frame[:top])
+    full = mask == 255
     assert (pasted[sy1:sy2, sx1:sx2][full] == (255, 0, 255)).all()
     assert np.array_equal(pasted[sy1:sy2, sx1:sx2][mask == 0], frame[sy1:sy2, sx1:sx2][mask == 0])
+
+
+def test_paste_uses_pillows_mask_arithmetic(scene):
+    from PIL import Image
+
+    frame, landmarks, box, square = scene
+    mask = blend_mask(landmarks, box, square)
+    generated = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    pasted = paste_face(frame, generated, box, square, mask)
+    # The official composite: the face resized into the box of the square, pasted through the mask.
+    import cv2
+
+    sx1, sy1, sx2, sy2 = square
+    x1, y1, x2, y2 = box
+    large = Image.fromarray(frame[sy1:sy2, sx1:sx2].copy())
+    large.paste(Image.fromarray(cv2.resize(generated, (x2 - x1, y2 - y1))), (x1 - sx1, y1 - sy1))
+    body = Image.fromarray(frame.copy())
+    body.paste(large, (sx1, sy1), Image.fromarray(mask))
+    assert np.array_equal(pasted, np.asarray(body))
 
 
 def test_pasting_the_frames_own_crop_back_changes_little(scene):
@@ -147,7 +188,7 @@ def test_mask_at_the_frame_edge_may_reach_it():
     square = face_square(box, 640, 480)
     assert square[3] == 480
     mask = blend_mask(landmarks, box, square, mode="raw")
-    assert mask[-1].max() > 0.5
+    assert mask[-1].max() > 64
     assert not mask[:, 0].any() and not mask[:, -1].any()
 
 

@@ -83,7 +83,7 @@ class MuseTalkEngine:
         positions = np.asarray(positions, dtype=np.int64)
         if positions.size == 0:
             return np.zeros((0, 0, features.shape[-1]), np.float32)
-        windows = audio_lib.chunk_indices(int(positions.max()) + 1, fps, options.version, options.audio_padding_left,
+        windows = audio_lib.chunk_indices(int(positions.max()) + 1, fps, options.audio_padding_left,
                                           options.audio_padding_right, num_steps=len(features))
         return audio_lib.frame_features(features, windows[positions])
 
@@ -94,9 +94,14 @@ class MuseTalkEngine:
         return self._encodings[length]
 
     def _to_tensor(self, crops: np.ndarray):
-        """uint8 [B, 256, 256, 3] -> float [B, 3, 256, 256] in [-1, 1] on the device."""
+        """uint8 [B, 256, 256, 3] -> float [B, 3, 256, 256] in [-1, 1] on the device, contiguous NCHW.
+
+        ``.contiguous()`` matters: the permuted view is channels-last in memory, and torch's CPU
+        GroupNorm kernel for that layout loses precision (latents off by up to 6e-4 instead of 6e-7
+        against a float64 reference; up to 11 uint8 levels after the decoder)."""
         pixels = self._torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
-        return pixels.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0
+        scaled = (pixels.permute(0, 3, 1, 2).contiguous().float() / 255.0 - 0.5) / 0.5  # as the official, in fp32
+        return scaled.to(self.dtype)
 
     def prepare(self, crops: np.ndarray, landmarks: np.ndarray, timer: StageTimer):
         """Per crop: cat(masked latent, reference latent) -> [B, 8, 32, 32] (the landmarks are not used)."""
@@ -122,6 +127,7 @@ class MuseTalkEngine:
                 timestep = torch.zeros((), device=self.device, dtype=torch.long)
                 predicted = self.unet(latents, timestep, encoder_hidden_states=audio).sample
             with timer.stage("vae_decode", device=True):
-                faces = self.decoder.decode(predicted / self.decode_scale).sample.clamp(-1.0, 1.0)
-                faces = ((faces + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-                return faces[:count].cpu().numpy()
+                faces = self.decoder.decode(predicted / self.decode_scale).sample
+                # The official arithmetic, step for step, so that rounding ties fall the same way.
+                faces = (faces / 2 + 0.5).clamp(0, 1).float() * 255
+                return faces.round().to(torch.uint8).permute(0, 2, 3, 1)[:count].cpu().numpy()

@@ -389,12 +389,16 @@ class WhisperAudioEncoder:
                     features[step0 : step0 + keep] = hidden[row, :keep]
         return features
 
+    def mel(self, windows: list[np.ndarray]) -> np.ndarray:
+        """Log-mel features ``[B, 80, 3000]`` of up to 30 s windows, each zero-padded to 30 s."""
+        mel = self.feature_extractor(windows, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
+        return np.ascontiguousarray(mel, dtype=np.float32)
+
     def _encode_windows(self, windows: list[np.ndarray]) -> np.ndarray:
         """Hidden states ``[B, steps, L, D]`` for up to 30 s windows (each zero-padded to 30 s)."""
         import torch
 
-        mel = self.feature_extractor(windows, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
-        inputs = torch.from_numpy(np.ascontiguousarray(mel)).to(device=self.device, dtype=self.dtype)
+        inputs = torch.from_numpy(self.mel(windows)).to(device=self.device, dtype=self.dtype)
         with torch.inference_mode():
             output = self.encoder(inputs, output_hidden_states=True)
             stacked = torch.stack(output.hidden_states, dim=2)

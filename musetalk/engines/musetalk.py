@@ -117,17 +117,26 @@ class MuseTalkEngine:
             return self._torch.cat([masked_latents, reference_latents], dim=1)[:count]
 
     def generate(self, states, frame_audio: np.ndarray, timer: StageTimer) -> np.ndarray:
-        torch = self._torch
-        count = len(states)
-        with torch.inference_mode():
+        """New face crops, uint8 [B, 256, 256, 3], for prepared states and their frames' audio windows."""
+        with self._torch.inference_mode():
             with timer.stage("unet", device=True):
-                latents = self._padded(states.to(self.device, self.dtype))
-                audio = self._padded(torch.from_numpy(frame_audio).to(self.device, self.dtype))
-                audio = audio + self._positional_encoding(audio.shape[1])
-                timestep = torch.zeros((), device=self.device, dtype=torch.long)
-                predicted = self.unet(latents, timestep, encoder_hidden_states=audio).sample
+                predicted = self.predict_latents(states, frame_audio)
             with timer.stage("vae_decode", device=True):
-                faces = self.decoder.decode(predicted / self.decode_scale).sample
-                # The official arithmetic, step for step, so that rounding ties fall the same way.
-                faces = (faces / 2 + 0.5).clamp(0, 1).float() * 255
-                return faces.round().to(torch.uint8).permute(0, 2, 3, 1)[:count].cpu().numpy()
+                return self.decode(predicted)[: len(states)]
+
+    def predict_latents(self, states, frame_audio: np.ndarray):
+        """One UNet step at t=0: [B, 8, 32, 32] states and [B, W * L, D] audio -> [B', 4, 32, 32] latents
+        (B' >= B: compiled models see a padded batch)."""
+        torch = self._torch
+        latents = self._padded(states.to(self.device, self.dtype))
+        audio = self._padded(torch.from_numpy(frame_audio).to(self.device, self.dtype))
+        audio = audio + self._positional_encoding(audio.shape[1])
+        timestep = torch.zeros((), device=self.device, dtype=torch.long)
+        return self.unet(latents, timestep, encoder_hidden_states=audio).sample
+
+    def decode(self, latents) -> np.ndarray:
+        """UNet latents -> uint8 RGB crops [B, 256, 256, 3], with the official arithmetic step for step
+        (so that rounding ties fall the same way)."""
+        faces = self.decoder.decode((1 / self.decode_scale) * latents).sample
+        faces = (faces / 2 + 0.5).clamp(0, 1).float() * 255
+        return faces.round().to(self._torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -48,6 +48,7 @@ WHISPER_WINDOW_SECONDS = 30
 DIGITAL_SILENCE_PEAK = 1e-4
 # Shorter than this, the detector cannot judge (its context is a few 32 ms windows).
 MIN_DETECTABLE_SECONDS = 0.1
+VERSIONS = ("v15", "v1")
 
 
 # --------------------------------------------------------------------------- waveforms
@@ -416,6 +417,7 @@ def window_length(pad_left: int = 2, pad_right: int = 2) -> int:
 def chunk_indices(
     num_frames: int,
     fps: float,
+    version: str = "v15",
     pad_left: int = 2,
     pad_right: int = 2,
     num_steps: int | None = None,
@@ -423,7 +425,7 @@ def chunk_indices(
     """Indices ``[num_frames, W]`` into the unpadded features ``[T, L, D]``; -1 means a zero vector.
 
     ``W = 2 * (pad_left + pad_right + 1)`` and ``m = 50 / fps``, computed first, in floating point, as
-    the official code does (for MuseTalk 1.5 and 1.0 alike). With ``p = ceil(m)`` the official code
+    the official code does. With ``p = ceil(m)`` the official code
     puts ``p * pad_left`` zero steps before the features (and some after), and frame ``i`` takes the
     ``W`` steps that start at ``floor(i * m)`` of that padded array. In unpadded indices that window
     starts at ``floor(i * m) - p * pad_left``; steps before 0 or at/after ``T`` are zero (-1 here).
@@ -433,7 +435,12 @@ def chunk_indices(
     exactly ``num_frames / fps`` seconds long. ``fps`` is used as given: the official code truncates it
     to an integer (29.97 fps video drifts against its audio by 3%) and stops at 50 fps and above, where
     its zero padding after the features runs out; here every step past the end is zero, as the padding is.
+
+    ``version`` ("v15" or "v1") changes nothing: the official code takes MuseTalk 1.0's audio through
+    1.5's processor, the same windows. (The original 1.0 release clamped at the edges instead.)
     """
+    if version not in VERSIONS:
+        raise InputError(f"unknown MuseTalk version {version!r}; use one of {', '.join(VERSIONS)}")
     if fps <= 0 or not math.isfinite(fps):
         raise InputError(f"fps must be a positive number, got {fps}")
     if num_frames < 0 or pad_left < 0 or pad_right < 0:

@@ -51,6 +51,17 @@ _MOUTH_MARGIN = 20
 BACKGROUND, SKIN, NOSE, MOUTH, UPPER_LIP, LOWER_LIP = 0, 1, 10, 11, 12, 13
 _LIPS_AND_MOUTH = (MOUTH, UPPER_LIP, LOWER_LIP)
 
+
+def _class_table(*classes: int) -> np.ndarray:
+    """A lookup table: 255 for these classes, 0 for the rest (indexing by it beats np.isin tenfold)."""
+    table = np.zeros(256, dtype=np.uint8)
+    table[list(classes)] = 255
+    return table
+
+
+_LIPS_TABLE = _class_table(*_LIPS_AND_MOUTH)
+_RAW_TABLE = _class_table(SKIN, *_LIPS_AND_MOUTH)
+
 Box = tuple[int, int, int, int]
 
 
@@ -134,7 +145,7 @@ def mask_from_parsing(
     import cv2
     from PIL import Image
 
-    parsing = np.asarray(parsing)
+    parsing = np.asarray(parsing, dtype=np.uint8)
     if parsing.shape != (CANVAS, CANVAS):
         raise InputError(f"the parsing map must be {CANVAS}x{CANVAS} (the square on the parsing canvas), "
                          f"got {parsing.shape}")
@@ -145,7 +156,7 @@ def mask_from_parsing(
     if mode == "jaw":
         region = _jaw_region(parsing, left_cheek_width, right_cheek_width)
     elif mode == "raw":
-        region = np.where(np.isin(parsing, (SKIN, *_LIPS_AND_MOUTH)), 255, 0).astype(np.uint8)
+        region = _RAW_TABLE[parsing]
     else:
         region = _mouth_region(parsing)
 
@@ -168,13 +179,35 @@ def _jaw_region(parsing: np.ndarray, left_cheek_width: int, right_cheek_width: i
     if not (0 <= left_cheek_width <= CANVAS // 2 and 0 <= right_cheek_width <= CANVAS // 2):
         raise InputError(f"cheek widths must be 0 to {CANVAS // 2}, got left={left_cheek_width} "
                          f"right={right_cheek_width}")
-    skin = np.where(parsing == SKIN, 255, 0).astype(np.uint8)
+    region = _LIPS_TABLE[parsing]
+    window = _around(parsing == SKIN, _MORPHOLOGY_REACH)
+    if window is None:
+        return region
+    part = parsing[window]
+    skin = (part == SKIN).view(np.uint8) * np.uint8(255)
     dilated = cv2.dilate(skin, _jaw_kernel())
     eroded = cv2.erode(dilated, _cheek_kernel(), iterations=2)
-    cheeks = _cheek_columns(left_cheek_width, right_cheek_width)
+    cheeks = _cheek_columns(left_cheek_width, right_cheek_width)[window[1]]
     face = np.where(cheeks[None, :], eroded, dilated)
-    region = (face == 255) & (parsing != NOSE) | np.isin(parsing, _LIPS_AND_MOUTH)
-    return np.where(region, 255, 0).astype(np.uint8)
+    face[part == NOSE] = 0
+    region[window] |= face
+    return region
+
+
+# How far the jaw mode's morphology reaches from the skin, in canvas pixels: the dilation 16 rows and 10
+# columns, then two erosions 2 rows and 34 columns (which must see real zeros, not the window's border),
+# and a little more. Outside this reach every result is 0, so the work is done in a window around the skin.
+_MORPHOLOGY_REACH = 64
+
+
+def _around(where: np.ndarray, reach: int) -> tuple[slice, slice] | None:
+    """The canvas window around the set pixels of ``where``, ``reach`` pixels wider on every side."""
+    rows, cols = np.flatnonzero(where.any(axis=1)), np.flatnonzero(where.any(axis=0))
+    if rows.size == 0:
+        return None
+    height, width = where.shape
+    return (slice(max(0, rows[0] - reach), min(height, rows[-1] + 1 + reach)),
+            slice(max(0, cols[0] - reach), min(width, cols[-1] + 1 + reach)))
 
 
 @lru_cache(maxsize=1)
@@ -215,9 +248,13 @@ def _mouth_region(parsing: np.ndarray) -> np.ndarray:
     """Lips and mouth grown by a margin (a disc); 0/255."""
     import cv2
 
-    lips = np.where(np.isin(parsing, _LIPS_AND_MOUTH), 255, 0).astype(np.uint8)
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * _MOUTH_MARGIN + 1, 2 * _MOUTH_MARGIN + 1))
-    return cv2.dilate(lips, disc)
+    lips = _LIPS_TABLE[parsing]
+    region = np.zeros(parsing.shape, dtype=np.uint8)
+    window = _around(lips, _MOUTH_MARGIN + 1)
+    if window is not None:
+        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * _MOUTH_MARGIN + 1, 2 * _MOUTH_MARGIN + 1))
+        region[window] = cv2.dilate(lips[window], disc)
+    return region
 
 
 def _check_landmarks(landmarks: np.ndarray) -> np.ndarray:

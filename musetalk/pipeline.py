@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ FRAMES_AHEAD = 16  # decoded frames waiting for the model
 BATCHES_BEHIND = 2  # generated batches waiting to be blended and encoded
 IMAGE_FPS = 25.0  # a photo is animated at the model's training rate
 TRIM_EVERY_BATCHES = 8  # how often a long job hands freed memory back to the system
+MASKS_KEPT = 32  # blend masks a job keeps for source frames shown again
 
 
 @dataclass
@@ -344,12 +347,15 @@ class LipSyncPipeline:
                      pool) -> tuple[int, int]:
         """``_generate`` with crops and blending spread over ``pool`` (None: one thread each)."""
 
+        masks = _MaskMemo(options)
+
         def blend(pair: tuple[FaceFrame, np.ndarray | None]) -> np.ndarray:
             item, new_face = pair
             if new_face is None:
                 return item.frame
             with timer.stage("blend"):
-                return _blend(item, new_face, options)
+                square, mask = masks.get(item)
+                return blending.paste_face(item.frame, new_face, item.box, square, mask)
 
         def blend_and_write(batch) -> None:
             last_position, items, new_faces = batch
@@ -433,15 +439,34 @@ class LipSyncPipeline:
         return list(self.engine.generate(batch, audio_batch, timer))
 
 
-def _blend(item: FaceFrame, new_face: np.ndarray, options: RunOptions) -> np.ndarray:
-    height, width = item.frame.shape[:2]
-    square = blending.face_square(item.box, width, height)
-    mask = blending.blend_mask(
-        item.landmarks, item.box, square, mode=options.mask_mode(),
-        left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
-        upper_boundary_ratio=options.upper_boundary_ratio,
-    )
-    return blending.paste_face(item.frame, new_face, item.box, square, mask)
+class _MaskMemo:
+    """One job's blend masks by source frame: a frame shown again (ping-pong, a photo) reuses its mask,
+    which costs a few ms to build. The most recently used ``MASKS_KEPT`` are kept."""
+
+    def __init__(self, options: RunOptions):
+        self.options = options
+        self._masks: OrderedDict[int, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, item: FaceFrame) -> tuple:
+        """(square, mask) for the frame's face."""
+        with self._lock:
+            if item.index in self._masks:
+                self._masks.move_to_end(item.index)
+                return self._masks[item.index]
+        height, width = item.frame.shape[:2]
+        square = blending.face_square(item.box, width, height)
+        options = self.options
+        mask = blending.blend_mask(
+            item.landmarks, item.box, square, mode=options.mask_mode(),
+            left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
+            upper_boundary_ratio=options.upper_boundary_ratio,
+        )
+        with self._lock:
+            self._masks[item.index] = (square, mask)
+            if len(self._masks) > MASKS_KEPT:
+                self._masks.popitem(last=False)
+        return square, mask
 
 
 def return_freed_memory() -> None:

@@ -328,7 +328,13 @@ def test_chunk_indices_round_as_the_official_code_at_29_and_31_fps():
     assert starts.tolist() == [math.floor(i * (50 / 31)) for i in range(10, 400)]
 
 
+def test_chunk_indices_v1_takes_the_same_windows_as_v15():
+    np.testing.assert_array_equal(chunk_indices(50, 25, "v1", num_steps=100), chunk_indices(50, 25, num_steps=100))
+
+
 def test_chunk_indices_rejects_bad_input():
+    with pytest.raises(InputError, match="version"):
+        chunk_indices(5, 25, version="v2")
     with pytest.raises(InputError, match="fps"):
         chunk_indices(5, 0)
     with pytest.raises(InputError):

@@ -214,3 +214,21 @@ def test_bad_arguments_raise_input_error(scene):
         paste_face(frame, np.zeros((256, 256, 3), np.uint8), box, square, mask[1:])
     with pytest.raises(InputError):
         crop_face(frame, (10, 10, 5, 50))
+
+
+def test_a_jobs_masks_are_built_once_per_source_frame(scene, monkeypatch):
+    from musetalk import pipeline
+    from musetalk.avatar import FaceFrame
+    from musetalk.config import RunOptions
+
+    frame, landmarks, box, _ = scene
+    built = []
+    real = pipeline.blending.blend_mask
+    monkeypatch.setattr(pipeline.blending, "blend_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    memo = pipeline._MaskMemo(RunOptions())
+    first = memo.get(FaceFrame(0, frame, landmarks, np.array(box)))
+    assert memo.get(FaceFrame(0, frame, landmarks, np.array(box))) is first and len(built) == 1
+    for index in range(1, pipeline.MASKS_KEPT + 1):  # the least recently used is let go
+        memo.get(FaceFrame(index, frame, landmarks, np.array(box)))
+    memo.get(FaceFrame(0, frame, landmarks, np.array(box)))
+    assert len(built) == pipeline.MASKS_KEPT + 2

@@ -83,7 +83,7 @@ class MuseTalkEngine:
         positions = np.asarray(positions, dtype=np.int64)
         if positions.size == 0:
             return np.zeros((0, 0, features.shape[-1]), np.float32)
-        windows = audio_lib.chunk_indices(int(positions.max()) + 1, fps, options.audio_padding_left,
+        windows = audio_lib.chunk_indices(int(positions.max()) + 1, fps, options.version, options.audio_padding_left,
                                           options.audio_padding_right, num_steps=len(features))
         return audio_lib.frame_features(features, windows[positions])
 

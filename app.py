@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
+import inspect
 import logging
+import re
 import shutil
 import signal
 import sys
@@ -110,27 +112,72 @@ def voice_choices(source) -> tuple[list[tuple[str, str]], str | None]:
     return choices, default
 
 
+# What the library's messages say to a command-line user, as a web user acts on it: the form's controls,
+# or the studio's operator for what only the server can change.
+WEB_WORDS = [
+    (re.compile(r"`?musetalk download[^`;.,)]*`?"), "the Download weights button"),
+    (re.compile(r"\(?--device cpu\)?|--device cpu or auto"), "(the studio's operator can run it on the CPU)"),
+    (re.compile(r"--face-index"), "the Face to dub menu (Advanced options)"),
+    (re.compile(r"--clone-voice"), "Clone the voice from the video"),
+    (re.compile(r"--text-file|--text"), "the Text box"),
+    (re.compile(r"--source"), "the Speech source menu"),
+    (re.compile(r"--engine"), "the Engine choice"),
+    (re.compile(r"--version"), "the Model version menu"),
+    (re.compile(r"--[a-z][a-z0-9-]+"), "the matching option of the form"),
+]
+# An absolute path (an upload's, or the server's own folders): only its last part is the user's.
+SERVER_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/:;,()]+/)+([^\s'\"/:;,()]+)")
+
+
+def for_the_web(message: str) -> str:
+    """A library message as a web user reads it: file names without server folders, controls instead of
+    command-line flags."""
+    message = SERVER_PATH.sub(lambda match: match.group(1), message)
+    for pattern, words in WEB_WORDS:
+        message = pattern.sub(words, message)
+    return message
+
+
 def user_errors(function):
-    """Errors a person can act on reach the page (and API clients) as their message; anything
-    else is logged with its trace and shown as one line, never as a trace."""
+    """Errors a person can act on reach the page (and API clients) as their message, in the page's words;
+    anything else is logged with its trace and shown as one line, never as a trace. Generator functions
+    (jobs that stream progress and their first segments) are wrapped as generators."""
     import gradio as gr
+
+    def for_people(error: Exception) -> gr.Error:
+        if isinstance(error, gr.Error):
+            return error
+        if isinstance(error, MuseTalkError):
+            # duration None: the message stays until closed (a long job's failure is easy to miss).
+            return gr.Error(for_the_web(str(error)), duration=None, print_exception=False)
+        logger.error("unexpected failure in %s", function.__name__, exc_info=error)
+        return gr.Error(f"Something went wrong inside the studio ({type(error).__name__}: "
+                        f"{for_the_web(str(error))}). The server log has the details; please report it.",
+                        duration=None, print_exception=False)
+
+    if inspect.isgeneratorfunction(function):
+        @functools.wraps(function)
+        def generator(*args, **kwargs):
+            try:
+                return (yield from function(*args, **kwargs))
+            except Exception as error:
+                raise for_people(error) from None
+
+        return generator
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except gr.Error:
-            raise
-        except MuseTalkError as error:
-            # duration None: the message stays until closed (a long job's failure is easy to miss).
-            raise gr.Error(str(error), duration=None, print_exception=False) from None
         except Exception as error:
-            logger.exception("unexpected failure in %s", function.__name__)
-            raise gr.Error(f"Something went wrong inside the studio ({type(error).__name__}: {error}). "
-                           "The server log has the details; please report it.", duration=None,
-                           print_exception=False) from None
+            raise for_people(error) from None
 
     return wrapper
+
+
+def streaming_available() -> bool:
+    """Gradio plays a result while it is made (HLS) with the ffmpeg and ffprobe of the system's PATH."""
+    return bool(shutil.which("ffmpeg") and shutil.which("ffprobe"))
 
 
 def on_gpu(function):
@@ -167,6 +214,7 @@ def build_demo(services: Studio):
     voices, default_voice = voice_choices(sources.get(default_source))
     defaults = RunOptions(version=services.config.version)
     default_engine = services.default_engine()
+    streaming = streaming_available()
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, int(services.config.keep_minutes * 60))) as demo:
         history = gr.State([])
@@ -239,13 +287,16 @@ def build_demo(services: Studio):
                                                        "redrawn area (green)", type="numpy", interactive=False,
                                                  height=300, elem_id="preview-image")
                         preview_note = gr.Markdown()
+                        stream_video = gr.Video(label="The dub, playing while it is made", streaming=True,
+                                                autoplay=True, interactive=False, height=VIDEO_HEIGHT,
+                                                visible=streaming, elem_id="stream-video")
                         result_video = gr.Video(label="Dubbed video", interactive=False, height=VIDEO_HEIGHT,
                                                 elem_id="result-video")
                         # The composed videos carry their own labels: Gradio's would cover them.
                         gr.Markdown("**Side by side with the original** (the dub's sound)")
                         side_video = gr.Video(label="Side by side", show_label=False, interactive=False,
                                               elem_id="side-by-side-video")
-                        summary = gr.Markdown(elem_id="result-summary")
+                        summary = gr.Markdown(label="Summary", elem_id="result-summary")
                         timings = gr.Dataframe(headers=["stage", "seconds", "frames per second"], interactive=False,
                                                label="What the run took", elem_id="timings")
                         scores = gr.Dataframe(headers=["score", "value", "good"], interactive=False,
@@ -276,11 +327,11 @@ def build_demo(services: Studio):
                         history_table = gr.Dataframe(headers=["time", "kind", "label", "summary"], interactive=False,
                                                      label="Results of this browser session", elem_id="history")
                         history_downloads = gr.File(label="Their files", file_count="multiple", interactive=False)
+                        refresh_history = gr.Button("Refresh", size="sm", elem_id="refresh-history")
 
         option_inputs = [version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face,
                          smoothing, length, loop, silence_gate, batch_size, quality]
         job_inputs = [speech_from, audio, text, source, voice, clone_voice, engine]
-        history_outputs = [history, history_table, history_downloads]
 
         # ------------------------------------------------------------- handlers
 
@@ -307,16 +358,24 @@ def build_demo(services: Studio):
 
         def generate(video, speech_from, audio, text, source, voice, clone_voice, engine, version, extra_margin,
                      bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face, smoothing, length, loop,
-                     silence_gate, batch_size, quality, measure, history, progress=gr.Progress(track_tqdm=True)):
+                     silence_gate, batch_size, quality, measure, history, progress=gr.Progress()):
             options = run_options(version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width,
                                   face, smoothing, length, loop, silence_gate, batch_size, quality)
             speech = speech_request(speech_from, audio, text, source, voice, clone_voice)
-            job = services.generate(video, speech, options, lambda fraction, what: progress(fraction, desc=what),
-                                    score=bool(measure), engine=engine)
+            stream_dir = services.jobs.new("stream") if streaming else None
+            work = functools.partial(services.generate, video, speech, options, score=bool(measure), engine=engine,
+                                     stream_dir=stream_dir)
+            # The job runs in its own thread; this one shows its progress and plays its first segments.
+            for kind, value in studio_lib.watch(lambda report: work(progress=report), stream_dir):
+                if kind == "progress":
+                    progress(value[0], desc=value[1])
+                elif kind == "segment":
+                    yield value, *[gr.skip()] * 6
+                else:
+                    job = value
             history = studio_lib.history_add(history, "dub", f"{job.result.engine}: {job.speech}",
                                              [job.output, job.side_by_side], job.summary())
-            return (job.output, job.side_by_side, job.summary(), job.timing_rows(), job.score_rows(),
-                    *_history_views(history))
+            yield gr.skip(), job.output, job.side_by_side, job.summary(), job.timing_rows(), job.score_rows(), history
 
         def add_current(variants, speech_from, source, voice, engine, version, mask_mode, extra_margin):
             rows = [row for row in (variants or []) if any(str(cell or "").strip() for cell in row)]
@@ -345,7 +404,7 @@ def build_demo(services: Studio):
             summary = f"{len(made.results)} variants: " + "; ".join(job.label for job in made.results)
             history = studio_lib.history_add(history, "comparison", summary, files, f"sound of {made.audio_from}")
             table = {"headers": made.table_headers(), "data": made.table_rows()}
-            return (made.grid, table, [job.output for job in made.results], *_history_views(history))
+            return made.grid, table, [job.output for job in made.results], history
 
         # ------------------------------------------------------------- events
 
@@ -362,11 +421,14 @@ def build_demo(services: Studio):
             inputs=[video, version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face],
             outputs=[preview_image, preview_note], api_name="preview", concurrency_id="preview", concurrency_limit=2,
         )
+        # Each job returns its own results; the session's history has an endpoint of its own.
+        show_history = {"fn": history_views, "inputs": history, "outputs": [history_table, history_downloads],
+                        **light}
         generate_button.click(
             user_errors(on_gpu(generate)), inputs=[video, *job_inputs, *option_inputs, measure, history],
-            outputs=[result_video, side_video, summary, timings, scores, *history_outputs], api_name="generate",
+            outputs=[stream_video, result_video, side_video, summary, timings, scores, history], api_name="generate",
             **gpu,
-        )
+        ).then(**show_history, api_name=False)
         add_variant.click(user_errors(add_current),
                           inputs=[variants, speech_from, source, voice, engine, version, mask_mode, extra_margin],
                           outputs=variants, api_name="add_variant", **light)
@@ -374,14 +436,15 @@ def build_demo(services: Studio):
         compare_button.click(
             user_errors(on_gpu(compare)),
             inputs=[video, *job_inputs, *option_inputs, measure, variants, history],
-            outputs=[grid_video, comparison, variant_files, *history_outputs], api_name="compare", **gpu,
-        )
+            outputs=[grid_video, comparison, variant_files, history], api_name="compare", **gpu,
+        ).then(**show_history, api_name=False)
+        refresh_history.click(**show_history, api_name="history")
     return demo
 
 
-def _history_views(history: list[dict]) -> tuple:
-    """The history state, its table and its files (None when there are none: an empty file list)."""
-    return history, studio_lib.history_rows(history), studio_lib.history_files(history) or None
+def history_views(history: list[dict]) -> tuple:
+    """The history's table and its files (None when there are none: an empty file list)."""
+    return studio_lib.history_rows(history), studio_lib.history_files(history) or None
 
 
 # --------------------------------------------------------------------------- serving

@@ -131,9 +131,11 @@ class LipSyncPipeline:
     # ------------------------------------------------------------------ the job
 
     def __call__(self, video: str | os.PathLike, audio, output: str | os.PathLike,
-                 options: RunOptions | None = None, progress: ProgressCallback | None = None) -> LipSyncResult:
+                 options: RunOptions | None = None, progress: ProgressCallback | None = None,
+                 stream_dir: str | os.PathLike | None = None) -> LipSyncResult:
         """``audio``: a file, or an ``AudioClip`` from a speech source (its phoneme timings, when it
-        has them, drive the preview engine's mouth shapes)."""
+        has them, drive the preview engine's mouth shapes). ``stream_dir``: an existing folder where
+        the output is also cut into short HLS segments as it is encoded (video_io.FrameWriter)."""
         progress = progress or (lambda stage, done, total: None)
         audio, events = (audio.path, tuple(audio.events)) if hasattr(audio, "events") else (audio, ())
         timer = StageTimer(self._synchronize)
@@ -167,7 +169,7 @@ class LipSyncPipeline:
             writer = video_io.FrameWriter(
                 output, video_info.width, video_info.height, fps, audio_path=audio_info.path, crf=options.crf,
                 audio_offset_s=options.av_offset_ms / 1000.0, protect=[video_info.path, audio_info.path],
-                total_frames=num_frames,
+                total_frames=num_frames, stream_dir=stream_dir,
             )
             states = faces.states if isinstance(faces, Avatar) else {}  # engine states by source frame
             states_before = len(states)

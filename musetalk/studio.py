@@ -273,25 +273,119 @@ class _Span:
         return _Span(self.progress, self.start + width * start, self.start + width * end)
 
 
+# The pipeline's stages as parts of one bar: face analysis and generation run at the same time (the
+# analysis streams ahead), so the bar follows both at once and each keeps its own share.
+_PIPELINE_SHARES = {"faces": (0.05, 0.30), "generate": (0.35, 0.57)}  # stage: (start, width)
+_STAGE_WORDS = {"faces": "face analysis", "generate": "generating"}
+
+
 def pipeline_progress(span: _Span, label: str = "") -> Callable[[str, int, int], None]:
-    """The pipeline's (stage, done, total) reports as steps of one bar: face analysis, audio
-    features, generation, encoding."""
+    """The pipeline's (stage, done, total) reports, from whatever thread makes them, as one bar: every
+    running stage with its frame count, and the time left once the rate is known."""
     prefix = f"{label}: " if label else ""
+    counts: dict[str, tuple[int, int]] = {}
+    clocks: dict[str, _StageClock] = {}
+    lock = threading.Lock()
 
     def report(stage: str, done: int, total: int) -> None:
-        share = done / total if total else 1.0
-        if stage == "faces":
-            span(0.05 + 0.3 * share, f"{prefix}face analysis, frame {done} of {total}")
-            if done >= total:
-                span(0.37, f"{prefix}audio features")
-        elif stage == "generate":
-            span(0.4 + 0.52 * share, f"{prefix}generating, frame {done} of {total}")
-            if done >= total:
-                span(0.94, f"{prefix}encoding the video")
-        else:
-            span(0.05, f"{prefix}{stage} {done}/{total}")
+        with lock:
+            counts[stage] = (done, total)
+            left = clocks.setdefault(stage, _StageClock()).seconds_left(done, total)
+            fraction = sum(start + width * (d / t if t else 1.0) for name, (start, width) in _PIPELINE_SHARES.items()
+                           for d, t in [counts.get(name, (0, 1))])
+            parts = [f"{_STAGE_WORDS.get(name, name)}, frame {d} of {t}" for name, (d, t) in counts.items()
+                     if d < t or name == stage]
+            if stage == "generate" and done >= total:
+                parts, fraction = ["encoding the video"], 0.93
+            text = prefix + "; ".join(parts)
+            if left is not None and done < total:
+                text += f", {_time_words(left)} left"
+        span(min(fraction, 0.93), text)
 
     return report
+
+
+class _StageClock:
+    """The time a stage has left, from its rate since its first report (once that is worth trusting)."""
+
+    MIN_SECONDS = 1.0  # of the stage seen
+    MIN_FRAMES = 3
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.first_done: int | None = None
+
+    def seconds_left(self, done: int, total: int) -> float | None:
+        if self.first_done is None:
+            self.first_done, self.started = done, time.monotonic()
+            return None
+        elapsed, progressed = time.monotonic() - self.started, done - self.first_done
+        if elapsed < self.MIN_SECONDS or progressed < self.MIN_FRAMES:
+            return None
+        return elapsed / progressed * max(0, total - done)
+
+
+def _time_words(seconds: float) -> str:
+    """'about 40 s', 'about 3 min', 'about 1 h 10 min'."""
+    if seconds < 60:
+        return f"about {max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"about {minutes} min" if minutes < 60 else f"about {minutes // 60} h {minutes % 60} min"
+
+
+class ProgressRelay:
+    """Progress reported from any thread, read by the thread that shows it: a web page's progress bar
+    belongs to the thread of its request, and the job's stages report from their own threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._latest: tuple[float, str] | None = None
+        self._count = 0
+
+    def __call__(self, fraction: float, text: str) -> None:
+        with self._lock:
+            self._latest, self._count = (fraction, text), self._count + 1
+
+    def latest(self) -> tuple[int, tuple[float, str] | None]:
+        """(how many reports so far, the last one)."""
+        with self._lock:
+            return self._count, self._latest
+
+
+def watch(work: Callable[[Progress], object], stream_dir=None, poll_seconds: float = 0.2
+          ) -> Iterator[tuple[str, object]]:
+    """Run ``work(progress)`` in a thread and follow it from this one: ("progress", (fraction, text)) when
+    it reports, ("segment", path) for each stream segment finished in ``stream_dir``, and at the end
+    ("result", what it returned); its exception is raised here."""
+    relay = ProgressRelay()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work(relay)
+        except BaseException as error:  # handed to the watching thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="studio-job", daemon=True)
+    thread.start()
+    shown, sent = 0, 0
+    while True:
+        thread.join(poll_seconds)
+        finished = not thread.is_alive()
+        count, latest = relay.latest()
+        if count != shown and latest is not None:
+            shown = count
+            yield "progress", latest
+        if stream_dir is not None:
+            segments = video_io.finished_segments(stream_dir)[sent:]
+            sent += len(segments)
+            for segment in segments:
+                yield "segment", segment
+        if finished:
+            break
+    if "error" in outcome:
+        raise outcome["error"]
+    yield "result", outcome["result"]
 
 
 # --------------------------------------------------------------------------- variants as table rows
@@ -631,9 +725,11 @@ class Studio:
     # ------------------------------------------------------------------ one dub
 
     def generate(self, video, speech: Speech, options: RunOptions | None = None,
-                 progress: Progress | None = None, score: bool = True, engine: str = "musetalk") -> JobResult:
+                 progress: Progress | None = None, score: bool = True, engine: str = "musetalk",
+                 stream_dir=None) -> JobResult:
         """Dub ``video`` with ``speech``; the result, its side-by-side video, timings and
-        (``score``) the result's scores. ``engine``: "musetalk", "draft" or "preview" (no weights)."""
+        (``score``) the result's scores. ``engine``: "musetalk", "draft" or "preview" (no weights).
+        ``stream_dir``: a folder where the dub is also cut into short segments as it is encoded."""
         options = (options or RunOptions()).validate()
         _check_engine(engine)
         self.check_video(video)
@@ -642,7 +738,7 @@ class Studio:
         folder = self.jobs.new("generate")
         try:
             job = self._dub(video, speech, options, engine, folder, "Dubbed", "dubbed", span.part(0.0, 0.93),
-                            score)
+                            score, stream_dir)
             span(0.94, "side-by-side video")
             started = time.perf_counter()
             composition = compare.side_by_side(
@@ -660,7 +756,7 @@ class Studio:
             raise
 
     def _dub(self, video, speech: Speech, options: RunOptions, engine: str, folder: Path, label: str, name: str,
-             span: _Span, score: bool) -> JobResult:
+             span: _Span, score: bool, stream_dir=None) -> JobResult:
         """Speech to audio, then the pipeline: ``name``.mp4 in ``folder``."""
         started = time.perf_counter()
         pipeline = self.pipeline(options.version, span.part(0.0, 0.05), engine)
@@ -671,7 +767,8 @@ class Studio:
         output = folder / f"{name}.mp4"
         with self._one_job_at_a_time(span, label):
             result = pipeline(video, spoken, output, options,
-                              progress=pipeline_progress(span.part(0.1, 0.9 if score else 1.0), label))
+                              progress=pipeline_progress(span.part(0.1, 0.9 if score else 1.0), label),
+                              stream_dir=stream_dir)
         timings = dict(result.timings)
         if speech.is_text:
             timings["speech"] = round(speech_seconds, 4)

@@ -804,6 +804,20 @@ def read_frames(path, **kwargs) -> Iterator[np.ndarray]:
 
 # --------------------------------------------------------------------------- writing frames
 
+STREAM_SEGMENT_SECONDS = 1  # the length of the segments a FrameWriter streams while it writes
+STREAM_PLAYLIST = "stream.m3u8"
+
+
+def finished_segments(stream_dir) -> list[str]:
+    """The segments a FrameWriter's stream has finished so far, in order (paths)."""
+    try:
+        with open(os.path.join(os.fspath(stream_dir), STREAM_PLAYLIST), encoding="utf-8") as playlist:
+            names = [line.strip() for line in playlist if line.strip().endswith(".ts")]
+    except FileNotFoundError:
+        return []
+    return [os.path.join(os.fspath(stream_dir), name) for name in names]
+
+
 
 class FrameWriter:
     """Encode RGB uint8 frames to an H.264 (yuv420p) mp4 and mux an audio file in the same pass.
@@ -822,11 +836,16 @@ class FrameWriter:
 
     The file is written under a temporary name in the same folder and renamed to out_path only
     when close() succeeds, so a failure or abort() never leaves a half-written out_path.
+
+    ``stream_dir``: the same encoding is also cut into HLS segments of ``STREAM_SEGMENT_SECONDS``
+    there as it goes (``stream.m3u8`` lists the finished ones), so the start can be watched while the
+    rest is made: one encoder for both, with a keyframe at every segment start (the file is a few
+    percent bigger, frame for frame the same).
     """
 
     def __init__(self, out_path, width: int, height: int, fps: float, audio_path=None,
                  crf: int = 18, preset: str = "medium", audio_offset_s: float = 0.0,
-                 protect: Iterable = (), total_frames: int | None = None) -> None:
+                 protect: Iterable = (), total_frames: int | None = None, stream_dir=None) -> None:
         self.out_path = os.path.abspath(os.fspath(out_path))
         self.audio_path = os.fspath(audio_path) if audio_path is not None else None
         self._check_arguments(width, height, fps, crf, protect)
@@ -835,6 +854,7 @@ class FrameWriter:
         if total_frames is not None and total_frames < 1:
             raise InputError(f"total_frames must be 1 or more, got {total_frames}")
         self.total_frames = total_frames
+        self.stream_dir = os.path.abspath(os.fspath(stream_dir)) if stream_dir is not None else None
         self.encoded_size = (self.width + self.width % 2, self.height + self.height % 2)
         self.frames_written = 0
         self._frame_shape = (self.height, self.width, 3)
@@ -885,7 +905,14 @@ class FrameWriter:
             if self.total_frames is None:
                 # apad makes the audio endless; -shortest then ends it near the last video frame.
                 cmd += ["-shortest"]
-        return cmd + ["-movflags", "+faststart", "-f", "mp4", "-y", self._temp_path]
+        if self.stream_dir is None:
+            return cmd + ["-movflags", "+faststart", "-f", "mp4", "-y", self._temp_path]
+        segments = os.path.join(self.stream_dir, "segment%05d.ts")
+        return cmd + [
+            "-force_key_frames", f"expr:gte(t,n_forced*{STREAM_SEGMENT_SECONDS})", "-f", "tee", "-y",
+            f"[f=mp4:movflags=+faststart]{self._temp_path}|[f=hls:hls_time={STREAM_SEGMENT_SECONDS}:"
+            f"hls_list_size=0:hls_segment_filename={segments}]{os.path.join(self.stream_dir, STREAM_PLAYLIST)}",
+        ]
 
     def _audio_filter(self) -> str:
         filters = []

@@ -4,6 +4,7 @@ as an API user would: generate from an upload and from text, preview, compare, b
 from __future__ import annotations
 
 import importlib.util
+import re
 import socket
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def test_status_says_the_weights_are_ready(client):
 def test_generate_from_an_upload(client, face_clip, short_speech):
     from gradio_client import handle_file
 
-    dub, side, summary, timings, scores, history, files = client.predict(
+    _stream, dub, side, summary, timings, scores = client.predict(
         video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)), measure=False, api_name="/generate")
     check_dub(dub, face_clip, 20)
     check_side_by_side(side, face_clip, 20)
@@ -139,13 +140,15 @@ def test_generate_from_an_upload(client, face_clip, short_speech):
     assert stages[-1] == "whole job" and {"UNet", "video encode", "side-by-side video"} <= set(stages)
     assert all(row[1] >= 0 for row in timings["data"])
     assert scores["data"] == []  # not measured when asked not to
-    assert len(history["data"]) >= 1 and len(files) >= 2
+    # The session's history has its own endpoint: this dub is its newest entry, with its files.
+    history, files = client.predict(api_name="/history")
+    assert history["data"][0][1] == "dub" and len(files) >= 2
 
 
 def test_generate_from_text_with_the_default_source(client, face_clip):
     from gradio_client import handle_file
 
-    dub, side, summary, timings, scores, history, _ = client.predict(
+    _stream, dub, side, summary, timings, scores = client.predict(
         video=handle_file(str(face_clip)), audio=None, speech_from="text", text=SHORT_TEXT,
         source="espeak", voice="en-us", api_name="/generate")
     frames = probe(dub).num_frames
@@ -173,7 +176,7 @@ def test_preview_draws_the_box_and_mask_on_the_first_frame(client, face_clip):
 def test_compare_two_variants(client, face_clip, short_speech):
     from gradio_client import handle_file
 
-    grid, table, files, history, _ = client.predict(
+    grid, table, files = client.predict(
         video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)), measure=False,
         variants={"headers": ["label", "speech source", "voice", "version", "mask", "extra margin", "engine"],
                   "data": [["Jaw", "", "", "", "jaw", "20", ""], ["Lips", "audio", "", "", "mouth", "20", "preview"]]},
@@ -189,14 +192,16 @@ def test_compare_two_variants(client, face_clip, short_speech):
     assert len(files) == 2
     for path in files:
         check_dub(path, face_clip, 20)
+    history, _ = client.predict(api_name="/history")
     assert history["data"][0][1] == "comparison"
 
 
 def test_the_preview_engine_needs_no_weights(client, face_clip, short_speech):
     from gradio_client import handle_file
 
-    dub, side, summary, *_ = client.predict(video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)),
-                                            engine="preview", measure=False, api_name="/generate")
+    _stream, dub, side, summary, *_ = client.predict(
+        video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)), engine="preview", measure=False,
+        api_name="/generate")
     check_dub(dub, face_clip, 20)
     check_side_by_side(side, face_clip, 20)
     assert "(preview v15" in summary
@@ -209,7 +214,8 @@ def test_bad_input_is_the_librarys_message(client, face_clip, tmp_path):
     not_media = tmp_path / "notes.mp4"
     not_media.write_text("this is not a video")
     cases = [
-        (dict(video=handle_file(str(not_media)), audio=handle_file(str(face_clip))), "is not a video, image or audio"),
+        (dict(video=handle_file(str(not_media)), audio=handle_file(str(face_clip))),
+         "notes.mp4 is not a video, image or audio"),
         (dict(video=handle_file(str(face_clip)), audio=None), "give the new speech"),
         (dict(video=handle_file(str(face_clip)), audio=None, speech_from="text", text="hi", source="nonesuch"),
          "unknown audio source 'nonesuch'"),
@@ -222,6 +228,8 @@ def test_bad_input_is_the_librarys_message(client, face_clip, tmp_path):
             client.predict(**arguments, api_name="/generate")
         assert expected in str(raised.value)
         assert "Traceback" not in str(raised.value)
+        message = str(raised.value)
+        assert not re.search(r"(^|[\s:'\"])/[\w.-]+/", message) and "--" not in message, "no server path, no flag"
     with pytest.raises(AppError, match="2 to 4 variants"):
         client.predict(video=handle_file(str(face_clip)), audio=handle_file(str(face_clip)),
                        variants={"headers": ["label"], "data": [["only one"]]}, api_name="/compare")
@@ -235,3 +243,15 @@ def test_a_photo_and_the_voice_menu(client):
     voice_menu, clone = client.predict(source="espeak", api_name="/voices")  # menus come back as updates
     assert voice_menu["value"] == "en-us" and ["English (America) (en-us)", "en-us"] in voice_menu["choices"]
     assert clone["visible"] is False  # eSpeak cannot clone a voice
+
+
+def test_messages_for_the_web_name_files_and_controls_not_paths_and_flags():
+    app = load_app_module()
+    words = app.for_the_web
+    assert words("/tmp/gradio/3f2a9c/fake.mp4 is not a video") == "fake.mp4 is not a video"
+    assert words("ffmpeg said: file:/srv/work/generate-x1/speech.wav: bad") == "ffmpeg said: file:speech.wav: bad"
+    assert "--" not in words("No face was found ... or check --face-index.")
+    assert "Face to dub" in words("or check --face-index.")
+    assert "Download weights" in words("run `musetalk download` to fetch openai/whisper-tiny again")
+    assert words("give an mp4/mov/mkv video") == "give an mp4/mov/mkv video"  # not a path
+    assert "--" not in words("use --some-new-flag") and "option" in words("use --some-new-flag")

@@ -275,7 +275,7 @@ class _Span:
 
 # The pipeline's stages as parts of one bar: face analysis and generation run at the same time (the
 # analysis streams ahead), so the bar follows both at once and each keeps its own share.
-_PIPELINE_SHARES = {"faces": (0.05, 0.30), "generate": (0.35, 0.57)}  # stage: (start, width)
+_PIPELINE_SHARES = {"faces": 0.30, "generate": 0.57}  # of the bar, after 0.05 for loading
 _STAGE_WORDS = {"faces": "face analysis", "generate": "generating"}
 
 
@@ -291,8 +291,8 @@ def pipeline_progress(span: _Span, label: str = "") -> Callable[[str, int, int],
         with lock:
             counts[stage] = (done, total)
             left = clocks.setdefault(stage, _StageClock()).seconds_left(done, total)
-            fraction = sum(start + width * (d / t if t else 1.0) for name, (start, width) in _PIPELINE_SHARES.items()
-                           for d, t in [counts.get(name, (0, 1))])
+            fraction = 0.05 + sum(share * (d / t if t else 1.0) for name, share in _PIPELINE_SHARES.items()
+                                  for d, t in [counts.get(name, (0, 1))])
             parts = [f"{_STAGE_WORDS.get(name, name)}, frame {d} of {t}" for name, (d, t) in counts.items()
                      if d < t or name == stage]
             if stage == "generate" and done >= total:

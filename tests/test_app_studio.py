@@ -142,7 +142,7 @@ def test_without_weights_the_studio_says_so_and_fetches_them_on_the_first_run(tm
 
     fractions = [fraction for fraction, _ in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    steps = ["downloading", "loading", "face analysis", "audio features", "generating", "encoding",
+    steps = ["downloading", "loading", "face analysis", "generating", "encoding",
              "side-by-side", "done"]
     texts = [text for _, text in reports]
     positions = [next(i for i, text in enumerate(texts) if step in text) for step in steps]
@@ -193,3 +193,48 @@ def test_the_scores_progress_moves_forward_through_their_stages():
     fractions = [fraction for fraction, _ in seen]
     assert fractions == sorted(fractions) and fractions[0] == 0.9 and fractions[-1] == 1.0
     assert seen[-1][1] == "Dubbed: scores (syncnet, 2 of 2)"
+
+
+def test_pipeline_progress_shows_both_running_stages_and_the_time_left(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(studio_lib.time, "monotonic", lambda: now[0])
+    reports = []
+    report = studio_lib.pipeline_progress(studio_lib._Span(lambda f, t: reports.append((f, t))))
+    report("faces", 10, 100)
+    report("generate", 0, 100)
+    now[0] += 2.0
+    report("faces", 50, 100)
+    now[0] += 2.0
+    report("generate", 20, 100)  # 20 frames in 4 s since its first report: 80 left take about 16 s
+    fraction, text = reports[-1]
+    assert "face analysis, frame 50 of 100" in text and "generating, frame 20 of 100" in text
+    assert "about 16 s left" in text
+    report("faces", 100, 100)
+    report("generate", 100, 100)
+    assert reports[-1][1] == "encoding the video"
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] <= 0.93
+
+
+def test_watch_relays_progress_from_the_jobs_thread_and_its_errors(tmp_path):
+    import threading
+
+    def job(progress):
+        assert threading.current_thread().name == "studio-job"
+        for step in range(3):
+            progress(step / 3, f"step {step}")
+            time.sleep(0.05)
+        (tmp_path / "stream.m3u8").write_text("#EXTM3U\nsegment00000.ts\n")
+        time.sleep(0.3)
+        return "made"
+
+    events = list(studio_lib.watch(job, tmp_path, poll_seconds=0.02))
+    assert ("result", "made") == events[-1]
+    assert [value for kind, value in events if kind == "segment"] == [str(tmp_path / "segment00000.ts")]
+    assert [kind for kind, _ in events].count("progress") >= 2
+
+    def failing(progress):
+        raise InputError("that video has no face")
+
+    with pytest.raises(InputError, match="no face"):
+        list(studio_lib.watch(failing))

@@ -36,7 +36,7 @@ def browser(tmp_path_factory):
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", "--window-size=1400,2000",
+                 "--no-first-run", "--window-size=1400,2000", "--autoplay-policy=no-user-gesture-required",
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -149,3 +149,49 @@ def test_dub_from_text_in_the_browser(page, face_clip, tmp_path):
     page.execute_script("window.scrollTo(0, 0)")
     shot = keep_screenshot(page, "studio.png", tmp_path)
     assert shot.stat().st_size > 20_000
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_a_longer_job_shows_its_progress_and_plays_before_it_ends(page):
+    """A 7.5 s dub of the example (preview engine): the bar names face analysis and generation with
+    their frame counts as they advance, and, where the streaming player works, the dub plays early."""
+    import time
+
+    from selenium.webdriver.common.by import By
+
+    page.refresh()
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#video-upload input[type=file]"), WAIT_FOR_PAGE,
+             "the upload field")
+    element(page, "#video-upload input[type=file]").send_keys(str(EXAMPLES / "face.mp4"))
+    wait_for(page, lambda d: "face.mp4" in element(d, "#video-upload").text.replace("\n", ""), WAIT_FOR_PAGE,
+             "the uploaded video")
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#speech-audio input[type=file]"), WAIT_FOR_PAGE,
+             "the audio upload")
+    element(page, "#speech-audio input[type=file]").send_keys(str(EXAMPLES / "speech.wav"))
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#speech-audio audio, #speech-audio .waveform-container,"
+                                             " #speech-audio [data-testid='waveform-controls']"),
+             WAIT_FOR_PAGE, "the uploaded audio")
+    page.find_element(By.XPATH, "//*[@id='engine']//label[starts-with(normalize-space(), 'Preview')]").click()
+    streaming = element(page, "#stream-video").is_displayed() if page.find_elements(By.ID, "stream-video") else False
+    element(page, "#generate-button").click()
+
+    seen, played_early, deadline = [], False, time.monotonic() + WAIT_FOR_DUB
+    while time.monotonic() < deadline:
+        text = page_text(page)
+        seen += [line for line in text.splitlines() if "frame" in line and " of " in line]
+        if streaming and not video_source("#result-video")(page):
+            played_early = played_early or page.execute_script(
+                "const v = document.querySelector('#stream-video video'); return !!v && v.currentTime > 0;")
+        if video_source("#result-video")(page):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the dub did not finish in {WAIT_FOR_DUB} s; progress seen: {seen[-5:]}")
+    faces = {line for line in seen if "face analysis, frame" in line}
+    generating = {line for line in seen if "generating, frame" in line}
+    assert len(faces) >= 2 and len(generating) >= 2, f"the bar did not advance through both stages: {seen}"
+    assert any(" left" in line for line in seen), "a time left once the rate is known"
+    if streaming:
+        assert played_early, "the streamed dub did not start playing before the job ended"

@@ -193,9 +193,14 @@ def on_gpu(function):
 def status_text(services: Studio) -> str:
     # No server paths on the page: it may be public (the folder is in the server's log and --help).
     lines = ["**Weights:**", *[f"- {line}" for line in services.weights_status().splitlines()]]
-    if services.default_engine() == "preview":
+    if services.missing_weights():
         lines += ["", "Without the MuseTalk weights the **preview engine** is chosen below: it needs none. "
                       "*Download weights* (or choose MuseTalk and generate) to use the model."]
+    elif not services.has_gpu():
+        estimate = services.musetalk_estimate(10.0)
+        lines += ["", "No GPU here: the **preview engine** (real time) is chosen below. MuseTalk is one click away: "
+                  + (f"{estimate} for each 10 s of video on this CPU (measured)." if estimate
+                     else "its time on this CPU is being measured; refresh the page in a moment.")]
     _, notes = speech_sources()
     if notes:
         lines += ["", "**Speech sources not available:**", *[f"- {note}" for note in notes]]

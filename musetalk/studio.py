@@ -517,6 +517,7 @@ class Studio:
         self._pipelines: dict[str, object] = {}
         self._lock = threading.Lock()
         self._model_job = threading.Lock()  # held while a pipeline runs: one job at a time
+        self._seconds_per_frame: float | None = None  # MuseTalk's speed here, once calibrated
         self._owns_work_dir = self.config.work_dir is None
         root = Path(self.config.work_dir) if self.config.work_dir else Path(tempfile.mkdtemp(prefix="musetalk-studio-"))
         self.jobs = JobFolders(root, self.config.keep_minutes * 60)
@@ -569,9 +570,42 @@ class Studio:
         progress(1.0, "weights ready")
         return self.weights_status()
 
+    def has_gpu(self) -> bool:
+        """The studio's device is a GPU (CUDA or Apple's MPS)."""
+        from musetalk.models import resolve_device
+
+        try:
+            return resolve_device(self.config.device).type != "cpu"
+        except InputError:
+            return False
+
     def default_engine(self) -> str:
-        """MuseTalk when its weights are here, else the preview engine (which needs none)."""
-        return "preview" if self.missing_weights() else "musetalk"
+        """MuseTalk on a GPU with its weights here; elsewhere the preview engine, which needs no weights and
+        runs in real time on a CPU (MuseTalk takes minutes there: ``musetalk_estimate`` says how many)."""
+        return "musetalk" if self.has_gpu() and not self.missing_weights() else "preview"
+
+    def calibrate(self) -> float:
+        """Seconds MuseTalk takes per output frame on this device (its VAE encode, UNet and decode on one
+        frame), measured once with the loaded models and kept."""
+        if self._seconds_per_frame is None:
+            from musetalk.timing import StageTimer
+
+            engine = self.pipeline(self.config.version).engine
+            crops = np.zeros((1, 256, 256, 3), dtype=np.uint8)
+            with self._model_job:
+                started = time.perf_counter()
+                states = engine.prepare(crops, None, StageTimer())
+                audio = np.zeros((1, 50, engine.unet.config.cross_attention_dim), dtype=np.float32)
+                engine.generate(states, audio, StageTimer())
+                self._seconds_per_frame = time.perf_counter() - started
+            logger.info("MuseTalk takes %.2f s a frame here", self._seconds_per_frame)
+        return self._seconds_per_frame
+
+    def musetalk_estimate(self, video_seconds: float = 10.0, fps: float = 25.0) -> str | None:
+        """How long MuseTalk takes here for ``video_seconds`` of video, in words; None until calibrated."""
+        if self._seconds_per_frame is None:
+            return None
+        return _time_words(self._seconds_per_frame * video_seconds * fps)
 
     def pipeline(self, version: str, progress: Progress | None = None, engine: str = "musetalk"):
         """The loaded pipeline of ``engine`` and ``version``: MuseTalk's weights are fetched and
@@ -599,14 +633,17 @@ class Studio:
             self._pipelines[base] = self._new_pipeline(version, "musetalk")
         return self._pipelines[base].with_draft_decoder(self.config.models_dir)
 
-    def load_models(self) -> bool:
-        """At start-up: load the default version when its weights are present; True when loaded."""
+    def load_models(self, calibrate: bool = True) -> bool:
+        """At start-up: load the default version when its weights are present; True when loaded. Without a
+        GPU, MuseTalk's speed is then measured in the background (``musetalk_estimate``)."""
         missing = self.missing_weights()
         if missing:
             logger.warning("MuseTalk %s weights are missing (%s); the app will fetch them on request",
                            self.config.version, ", ".join(str(p) for p in missing))
             return False
         self.pipeline(self.config.version)
+        if calibrate and not self.has_gpu():
+            threading.Thread(target=self.calibrate, name="calibrate", daemon=True).start()
         return True
 
     # ------------------------------------------------------------------ limits

@@ -122,16 +122,20 @@ def test_every_event_is_an_api_endpoint(services):
     assert set(model_jobs.values()) == {("gpu", 1)} and len(model_jobs) == 3
 
 
-def test_status_says_the_weights_are_ready(client):
+def test_status_says_the_weights_are_ready_and_what_musetalk_costs_on_this_cpu(client, services):
+    services.calibrate()  # what load_models started in the background, done now
     status = client.predict(api_name="/status")
     assert "MuseTalk 1.5: ready (loaded)" in status
+    assert "No GPU here: the **preview engine**" in status and "for each 10 s of video on this CPU" in status
+    assert services.default_engine() == "preview"
 
 
 def test_generate_from_an_upload(client, face_clip, short_speech):
     from gradio_client import handle_file
 
     _stream, dub, side, summary, timings, scores = client.predict(
-        video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)), measure=False, api_name="/generate")
+        video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)), engine="musetalk", measure=False,
+        api_name="/generate")
     check_dub(dub, face_clip, 20)
     check_side_by_side(side, face_clip, 20)
     assert "20 frames" in summary
@@ -150,7 +154,7 @@ def test_generate_from_text_with_the_default_source(client, face_clip):
 
     _stream, dub, side, summary, timings, scores = client.predict(
         video=handle_file(str(face_clip)), audio=None, speech_from="text", text=SHORT_TEXT,
-        source="espeak", voice="en-us", api_name="/generate")
+        source="espeak", voice="en-us", engine="musetalk", api_name="/generate")
     frames = probe(dub).num_frames
     assert 10 < frames < 75  # "Hi there." lasts about a second
     check_dub(dub, face_clip, frames)
@@ -177,7 +181,7 @@ def test_compare_two_variants(client, face_clip, short_speech):
     from gradio_client import handle_file
 
     grid, table, files = client.predict(
-        video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)), measure=False,
+        video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)), engine="musetalk", measure=False,
         variants={"headers": ["label", "speech source", "voice", "version", "mask", "extra margin", "engine"],
                   "data": [["Jaw", "", "", "", "jaw", "20", ""], ["Lips", "audio", "", "", "mouth", "20", "preview"]]},
         api_name="/compare")

@@ -80,6 +80,18 @@ def run_options(version, extra_margin, bbox_shift, mask_mode, left_cheek_width, 
     ).validate()
 
 
+def variant_label(speech_from, voice, engine, version, mask_mode) -> str:
+    """A short name for a comparison row: the engine, then only what is not the default."""
+    parts = [{"musetalk": "MuseTalk", "draft": "draft", "preview": "preview"}.get(engine, engine)]
+    if speech_from == "text" and voice:
+        parts.append(voice)
+    if version != "v15":
+        parts.append(version)
+    if mask_mode not in ("official", "", None):
+        parts.append(f"{mask_mode} mask")
+    return ", ".join(parts)
+
+
 def speech_request(speech_from, audio, text, source, voice, clone_voice) -> Speech:
     """The job's speech from the speech controls: only the chosen kind is passed on."""
     if speech_from == "text":
@@ -389,9 +401,13 @@ def build_demo(services: Studio):
                                "clear some rows first", print_exception=False)
             speech_cell = studio_lib.AUDIO_SOURCE_CELL if speech_from == "audio" else (source or "")
             voice_cell = (voice or "") if speech_from == "text" else ""
-            label = f"{len(rows) + 1}: {engine} {speech_cell} {voice_cell} {version} {mask_mode}".replace("  ", " ")
-            return rows + [[label, speech_cell, voice_cell, version, mask_mode, str(int(extra_margin)), engine]]
-
+            mask_cell = "" if mask_mode == "official" else mask_mode
+            cells = [speech_cell, voice_cell, version, mask_cell, str(int(extra_margin)), engine]
+            for number, row in enumerate(rows, start=1):
+                if [str(cell or "").strip() for cell in list(row)[1:7]] == cells:
+                    gr.Warning(f"Not added: row {number} ({row[0]}) already has these settings; change one first.")
+                    return rows
+            return rows + [[variant_label(speech_from, voice, engine, version, mask_mode), *cells]]
         def clear():
             return []
 

@@ -35,6 +35,7 @@ GAP = 4
 BACKGROUND = (24, 24, 27)
 LABEL_BACKGROUND = (36, 36, 40)
 LABEL_COLOUR = (240, 240, 240)
+MIN_LABEL_SCALE = 0.35  # the smallest font a label is drawn in before it is shortened
 # The label band above each cell, as a fraction of the cell's height (with a floor in pixels).
 LABEL_FRACTION = 0.07
 MIN_LABEL_HEIGHT = 18
@@ -238,18 +239,29 @@ def _background(layout: _Layout, labels: list[str]) -> np.ndarray:
 
 
 def _fit_text(text: str, max_width: int, band_height: int) -> tuple[str, float, int]:
-    """Text, font scale and thickness so the label fills about 60 % of its band and fits its width."""
+    """Text, font scale and thickness so the label fills about 60 % of its band and fits its width: a
+    long label is drawn smaller first, and only past the smallest size cut after a whole word ("...")."""
     import cv2
 
     font = cv2.FONT_HERSHEY_SIMPLEX
     (_, unit_height), _ = cv2.getTextSize("Hg", font, 1.0, 1)
-    scale = max(0.3, 0.6 * band_height / unit_height)
+    scale = max(MIN_LABEL_SCALE, 0.6 * band_height / unit_height)
+
+    def width(candidate: str) -> int:
+        return cv2.getTextSize(candidate, font, scale, 1 if scale < 0.9 else 2)[0][0]
+
+    while scale > MIN_LABEL_SCALE and width(text) > max_width:
+        scale = max(MIN_LABEL_SCALE, scale * 0.9)
     thickness = 1 if scale < 0.9 else 2
-    if cv2.getTextSize(text, font, scale, thickness)[0][0] <= max_width:
+    if width(text) <= max_width:
         return text, scale, thickness
-    while len(text) > 1 and cv2.getTextSize(text + "...", font, scale, thickness)[0][0] > max_width:
-        text = text[:-1]
-    return text + "...", scale, thickness
+    words = text.split()
+    while len(words) > 1 and width(" ".join(words) + "...") > max_width:
+        words.pop()
+    shortened = " ".join(words)
+    while len(shortened) > 1 and width(shortened + "...") > max_width:  # one word longer than the cell
+        shortened = shortened[:-1]
+    return shortened.rstrip(" ,;:") + "...", scale, thickness
 
 
 def _ascii(label: str) -> str:

@@ -428,9 +428,30 @@ def variants_from_rows(rows: Sequence[Sequence], speech: Speech, options: RunOpt
             raise InputError(f"{where}: {error}") from None
         parts = [part for part in (variant_engine, source and variant_speech.describe(), version, mask,
                                    margin and f"margin {margin}") if part]
-        variants.append(Variant(label or f"{len(variants) + 1}: {', '.join(parts) or 'as set above'}",
-                                variant_speech, variant_options, variant_engine or engine))
-    return variants
+        variants.append(Variant(label or ", ".join(parts) or "as set above", variant_speech, variant_options,
+                                variant_engine or engine))
+    return _unique_labels(variants)
+
+
+def _unique_labels(variants: list[Variant]) -> list[Variant]:
+    """Labels made unique: a repeated one gets " (2)", " (3)" ... (they name cells and files)."""
+    seen: dict[str, int] = {}
+    unique = []
+    for variant in variants:
+        count = seen[variant.label] = seen.get(variant.label, 0) + 1
+        unique.append(dataclasses.replace(variant, label=f"{variant.label} ({count})") if count > 1 else variant)
+    return unique
+
+
+def same_job(variants: Sequence[Variant]) -> tuple[int, int] | None:
+    """The first pair of variants (0-based) that would make the same dub, or None."""
+    first_of: dict[tuple, int] = {}
+    for index, variant in enumerate(variants):
+        job = (variant.engine, variant.speech, variant.options)
+        if job in first_of:
+            return first_of[job], index
+        first_of[job] = index
+    return None
 
 
 def _variant_speech(speech: Speech, source: str, voice: str, where: str) -> Speech:
@@ -845,6 +866,11 @@ class Studio:
         for variant in variants:
             variant.options.validate()
             self.check_speech(variant.speech)
+        repeated = same_job(variants)
+        if repeated:
+            first, second = (variants[index] for index in repeated)
+            raise InputError(f"variants {repeated[0] + 1} ({first.label}) and {repeated[1] + 1} ({second.label}) "
+                             "would make the same dub; change the speech, engine, version, mask or margin of one")
         self.check_video(video)
         span = _Span(progress or _no_progress)
         folder = self.jobs.new("compare")

@@ -259,3 +259,14 @@ def test_messages_for_the_web_name_files_and_controls_not_paths_and_flags():
     assert "Download weights" in words("run `musetalk download` to fetch openai/whisper-tiny again")
     assert words("give an mp4/mov/mkv video") == "give an mp4/mov/mkv video"  # not a path
     assert "--" not in words("use --some-new-flag") and "option" in words("use --some-new-flag")
+
+
+def test_adding_the_current_settings_twice_is_refused_with_a_note(client):
+    empty = {"headers": ["label", "speech source", "voice", "version", "mask", "extra margin", "engine"],
+             "data": []}
+    settings = dict(speech_from="text", source="espeak", voice="en-us", engine="preview", version="v15",
+                    mask_mode="mouth", extra_margin=10, api_name="/add_variant")
+    once = client.predict(variants=empty, **settings)
+    assert once["data"] == [["preview, en-us, mouth mask", "espeak", "en-us", "v15", "mouth", "10", "preview"]]
+    twice = client.predict(variants=once, **settings)
+    assert twice["data"] == once["data"], "the same settings are not added again"

@@ -240,3 +240,17 @@ def test_watch_relays_progress_from_the_jobs_thread_and_its_errors(tmp_path):
 
     with pytest.raises(InputError, match="no face"):
         list(studio_lib.watch(failing))
+
+
+def test_a_comparison_refuses_two_variants_that_make_the_same_dub(tmp_path, face_clip):
+    made = Studio(StudioConfig(work_dir=str(tmp_path / "work")))
+    speech = Speech(text="Hello there.", source="espeak", voice="en-us")
+    rows = [["", "", "", "", "jaw", "", "preview"], ["", "", "", "", "mouth", "", "preview"],
+            ["", "", "", "", "jaw", "", "preview"]]
+    variants = studio_lib.variants_from_rows(rows, speech, RunOptions(), "preview")
+    assert [v.label for v in variants] == ["preview, jaw", "preview, mouth", "preview, jaw (2)"]  # unique
+    with pytest.raises(InputError, match=r"variants 1 \(preview, jaw\) and 3 \(preview, jaw \(2\)\) would make "
+                                         "the same dub"):
+        made.compare(face_clip, variants)
+    assert not any((tmp_path / "work").iterdir()), "refused before anything was made"
+    made.close()

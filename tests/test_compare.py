@@ -140,3 +140,16 @@ def test_memory_stays_flat_in_the_length(source, tmp_path):
     assert made.num_frames == 300
     all_frames = 300 * made.width * made.height * 3
     assert peak < all_frames / 5, f"peak {peak} bytes for {all_frames} bytes of frames"
+
+
+def test_a_long_label_is_drawn_smaller_and_only_then_cut_after_a_whole_word():
+    from musetalk.compare import MIN_LABEL_SCALE, _fit_text
+
+    short, scale, _ = _fit_text("MuseTalk", 400, 40)
+    assert short == "MuseTalk" and scale > 1
+    smaller, small_scale, _ = _fit_text("preview, en-us, v1, mouth mask", 300, 40)
+    assert smaller == "preview, en-us, v1, mouth mask" and small_scale < scale
+    cut, cut_scale, _ = _fit_text("preview with a very long voice name that cannot fit", 120, 40)
+    assert cut_scale == MIN_LABEL_SCALE and cut.endswith("...")
+    assert "preview with a very long voice name that cannot fit".startswith(cut[:-3])
+    assert cut[:-3].split()[-1] in "preview with a very long voice name that cannot fit".split()  # whole words

@@ -53,7 +53,7 @@ _LIPS_AND_MOUTH = (MOUTH, UPPER_LIP, LOWER_LIP)
 
 
 def _class_table(*classes: int) -> np.ndarray:
-    """A lookup table: 255 for these classes, 0 for the rest (indexing by it beats np.isin tenfold)."""
+    """A lookup table for cv2.LUT: 255 for these classes, 0 for the rest (tens of times faster than np.isin)."""
     table = np.zeros(256, dtype=np.uint8)
     table[list(classes)] = 255
     return table
@@ -156,19 +156,33 @@ def mask_from_parsing(
     if mode == "jaw":
         region = _jaw_region(parsing, left_cheek_width, right_cheek_width)
     elif mode == "raw":
-        region = _RAW_TABLE[parsing]
+        region = cv2.LUT(parsing, _RAW_TABLE)
     else:
         region = _mouth_region(parsing)
 
     left, top, side = _full_square(box)
     x1, y1, x2, y2 = (int(v) for v in box)
+    # Back to the square's size, kept inside the face box and cut at the boundary (cut first, then feather).
     resized = np.asarray(Image.fromarray(region).resize((side, side), Image.Resampling.BICUBIC))
+    rows = slice(max(y1 - top, int(side * upper_boundary_ratio)), y2 - top)
+    cols = slice(x1 - left, x2 - left)
     mask = np.zeros((side, side), dtype=np.uint8)
-    rows, cols = slice(y1 - top, y2 - top), slice(x1 - left, x2 - left)
     mask[rows, cols] = resized[rows, cols]
-    mask[: int(side * upper_boundary_ratio)] = 0  # cut first ...
-    kernel = int(_BLUR_FRACTION * side // 2 * 2) + 1
-    return cv2.GaussianBlur(mask, (kernel, kernel), 0)  # ... then feather
+    return _feather(mask, int(_BLUR_FRACTION * side // 2 * 2) + 1)
+
+
+def _feather(mask: np.ndarray, kernel: int) -> np.ndarray:
+    """The official Gaussian blur of the mask, computed only around its set pixels: a kernel's reach
+    away from them it is exactly 0 (and the square's own edges, where the official blur reflects, are
+    that far from any face)."""
+    import cv2
+
+    window = _around(mask > 0, kernel)
+    if window is None:
+        return mask
+    feathered = np.zeros_like(mask)
+    feathered[window] = cv2.GaussianBlur(mask[window], (kernel, kernel), 0, borderType=cv2.BORDER_CONSTANT)
+    return feathered
 
 
 def _jaw_region(parsing: np.ndarray, left_cheek_width: int, right_cheek_width: int) -> np.ndarray:
@@ -179,14 +193,14 @@ def _jaw_region(parsing: np.ndarray, left_cheek_width: int, right_cheek_width: i
     if not (0 <= left_cheek_width <= CANVAS // 2 and 0 <= right_cheek_width <= CANVAS // 2):
         raise InputError(f"cheek widths must be 0 to {CANVAS // 2}, got left={left_cheek_width} "
                          f"right={right_cheek_width}")
-    region = _LIPS_TABLE[parsing]
+    region = cv2.LUT(parsing, _LIPS_TABLE)
     window = _around(parsing == SKIN, _MORPHOLOGY_REACH)
     if window is None:
         return region
     part = parsing[window]
     skin = (part == SKIN).view(np.uint8) * np.uint8(255)
-    dilated = cv2.dilate(skin, _jaw_kernel())
-    eroded = cv2.erode(dilated, _cheek_kernel(), iterations=2)
+    dilated = _jaw_dilate(skin)
+    eroded = _cheek_erode(_cheek_erode(dilated))
     cheeks = _cheek_columns(left_cheek_width, right_cheek_width)[window[1]]
     face = np.where(cheeks[None, :], eroded, dilated)
     face[part == NOSE] = 0
@@ -208,6 +222,21 @@ def _around(where: np.ndarray, reach: int) -> tuple[slice, slice] | None:
     height, width = where.shape
     return (slice(max(0, rows[0] - reach), min(height, rows[-1] + 1 + reach)),
             slice(max(0, cols[0] - reach), min(width, cols[-1] + 1 + reach)))
+
+
+def _jaw_dilate(skin: np.ndarray) -> np.ndarray:
+    """``cv2.dilate(skin, _jaw_kernel())``, in two cheap parts (the same pixels, a fifth of the time):
+    the kernel's lower 12 x 21 rectangle, a rectangular dilation of the skin 5 rows below, and its cone,
+    ten steps of a 4-point kernel from the skin 6 rows above (each step one row further, one column
+    wider either side), on the skin padded with the kernel's reach so no step loses what it shifts."""
+    import cv2
+
+    padded = cv2.copyMakeBorder(skin, 16, 16, 10, 10, cv2.BORDER_CONSTANT, value=0)
+    below, above = np.zeros_like(padded), np.zeros_like(padded)
+    below[:-5], above[6:] = padded[5:], padded[:-6]  # skin(y + 5) and skin(y - 6)
+    tail = cv2.dilate(below, np.ones((12, 21), np.uint8), anchor=(10, 0))
+    cone = cv2.dilate(above, np.array([[0, 1, 0], [1, 1, 1]], np.uint8), anchor=(1, 0), iterations=10)
+    return np.maximum(tail, cone)[16:-16, 10:-10]
 
 
 @lru_cache(maxsize=1)
@@ -236,6 +265,15 @@ def _cheek_kernel() -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))  # a flat ellipse: erodes sideways
 
 
+def _cheek_erode(region: np.ndarray) -> np.ndarray:
+    """``cv2.erode(region, _cheek_kernel())``: that flat ellipse is a 35-pixel row and one pixel above and
+    below its centre, so the erosion is the smaller of two line erosions (which OpenCV does fast)."""
+    import cv2
+
+    across = cv2.erode(region, np.ones((1, 35), np.uint8))
+    return np.minimum(across, cv2.erode(region, np.ones((3, 1), np.uint8)))
+
+
 def _cheek_columns(left_width: int, right_width: int) -> np.ndarray:
     """Canvas columns outside the central band [centre - left, centre + right] (both ends outside,
     as the official filled rectangles include their corner columns)."""
@@ -248,7 +286,7 @@ def _mouth_region(parsing: np.ndarray) -> np.ndarray:
     """Lips and mouth grown by a margin (a disc); 0/255."""
     import cv2
 
-    lips = _LIPS_TABLE[parsing]
+    lips = cv2.LUT(parsing, _LIPS_TABLE)
     region = np.zeros(parsing.shape, dtype=np.uint8)
     window = _around(lips, _MOUTH_MARGIN + 1)
     if window is not None:

@@ -232,3 +232,56 @@ def test_a_jobs_masks_are_built_once_per_source_frame(scene, monkeypatch):
         memo.get(FaceFrame(index, frame, landmarks, np.array(box)))
     memo.get(FaceFrame(0, frame, landmarks, np.array(box)))
     assert len(built) == pipeline.MASKS_KEPT + 2
+
+
+def _official_steps(parsing, box, mode, left, right, ratio):
+    """The mask as the official code computes it, step for step on the whole canvas and square (slow
+    and plain): what the fast paths of mask_from_parsing must give exactly."""
+    import cv2
+    from PIL import Image
+
+    from musetalk import blending
+
+    lips = np.isin(parsing, (11, 12, 13))
+    if mode == "raw":
+        region = np.where(lips | (parsing == 1), 255, 0).astype(np.uint8)
+    elif mode == "mouth":
+        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (41, 41))
+        region = cv2.dilate(np.where(lips, 255, 0).astype(np.uint8), disc)
+    else:
+        skin = np.where(parsing == 1, 255, 0).astype(np.uint8)
+        dilated = cv2.dilate(skin, blending._jaw_kernel())
+        eroded = cv2.erode(dilated, blending._cheek_kernel(), iterations=2)
+        face = np.where(blending._cheek_columns(left, right)[None, :], eroded, dilated)
+        region = np.where((face == 255) & (parsing != 10) | lips, 255, 0).astype(np.uint8)
+    x, y, side = blending._full_square(box)
+    resized = np.asarray(Image.fromarray(region).resize((side, side), Image.Resampling.BICUBIC))
+    mask = np.zeros((side, side), np.uint8)
+    mask[box[1] - y : box[3] - y, box[0] - x : box[2] - x] = resized[box[1] - y : box[3] - y, box[0] - x : box[2] - x]
+    mask[: int(side * ratio)] = 0
+    kernel = int(0.05 * side // 2 * 2) + 1
+    return cv2.GaussianBlur(mask, (kernel, kernel), 0)
+
+
+def test_the_fast_mask_is_the_plain_official_computation_exactly():
+    import cv2
+
+    from musetalk.blending import mask_from_parsing
+
+    rng = np.random.default_rng(7)
+    cases = 0
+    for _ in range(12):  # random class maps, some reaching the canvas edges
+        parsing = np.zeros((512, 512), np.uint8)
+        for _ in range(int(rng.integers(1, 6))):
+            centre = tuple(int(v) for v in rng.integers(-50, 560, 2))
+            axes = tuple(int(v) for v in rng.integers(5, 200, 2))
+            cv2.ellipse(parsing, centre, axes, float(rng.uniform(0, 180)), 0, 360,
+                        int(rng.choice([1, 1, 10, 11, 12, 13])), -1)
+        x, y, w, h = (int(v) for v in (*rng.integers(0, 300, 2), *rng.integers(40, 700, 2)))
+        for mode, left, right in (("jaw", 90, 90), ("jaw", 30, 200), ("raw", 90, 90), ("mouth", 90, 90)):
+            ratio = float(rng.choice([0.5, 0.35]))
+            box = (x, y, x + w, y + h)
+            ours = mask_from_parsing(parsing, box, mode, left, right, ratio)
+            np.testing.assert_array_equal(ours, _official_steps(parsing, box, mode, left, right, ratio))
+            cases += 1
+    assert cases == 48

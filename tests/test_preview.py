@@ -256,3 +256,19 @@ def test_bench_times_the_preview(tmp_path):
     assert "face" in report.runs[0].stages and "face" not in report.runs[1].stages
     assert report.runs[1].stages["render"] > 0 and report.runs[1].fps > 0
     assert any("first run" in line for line in bench.format_report(report))
+
+
+def test_the_mouth_opens_as_wide_as_the_scores_call_good_from_espeak_and_from_audio(face_clip, tmp_path):
+    """The preview's mouth in speech measures 0.05 .. 0.2 eye distances (the scores' good range) whether
+    it follows eSpeak's phonemes or the sound alone, and rests in the pause between the sentences."""
+    from musetalk import speech
+
+    clip = speech.speech_for_video("Good morning. Today we look at three ways to dub a video.", "espeak", None, {},
+                                   cache_dir=tmp_path / "speech")
+    pipeline = LipSyncPipeline.from_pretrained(cache_dir=False, engine="preview")
+    for name, audio in (("phonemes", clip), ("audio", clip.path)):
+        out = tmp_path / f"{name}.mp4"
+        pipeline(face_clip, audio, out, RunOptions())
+        scores = metrics.score_video(out, source=face_clip, audio=clip.path)
+        assert 0.05 <= scores.speech_mouth_open <= 0.2, (name, scores.speech_mouth_open)
+        assert scores.silence_mouth_open < 0.02 and scores.silent_closed_share >= 0.8, name

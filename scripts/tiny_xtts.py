@@ -4,11 +4,13 @@
 
 writes FOLDER/config.json, model.pth, vocab.json and speakers_xtts.pth, the files of Coqui's
 XTTS-v2 release, so ``--tts-option model=FOLDER`` loads it through coqui-tts's normal path. The
-model is built from ``XttsConfig`` at the smallest sizes its classes accept: one GPT layer of 32
-channels and a few audio tokens per sentence. XTTS builds its HiFi-GAN decoder (512 channels) and
-its ResNet speaker encoder (512-dimensional embeddings) at fixed sizes, so those two are XTTS-v2's
-own (about 33 M parameters, 130 MB). The weights are random (seeded): it speaks noise, of the
-length and format XTTS-v2 would. Nothing here is committed; the Coqui tests make it when they run.
+model is built from ``XttsConfig`` at the smallest sizes its classes accept: a GPT of one layer,
+four channels and one head (0.03 M parameters), speaking at most 24 audio tokens (1.1 s) per
+sentence. XTTS builds its HiFi-GAN decoder (512 channels in, 14.2 M parameters) and its ResNet
+speaker encoder (512-dimensional embeddings, 8.0 M) at fixed sizes that its config cannot change,
+so those two are XTTS-v2's own: 22.2 M parameters in all, an 89 MB model.pth, made in about 6 s.
+The weights are random (seeded): it speaks noise, at XTTS-v2's rate and format. Nothing here is
+committed; the Coqui tests make it when they run.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ SPEAKERS = ("Ana Florence", "Claribel Dervla")
 # Characters the tokenizer knows, one token each (XTTS-v2's vocabulary has 6681 BPE tokens); others become [UNK].
 LETTERS = "abcdefghijklmnopqrstuvwxyzäöüßàâçéèêëîïôùûñáíóúãõąćęłńśźżčďěňřšťůž0123456789.,!?'-:;"
 SPECIAL = ["[STOP]", "[UNK]", "[SPACE]", "[START]"]
-# Small sizes that XTTS's classes accept: channels a multiple of 32 (the conditioning encoder's GroupNorm).
-GPT_LAYERS, GPT_CHANNELS, GPT_HEADS = 1, 32, 1
-# Audio tokens per sentence (each is 1024 samples at 22.05 kHz, 46 ms): a random GPT never says stop.
+# The smallest GPT that XTTS's classes accept and run (two channels fail an assertion while speaking).
+GPT_LAYERS, GPT_CHANNELS, GPT_HEADS = 1, 4, 1
+# XTTS speaks at most this less 3 audio tokens per sentence (24 of 1024 samples at 22.05 kHz: 1.1 s);
+# a random GPT seldom picks its stop token earlier.
 GPT_MAX_AUDIO_TOKENS = 27
 
 

@@ -70,9 +70,9 @@ def ffmpeg(*args: str) -> None:
 def talking_video(tmp_path_factory) -> Path:
     """The example face speaking the example speech twice (15 s): more speech than a reference takes."""
     path = tmp_path_factory.mktemp("media") / "talking.mp4"
-    ffmpeg("-stream_loop", "2", "-i", str(EXAMPLES / "face.mp4"), "-stream_loop", "1", "-i", str(EXAMPLES / "speech.wav"),
-           "-map", "0:v", "-map", "1:a", "-shortest", "-c:v", "libx264", "-crf", "18", "-pix_fmt", "yuv420p",
-           "-c:a", "aac", str(path))
+    ffmpeg("-stream_loop", "2", "-i", str(EXAMPLES / "face.mp4"),
+           "-stream_loop", "1", "-i", str(EXAMPLES / "speech.wav"), "-map", "0:v", "-map", "1:a", "-shortest",
+           "-c:v", "libx264", "-crf", "18", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path))
     return path
 
 
@@ -83,23 +83,32 @@ class XttsCalls:
         from TTS.tts.models.xtts import Xtts
 
         self.inference: list[dict] = []
-        self.references: list[tuple[np.ndarray, int]] = []  # the audio each voice was computed from
+        self.references: list[tuple[np.ndarray, int]] = []  # the audio each speaker embedding was computed from
+        self.embeddings: list = []  # what XTTS's speaker encoder made of each reference
+        self.latents: list = []  # what XTTS's conditioning encoder made of each reference
         self.outputs: list[np.ndarray] = []
-        real_inference, real_embedding = Xtts.inference, Xtts.get_speaker_embedding
+        real_inference = Xtts.inference
+        real_embedding, real_latents = Xtts.get_speaker_embedding, Xtts.get_gpt_cond_latents
 
         def inference(model, text, language, gpt_cond_latent, speaker_embedding, **settings):
-            self.inference.append({"text": text, "language": language, "speaker_embedding": speaker_embedding,
-                                   "settings": settings})
+            self.inference.append({"text": text, "language": language, "gpt_cond_latent": gpt_cond_latent,
+                                   "speaker_embedding": speaker_embedding, "settings": settings})
             output = real_inference(model, text, language, gpt_cond_latent, speaker_embedding, **settings)
             self.outputs.append(np.asarray(output["wav"]))
             return output
 
         def get_speaker_embedding(model, audio, sr):
             self.references.append((audio.detach().cpu().numpy().reshape(-1), sr))
-            return real_embedding(model, audio, sr)
+            self.embeddings.append(real_embedding(model, audio, sr))
+            return self.embeddings[-1]
+
+        def get_gpt_cond_latents(model, audio, sr, *args, **kwargs):
+            self.latents.append(real_latents(model, audio, sr, *args, **kwargs))
+            return self.latents[-1]
 
         monkeypatch.setattr(Xtts, "inference", inference)
         monkeypatch.setattr(Xtts, "get_speaker_embedding", get_speaker_embedding)
+        monkeypatch.setattr(Xtts, "get_gpt_cond_latents", get_gpt_cond_latents)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,29 +118,12 @@ def test_clone_voice_hands_xtts_the_videos_speech(tiny_xtts, talking_video, xtts
     at_16k = audio.load_audio(_wav(tmp_path / "reference-seen.wav", reference, rate))
     segments = audio.detect_speech(at_16k)
     assert segments.speech_seconds / segments.duration > 0.8, "the reference is the video's speech"
+    [call] = xtts_calls.inference
+    assert call["speaker_embedding"] is xtts_calls.embeddings[0], "XTTS spoke with the reference's embedding"
+    assert call["gpt_cond_latent"] is xtts_calls.latents[0], "and with its conditioning latents"
     assert not no_torchaudio_file_reading, "the reference reached XTTS without torchaudio.load"
-    assert samples_of(out).size > 0 and len(xtts_calls.inference) == 1
-
-
-def test_the_reference_decides_the_voice(tiny_xtts, talking_video, tmp_path):
-    """Same seed, same text: one reference gives the same speech twice, another reference other speech."""
-    source = plugins.get_source("coqui")
-    video_voice = speech.reference_clip(talking_video, tmp_path / "video-voice.wav")
-    robot = speech.synthesize_text("This is a rather long sentence spoken by eSpeak. " * 3, cache_dir=tmp_path)
-    robot_voice = speech.reference_clip(robot.path, tmp_path / "robot-voice.wav")
-
-    def spoken(reference) -> np.ndarray:
-        torch.manual_seed(0)
-        clip = source.synthesize("Hello there.", "en", {**source.options, **options(tiny_xtts)},
-                                 reference_audio=reference)
-        try:
-            return samples_of(clip.path)
-        finally:
-            Path(clip.path).unlink()
-
-    first, again, other = spoken(video_voice), spoken(video_voice), spoken(robot_voice)
-    assert np.array_equal(first, again)
-    assert first.shape != other.shape or not np.allclose(first, other, atol=1e-3)
+    assert "torchcodec" not in sys.modules, "nor torchcodec, which needs the system's FFmpeg libraries"
+    assert samples_of(out).size > 0
 
 
 def test_text_to_dubbing_end_to_end_with_the_preview_engine(tiny_xtts, talking_video, xtts_calls, tmp_path):
@@ -148,7 +132,8 @@ def test_text_to_dubbing_end_to_end_with_the_preview_engine(tiny_xtts, talking_v
                      "Hello, and welcome. This is my voice.", "--source", "coqui", "--clone-voice",
                      "--tts-option", f"model={tiny_xtts}", "--tts-option", "device=cpu", "--out", str(out)]) == 0
     assert [c["text"] for c in xtts_calls.inference] == ["Hello, and welcome.", "This is my voice."]
-    assert len(xtts_calls.references) == 2, "each sentence in the video's voice"
+    assert xtts_calls.references and all(any(c["speaker_embedding"] is e for e in xtts_calls.embeddings)
+                                         for c in xtts_calls.inference), "each sentence in the video's voice"
     info = probe(str(out))
     spoken = sum(output.size for output in xtts_calls.outputs) / SAMPLE_RATE
     assert info.has_video and info.has_audio and (info.width, info.height) == (432, 504)

@@ -134,9 +134,9 @@ def model_on_disk(model: str) -> tuple[Path, Path] | None:
         return None
     path = Path(model).expanduser().resolve()
     if not path.exists():
-        raise InputError(f"coqui option model: there is no model folder {path}. Give a folder holding a Coqui "
-                         f"model (config.json, and for XTTS model.pth and vocab.json), or a Coqui model name "
-                         f"such as {XTTS_V2}")
+        raise InputError(f"coqui option model: there is no model folder or file {path}. Give a folder holding a "
+                         f"Coqui model (config.json, and for XTTS model.pth and vocab.json), or a Coqui model "
+                         f"name such as {XTTS_V2}")
     config = (path if path.is_dir() else path.parent) / "config.json"
     if not config.is_file():
         raise InputError(f"coqui option model: {path} has no config.json beside the model; a Coqui model on disk "

@@ -14,6 +14,8 @@ model object stood in for by a small class that speaks with eSpeak.
 
 from __future__ import annotations
 
+import ast
+import re
 import socket
 import sys
 import types
@@ -149,8 +151,18 @@ def test_coqui_not_installed_says_which_extra(coqui, monkeypatch):
 def test_coqui_says_which_library_is_missing_or_mismatched(coqui, monkeypatch, changes, says):
     ok, reason = with_versions(coqui, monkeypatch, **changes)
     assert not ok and says in reason
-    assert reason.endswith("pip install musetalk-studio[coqui] brings a set that pairs (coqui-tts 0.28, torch 2.9, "
-                           "torchaudio 2.9, torchcodec 0.9, six, transformers<5.24)")
+    assert reason.endswith("What works: pip install torch==2.9.1 torchaudio==2.9.1 torchcodec==0.9.1 (the set tested "
+                           "here; with another torch, the torchaudio and torchcodec built for it), then pip install "
+                           "musetalk-studio[coqui]")
+
+
+def test_the_coqui_extra_leaves_torch_alone_and_the_readme_names_the_tested_set(coqui):
+    """The extra would otherwise replace a user's torch (and its CUDA build); the README says what to install."""
+    root = Path(__file__).resolve().parent.parent
+    extra = re.search(r"^coqui = (\[.*?\])", (root / "pyproject.toml").read_text(), re.M | re.S)[1]
+    assert sorted(ast.literal_eval(extra)) == ["coqui-tts==0.28.*", "six", "transformers<5.24"]
+    readme = (root / "README.md").read_text()
+    assert f"pip install {' '.join(coqui.libraries.TESTED_TORCH_SET)}" in readme
 
 
 def test_coqui_accepts_a_set_that_pairs_beyond_the_tested_one(coqui, monkeypatch):

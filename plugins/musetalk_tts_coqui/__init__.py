@@ -13,9 +13,10 @@ progress bar on the terminal) into Coqui's own folder (``$TTS_HOME``); offline, 
 with a message saying so. XTTS-v2 is released under the Coqui Public Model License
 (non-commercial use): Coqui asks you to accept it once, by setting ``COQUI_TOS_AGREED=1``.
 
-XTTS needs the torch, torchaudio and torchcodec that pair with coqui-tts (the extra pins
-them; ``libraries.py`` says what is missing or mismatched). XTTS models speak through
-``xtts.py``, which decodes the reference voice itself, so cloning needs no system FFmpeg.
+XTTS needs torchaudio built for your torch and, from torch 2.9, torchcodec built for it; the
+extra leaves torch alone (``libraries.py``: the set tested here, and what is missing or
+mismatched). XTTS models speak through ``xtts.py``, which decodes the reference voice itself,
+so cloning needs no system FFmpeg.
 """
 
 from __future__ import annotations
@@ -66,8 +67,7 @@ class CoquiSource:
             return False, f"coqui-tts is not installed: {libraries.INSTALL}"
         problems = libraries.problems(versions)
         if problems:
-            return False, (f"{'; '.join(problems)}. {libraries.INSTALL} brings a set that pairs "
-                           f"({libraries.TESTED_SET})")
+            return False, f"{'; '.join(problems)}. What works: {libraries.FIX}"
         return True, "offline once its model is downloaded"
 
     def voices(self) -> list[Voice]:
@@ -103,7 +103,7 @@ def load_model(model_name: str, device: str):
     try:
         from TTS.api import TTS
     except ImportError as error:
-        raise MuseTalkError(f"coqui-tts is not usable ({error}): {libraries.INSTALL}") from error
+        raise MuseTalkError(f"coqui-tts is not usable ({error}): {libraries.FIX}") from error
     if local is not None:
         checkpoint, config = local
         logger.info("loading the Coqui model in %s on %s", checkpoint, device)

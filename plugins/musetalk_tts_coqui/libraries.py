@@ -12,8 +12,11 @@ import re
 from importlib import metadata
 
 INSTALL = "pip install musetalk-studio[coqui]"
-# What that extra brings (pyproject.toml pins it; scripts/coqui-env tests it).
-TESTED_SET = "coqui-tts 0.28, torch 2.9, torchaudio 2.9, torchcodec 0.9, six, transformers<5.24"
+# The torch set that scripts/coqui-env installs and tests. The coqui extra leaves torch alone, as
+# coqui-tts does: pinning it there would replace the torch (and CUDA build) a user already has.
+TESTED_TORCH_SET = ("torch==2.9.1", "torchaudio==2.9.1", "torchcodec==0.9.1")
+FIX = (f"pip install {' '.join(TESTED_TORCH_SET)} (the set tested here; with another torch, the torchaudio "
+       f"and torchcodec built for it), then {INSTALL}")
 PACKAGES = ("coqui-tts", "torch", "torchaudio", "torchcodec", "six", "transformers")
 # torchcodec release -> the torch release it is built for (torchcodec's compatibility table).
 TORCHCODEC_TORCH = {(0, 2): (2, 6), (0, 3): (2, 7), (0, 4): (2, 7), (0, 5): (2, 7), (0, 6): (2, 8), (0, 7): (2, 8),

@@ -20,6 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
+if importlib.util.find_spec("TTS") is None:
+    raise pytest.UsageError("tests_coqui needs the real coqui-tts, in its side environment: scripts/coqui-env test")
+
 
 def _tiny_xtts_module():
     spec = importlib.util.spec_from_file_location("tiny_xtts", ROOT / "scripts" / "tiny_xtts.py")

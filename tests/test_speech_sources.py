@@ -4,15 +4,18 @@ edge: its package is light and is installed with the test extra, so the offline 
 produced for real (the connection goes to a closed local port instead of the internet) and
 the rest runs through edge-tts with only its network stream replaced.
 
-coqui: coqui-tts cannot be installed beside torch 2.13 here (its XTTS code needs torchaudio,
-which has no build for this torch), so its tests reach the call into ``TTS.api.TTS``: the
-not-installed messages, options, the licence question, the offline message, and the
-arguments a loaded model receives, with the library's model object stood in for by a small
-class that speaks with eSpeak.
+coqui: the real coqui-tts needs torch 2.9 with its torchaudio and torchcodec (several GB beside
+this project's torch), so it runs in a side environment of its own: ``scripts/coqui-env test``
+(tests_coqui/, with a tiny random XTTS model). The tests here reach the call into
+``TTS.api.TTS``: what is missing or mismatched, options, model folders, the licence question,
+the offline message, and the arguments a loaded non-XTTS model receives, with the library's
+model object stood in for by a small class that speaks with eSpeak.
 """
 
 from __future__ import annotations
 
+import ast
+import re
 import socket
 import sys
 import types
@@ -118,19 +121,70 @@ def coqui(monkeypatch):
     return musetalk_tts_coqui
 
 
+GOOD_SET = {"coqui-tts": "0.28.0", "torch": "2.9.1", "torchaudio": "2.9.1", "torchcodec": "0.9.1", "six": "1.17.0",
+            "transformers": "5.23.0"}
+
+
+def with_versions(coqui, monkeypatch, **changes):
+    """The coqui source's answer when the installed versions are GOOD_SET with ``changes`` (None: missing)."""
+    versions = {**GOOD_SET, **{name.replace("_", "-"): value for name, value in changes.items()}}
+    monkeypatch.setattr(coqui.libraries, "installed_versions", lambda: dict(versions))
+    return coqui.CoquiSource().available()
+
+
 def test_coqui_not_installed_says_which_extra(coqui, monkeypatch):
-    monkeypatch.setattr(coqui, "_installed", lambda module: False)
-    ok, reason = coqui.CoquiSource().available()
+    ok, reason = with_versions(coqui, monkeypatch, coqui_tts=None)
     assert not ok and reason == "coqui-tts is not installed: pip install musetalk-studio[coqui]"
-    monkeypatch.setattr(coqui, "_installed", lambda module: module == "TTS")
-    ok, reason = coqui.CoquiSource().available()
-    assert not ok and "torchaudio" in reason
-    monkeypatch.setattr(coqui, "_installed", lambda module: True)
-    assert coqui.CoquiSource().available()[0]
+    assert with_versions(coqui, monkeypatch) == (True, "offline once its model is downloaded")
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"torchaudio": None}, "torchaudio is missing (XTTS imports it)"),
+    ({"torchaudio": "2.11.1"}, "torchaudio 2.11.1 does not pair with torch 2.9.1 (torchaudio 2.9 does)"),
+    ({"torch": "2.13.0+cpu", "torchaudio": "2.9.1"}, "torchaudio 2.9.1 does not pair with torch 2.13.0+cpu"),
+    ({"torchcodec": None}, "torchcodec is missing (coqui-tts needs it with torch 2.9 and later)"),
+    ({"torchcodec": "0.7.0"}, "torchcodec 0.7.0 is built for torch 2.8, not torch 2.9.1"),
+    ({"six": None}, "six is missing (coqui-tts imports it without declaring it)"),
+    ({"transformers": "5.24.0"}, "transformers 5.24.0 is too new for coqui-tts 0.28.0 (its XTTS fails from 5.24 on: "
+                                 "transformers<5.24)"),
+])
+def test_coqui_says_which_library_is_missing_or_mismatched(coqui, monkeypatch, changes, says):
+    ok, reason = with_versions(coqui, monkeypatch, **changes)
+    assert not ok and says in reason
+    assert reason.endswith("What works: pip install torch==2.9.1 torchaudio==2.9.1 torchcodec==0.9.1 (the set tested "
+                           "here; with another torch, the torchaudio and torchcodec built for it), then pip install "
+                           "musetalk-studio[coqui]")
+
+
+def test_the_coqui_extra_leaves_torch_alone_and_the_readme_names_the_tested_set(coqui):
+    """The extra would otherwise replace a user's torch (and its CUDA build); the README says what to install."""
+    root = Path(__file__).resolve().parent.parent
+    extra = re.search(r"^coqui = (\[.*?\])", (root / "pyproject.toml").read_text(), re.M | re.S)[1]
+    assert sorted(ast.literal_eval(extra)) == ["coqui-tts==0.28.*", "six", "transformers<5.24"]
+    readme = (root / "README.md").read_text()
+    assert f"pip install {' '.join(coqui.libraries.TESTED_TORCH_SET)}" in readme
+
+
+def test_coqui_accepts_a_set_that_pairs_beyond_the_tested_one(coqui, monkeypatch):
+    """torch 2.8 needs no torchcodec; a torchcodec newer than the table is not judged."""
+    assert with_versions(coqui, monkeypatch, torch="2.8.0", torchaudio="2.8.0", torchcodec=None)[0]
+    assert with_versions(coqui, monkeypatch, torch="2.11.0", torchaudio="2.11.1", torchcodec="0.11.0")[0]
+    assert with_versions(coqui, monkeypatch, coqui_tts="0.29.0", transformers="5.25.0")[0]
+
+
+def test_doctor_says_what_is_mismatched_for_coqui(coqui, monkeypatch):
+    """musetalk doctor's coqui row gives the reason, one line, instead of a traceback."""
+    from musetalk import doctor
+
+    monkeypatch.setattr(coqui.libraries, "installed_versions",
+                        lambda: {**GOOD_SET, "torchaudio": "2.11.1", "six": None})
+    [row] = [row for row in doctor.check() if row.name == "speech coqui"]
+    assert not row.ok and not row.required
+    assert "torchaudio 2.11.1 does not pair with torch 2.9.1" in row.detail and "six is missing" in row.detail
 
 
 def test_coqui_unusable_here_is_an_input_error_with_the_reason(coqui, monkeypatch, tmp_path):
-    monkeypatch.setattr(coqui, "_installed", lambda module: False)
+    with_versions(coqui, monkeypatch, coqui_tts=None)
     with pytest.raises(InputError, match="'coqui' cannot be used here: coqui-tts is not installed"):
         speech.synthesize_text("Hello.", source="coqui", cache_dir=tmp_path)
 
@@ -151,6 +205,18 @@ def test_coqui_option_mistakes_are_input_errors(coqui, options, message):
     source = coqui.CoquiSource()
     with pytest.raises(InputError, match=message):
         source.synthesize("Hello.", "en", {**source.options, **options})
+
+
+def test_coqui_model_folder_mistakes_are_input_errors_before_any_import(coqui, tmp_path):
+    with pytest.raises(InputError, match="there is no model folder .*nowhere. Give a folder holding a Coqui model"):
+        coqui.load_model(str(tmp_path / "nowhere"), "cpu")
+    (tmp_path / "model.pth").write_bytes(b"weights")
+    with pytest.raises(InputError, match="has no config.json beside the model"):
+        coqui.load_model(str(tmp_path / "model.pth"), "cpu")
+    (tmp_path / "config.json").write_text("{}")
+    assert coqui.model_on_disk(str(tmp_path)) == (tmp_path.resolve(), tmp_path.resolve() / "config.json")
+    assert coqui.model_on_disk(str(tmp_path / "model.pth"))[0] == (tmp_path / "model.pth").resolve()
+    assert coqui.model_on_disk(coqui.XTTS_V2) is None, "a Coqui model name"
 
 
 class FakeTTSPackage:
@@ -223,7 +289,7 @@ class SpeakingModel:
 def test_coqui_passes_language_speaker_and_reference_to_the_model(coqui, monkeypatch, tmp_path, speech_clip):
     model = SpeakingModel()
     monkeypatch.setattr(coqui, "load_model", lambda name, device: model)
-    monkeypatch.setattr(coqui, "_installed", lambda module: True)
+    monkeypatch.setattr(coqui.libraries, "installed_versions", lambda: dict(GOOD_SET))
     plain = speech.synthesize_text("Guten Tag. Wie geht es?", source="coqui", voice="de",
                                    options={"device": "cpu"}, cache_dir=tmp_path)
     assert model.calls[0] == {"language": "de", "speaker": "Ana Florence", "split_sentences": False}
@@ -263,7 +329,7 @@ def test_tts_clones_the_voice_of_a_video_with_coqui(coqui, monkeypatch, tmp_path
 
     model = SpeakingModel()
     monkeypatch.setattr(coqui, "load_model", lambda name, device: model)
-    monkeypatch.setattr(coqui, "_installed", lambda module: True)
+    monkeypatch.setattr(coqui.libraries, "installed_versions", lambda: dict(GOOD_SET))
     words, rate = speech.read_wav(str(Path(__file__).resolve().parent.parent / "examples" / "speech.wav"))
     sound = speech.write_wav(tmp_path / "sound.wav", words, rate)
     video = tmp_path / "talking.mp4"

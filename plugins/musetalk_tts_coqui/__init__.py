@@ -1,33 +1,37 @@
 """Coqui TTS through the maintained ``coqui-tts`` package (``pip install musetalk-studio[coqui]``).
 
-Any Coqui model name works (option ``model``); the default, XTTS-v2, speaks 17 languages
-and clones a voice from a few seconds of reference audio: when dubbing, the reference is
-cut from the input video's own speaker (``musetalk.speech.reference_clip``). Without a
-reference, XTTS-v2 speaks as one of its built-in speakers (option ``speaker``).
+Any Coqui model works (option ``model``): a Coqui model name, a model folder on disk (XTTS's
+layout: ``config.json``, ``model.pth``, ``vocab.json``, ``speakers_xtts.pth``), or a checkpoint
+file beside its ``config.json``. The default, XTTS-v2, speaks 17 languages and clones a voice
+from a few seconds of reference audio: when dubbing, the reference is cut from the input
+video's own speaker (``musetalk.speech.reference_clip``). Without a reference, XTTS-v2 speaks
+as one of its built-in speakers (option ``speaker``).
 
 The voice id is the language of the text (``en``, ``de``, ``zh-cn`` ...); a single-language
-model ignores it. The first use of a
-model downloads it (XTTS-v2: about 1.8 GB, with a progress bar on the terminal) into
-Coqui's own folder (``$TTS_HOME``); offline, that stops with a message saying so. XTTS-v2
-is released under the Coqui Public Model License (non-commercial use): Coqui asks you to
-accept it once, by setting ``COQUI_TOS_AGREED=1``.
+model ignores it. The first use of a named model downloads it (XTTS-v2: about 1.8 GB, with a
+progress bar on the terminal) into Coqui's own folder (``$TTS_HOME``); offline, that stops
+with a message saying so. XTTS-v2 is released under the Coqui Public Model License
+(non-commercial use): Coqui asks you to accept it once, by setting ``COQUI_TOS_AGREED=1``.
 
-XTTS also needs ``torchaudio`` built for your torch: install the pair together.
+XTTS needs torchaudio built for your torch and, from torch 2.9, torchcodec built for it; the
+extra leaves torch alone (``libraries.py``: the set tested here, and what is missing or
+mismatched). XTTS models speak through ``xtts.py``, which decodes the reference voice itself,
+so cloning needs no system FFmpeg.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import socket
-import sys
 import tempfile
 import threading
 import wave
+from pathlib import Path
 
 from musetalk.errors import InputError, MuseTalkError
 from musetalk.plugins import AudioClip, Voice, hookimpl
+from musetalk_tts_coqui import libraries, xtts
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,9 @@ XTTS_LANGUAGES = {
     "pl": "Polish", "pt": "Portuguese", "ru": "Russian", "tr": "Turkish", "zh-cn": "Chinese (Mandarin)",
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Coqui's model names start with the kind of model ("tts_models/multilingual/multi-dataset/xtts_v2");
+# any other value of the model option is a folder or a checkpoint file on disk.
+MODEL_KINDS = ("tts_models/", "voice_conversion_models/", "vocoder_models/")
 # Exceptions whose name says the network was not there (requests, httpx, urllib3, huggingface_hub).
 OFFLINE_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "NewConnectionError", "MaxRetryError",
                   "LocalEntryNotFoundError", "OfflineModeIsEnabled", "URLError", "Timeout", "ReadTimeout"}
@@ -55,12 +62,12 @@ class CoquiSource:
         self._lock = threading.Lock()  # one model load at a time, and one synthesis per model
 
     def available(self) -> tuple[bool, str]:
-        missing = [package for package, module in (("coqui-tts", "TTS"), ("torchaudio", "torchaudio"))
-                   if not _installed(module)]
-        if "coqui-tts" in missing:
-            return False, "coqui-tts is not installed: pip install musetalk-studio[coqui]"
-        if missing:
-            return False, "torchaudio is not installed: install the torchaudio build that matches your torch"
+        versions = libraries.installed_versions()
+        if versions["coqui-tts"] is None:
+            return False, f"coqui-tts is not installed: {libraries.INSTALL}"
+        problems = libraries.problems(versions)
+        if problems:
+            return False, f"{'; '.join(problems)}. What works: {libraries.FIX}"
         return True, "offline once its model is downloaded"
 
     def voices(self) -> list[Voice]:
@@ -73,11 +80,14 @@ class CoquiSource:
         model_name = str(options["model"]).strip()
         if not model_name:
             raise InputError("coqui option model must name a Coqui model, e.g. " + XTTS_V2)
+        language = voice or self.default_voice
         with self._lock:
             model = self._model(model_name, device)
-            arguments = _arguments(model, model_name, voice or self.default_voice, str(options["speaker"]),
-                                   reference_audio)
-            return _speak(model, text, arguments, voice or self.default_voice)
+            loaded_xtts = xtts.loaded_xtts(model)
+            if loaded_xtts is not None:
+                return _speak_xtts(loaded_xtts, model_name, text, language, str(options["speaker"]), reference_audio)
+            arguments = _arguments(model, model_name, language, str(options["speaker"]), reference_audio)
+            return _speak(model, text, arguments, language)
 
     def _model(self, model_name: str, device: str):
         device = _resolve_device(device)
@@ -88,12 +98,20 @@ class CoquiSource:
 
 
 def load_model(model_name: str, device: str):
-    """``TTS.api.TTS(model_name)`` on ``device``, downloading it on first use; errors say what to do."""
+    """The ``TTS.api.TTS`` of a model name (downloaded on first use) or a model on disk, on ``device``."""
+    local = model_on_disk(model_name)
     try:
         from TTS.api import TTS
     except ImportError as error:
-        raise MuseTalkError(f"coqui-tts is not usable ({error}): pip install musetalk-studio[coqui], and "
-                            f"torchaudio matching your torch") from error
+        raise MuseTalkError(f"coqui-tts is not usable ({error}): {libraries.FIX}") from error
+    if local is not None:
+        checkpoint, config = local
+        logger.info("loading the Coqui model in %s on %s", checkpoint, device)
+        try:
+            return TTS(model_path=str(checkpoint), config_path=str(config), progress_bar=False).to(device)
+        except Exception as error:
+            raise MuseTalkError(f"coqui could not load the model {model_name}: {type(error).__name__}: "
+                                f"{error}") from error
     _check_license(model_name)
     logger.info("loading Coqui model %s on %s (downloaded on first use)", model_name, device)
     try:
@@ -104,6 +122,26 @@ def load_model(model_name: str, device: str):
                                 f"the internet ({type(error).__name__}). Connect once to fetch it (XTTS-v2 is about "
                                 f"1.8 GB), or use the espeak source offline") from error
         raise MuseTalkError(f"coqui could not load the model {model_name}: {type(error).__name__}: {error}") from error
+
+
+def model_on_disk(model: str) -> tuple[Path, Path] | None:
+    """(checkpoint, config.json) of a model on disk; None for a Coqui model name; InputError when missing.
+
+    A folder is handed to Coqui whole (XTTS loads its model.pth, vocab.json and speakers file from
+    it); a checkpoint file needs its config.json beside it.
+    """
+    if model.startswith(MODEL_KINDS) and not os.path.exists(model):
+        return None
+    path = Path(model).expanduser().resolve()
+    if not path.exists():
+        raise InputError(f"coqui option model: there is no model folder or file {path}. Give a folder holding a "
+                         f"Coqui model (config.json, and for XTTS model.pth and vocab.json), or a Coqui model "
+                         f"name such as {XTTS_V2}")
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.is_file():
+        raise InputError(f"coqui option model: {path} has no config.json beside the model; a Coqui model on disk "
+                         f"needs its config.json (and, for XTTS, model.pth and vocab.json)")
+    return path, config
 
 
 def _check_license(model_name: str) -> None:
@@ -157,6 +195,24 @@ def _speak(model, text: str, arguments: dict, voice: str) -> AudioClip:
     return AudioClip(path, sample_rate, frames / sample_rate, CoquiSource.id, voice)
 
 
+def _speak_xtts(model, model_name: str, text: str, language: str, speaker: str,
+                reference_audio: str | None) -> AudioClip:
+    from musetalk.speech import write_wav
+
+    handle, path = tempfile.mkstemp(prefix="musetalk-coqui-", suffix=".wav")
+    os.close(handle)
+    try:
+        samples, sample_rate = xtts.speak(model, model_name, text, language, speaker, reference_audio)
+        write_wav(path, samples, sample_rate)
+    except InputError:
+        os.remove(path)
+        raise
+    except Exception as error:
+        os.remove(path)
+        raise MuseTalkError(f"coqui could not speak {text[:60]!r}: {type(error).__name__}: {error}") from error
+    return AudioClip(path, sample_rate, samples.size / sample_rate, CoquiSource.id, language)
+
+
 def _resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -165,15 +221,6 @@ def _resolve_device(device: str) -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def _installed(module: str) -> bool:
-    if module in sys.modules:
-        return sys.modules[module] is not None
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _offline(error: BaseException | None) -> bool:

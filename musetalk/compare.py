@@ -118,40 +118,6 @@ def side_by_side(original, dubbed, out_path, labels: tuple[str, str] = ("Origina
     return compose_grid(panels, out_path, audio_path=dubbed, **grid_options)
 
 
-# The side-by-side made while a dub is encoded is encoded fast: a comparison view beside the dub,
-# whose own encoding takes the time (x264's ultrafast is about eight times quicker than medium).
-SIDE_BY_SIDE_PRESET = "ultrafast"
-
-
-class SideBySideWriter:
-    """The original beside its dub, composed from the frames as the dub is made: the same picture as
-    ``side_by_side``, with nothing decoded again. ``add`` each pair in order, then ``close``."""
-
-    def __init__(self, out_path, width: int, height: int, fps: float, audio_path,
-                 labels: tuple[str, str] = ("Original", "Dubbed"), crf: int = 20, protect=(),
-                 audio_offset_s: float = 0.0, max_width: int = 1920, max_height: int = 1080):
-        self.layout = _layout(1, 2, width, height, max_width, max_height)
-        self.background = _background(self.layout, list(labels))
-        self.fps = float(fps)
-        self.writer = video_io.FrameWriter(out_path, self.layout.width, self.layout.height, fps,
-                                           audio_path=audio_path, crf=crf, preset=SIDE_BY_SIDE_PRESET,
-                                           protect=protect, audio_offset_s=audio_offset_s)
-
-    def add(self, original: np.ndarray, dubbed: np.ndarray) -> None:
-        canvas = self.background.copy()
-        _paste_cell(canvas, original, self.layout, 0)
-        _paste_cell(canvas, dubbed, self.layout, 1)
-        self.writer.write(canvas)
-
-    def close(self) -> Composition:
-        path = self.writer.close()
-        return Composition(path, self.layout.width, self.layout.height, self.fps, self.writer.frames_written, 1, 2,
-                           self.writer.audio_path)
-
-    def abort(self) -> None:
-        self.writer.abort()
-
-
 def compose_grid(panels: Sequence[Panel], out_path, audio_path=None, fps: float | None = None,
                  num_frames: int | None = None, max_width: int = 1920, max_height: int = 1080,
                  crf: int = 20) -> Composition:

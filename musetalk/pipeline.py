@@ -132,13 +132,10 @@ class LipSyncPipeline:
 
     def __call__(self, video: str | os.PathLike, audio, output: str | os.PathLike,
                  options: RunOptions | None = None, progress: ProgressCallback | None = None,
-                 stream_dir: str | os.PathLike | None = None,
-                 frame_sink: Callable[[np.ndarray, np.ndarray], None] | None = None) -> LipSyncResult:
+                 stream_dir: str | os.PathLike | None = None) -> LipSyncResult:
         """``audio``: a file, or an ``AudioClip`` from a speech source (its phoneme timings, when it
         has them, drive the preview engine's mouth shapes). ``stream_dir``: an existing folder where
-        the output is also cut into short HLS segments as it is encoded (video_io.FrameWriter).
-        ``frame_sink(source_frame, output_frame)``: called with every output frame, in order, as it is
-        written (what the studio composes its side-by-side video from, with no decoding again)."""
+        the output is also cut into short HLS segments as it is encoded (video_io.FrameWriter)."""
         progress = progress or (lambda stage, done, total: None)
         audio, events = (audio.path, tuple(audio.events)) if hasattr(audio, "events") else (audio, ())
         timer = StageTimer(self._synchronize)
@@ -148,7 +145,7 @@ class LipSyncPipeline:
         options = (options or RunOptions()).validate()
         with timer.stage("probe"):
             video_info, audio_info = self.check_inputs(video, audio, output, options)
-        fps = output_fps(video_info, options)
+        fps = _output_fps(video_info, options)
 
         # 2. Audio features (decode, silence gate, the engine's features) in a thread, beside the face analysis
         audio_job = BackgroundCall(self._audio_features, audio_info.path, events, video_info, options, timer,
@@ -178,7 +175,7 @@ class LipSyncPipeline:
             states_before = len(states)
             try:
                 redrawn, batch_size = self._generate(video_info, fps, num_frames, faces, states, features, options,
-                                                     writer, timer, progress, frame_sink)
+                                                     writer, timer, progress)
                 avatar = faces.result() if isinstance(faces, FaceStream) else faces
                 with timer.stage("encode"):
                     writer.close()  # flushes the encoder and moves the finished file into place
@@ -336,8 +333,7 @@ class LipSyncPipeline:
             yield faces.face_frame(int(source), frame)
 
     def _generate(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict, features,
-                  options: RunOptions, writer, timer: StageTimer, progress: ProgressCallback,
-                  frame_sink=None) -> tuple[int, int]:
+                  options: RunOptions, writer, timer: StageTimer, progress: ProgressCallback) -> tuple[int, int]:
         """Stream output frames through the engine in batches; returns how many had a face, and the
         batch size at the end.
 
@@ -346,11 +342,11 @@ class LipSyncPipeline:
         and blending run on a pool of ``cpu_workers`` threads, so no one core limits them."""
         with thread_pool(self.worker_count(), "frames") as pool:
             return self._generate_on(info, fps, num_frames, faces, states, features, options, writer, timer,
-                                     progress, pool, frame_sink)
+                                     progress, pool)
 
     def _generate_on(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict, features,
                      options: RunOptions, writer, timer: StageTimer, progress: ProgressCallback,
-                     pool, frame_sink=None) -> tuple[int, int]:
+                     pool) -> tuple[int, int]:
         """``_generate`` with crops and blending spread over ``pool`` (None: one thread each)."""
 
         masks = _MaskMemo(options)
@@ -366,11 +362,9 @@ class LipSyncPipeline:
         def blend_and_write(batch) -> None:
             last_position, items, new_faces = batch
             pairs = [(item, new_faces.get(k)) for k, item in enumerate(items)]
-            for item, frame in zip(items, ordered_map(blend, pairs, pool, len(pairs))):
+            for frame in ordered_map(blend, pairs, pool, len(pairs)):
                 with timer.stage("encode"):
                     writer.write(frame)
-                if frame_sink is not None:
-                    frame_sink(item.frame, frame)
             progress("generate", last_position + 1, num_frames)
 
         batch_size = BatchSize(options.batch_size, self.device)
@@ -558,14 +552,13 @@ def _within_pixel_limit(info: video_io.MediaInfo, options: RunOptions) -> video_
     return info.resized(width, height)
 
 
-def output_fps(video_info, options: RunOptions) -> float:
-    """The frame rate a job's output has: the one asked for, else the video's (a photo's: IMAGE_FPS)."""
+def _output_fps(video_info, options: RunOptions) -> float:
     return options.fps or (IMAGE_FPS if video_info.is_image else video_info.fps)
 
 
 def _require_output_space(output: Path, video_info, audio_info, options: RunOptions) -> None:
     """DiskSpaceError before any work when the output folder cannot hold the result."""
-    fps = output_fps(video_info, options)
+    fps = _output_fps(video_info, options)
     seconds = video_info.duration if options.length == "video" and not video_info.is_image else audio_info.duration
     needed = video_io.estimated_mp4_bytes(video_info.width, video_info.height, fps, seconds, options.crf)
     video_io.require_free_space(output.parent, needed, f"the output {output.name}")

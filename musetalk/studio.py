@@ -795,8 +795,18 @@ class Studio:
         span = _Span(progress or _no_progress)
         folder = self.jobs.new("generate")
         try:
-            job = self._dub(video, speech, options, engine, folder, "Dubbed", "dubbed", span.part(0.0, 0.97),
-                            score, stream_dir, side_by_side=True)
+            job = self._dub(video, speech, options, engine, folder, "Dubbed", "dubbed", span.part(0.0, 0.93),
+                            score, stream_dir)
+            span(0.94, "side-by-side video")
+            started = time.perf_counter()
+            composition = compare.side_by_side(
+                video, job.output, folder / "side_by_side.mp4",
+                original_schedule=compare.dub_schedule(video, job.result.num_frames, job.result.fps, options.loop),
+                fps=job.result.fps,
+            )
+            job.side_by_side = composition.path
+            job.timings["side_by_side"] = round(time.perf_counter() - started, 4)
+            job.timings["total"] = round(job.timings.get("total", 0.0) + job.timings["side_by_side"], 4)
             span(1.0, "done")
             return job
         except BaseException:
@@ -804,9 +814,8 @@ class Studio:
             raise
 
     def _dub(self, video, speech: Speech, options: RunOptions, engine: str, folder: Path, label: str, name: str,
-             span: _Span, score: bool, stream_dir=None, side_by_side: bool = False) -> JobResult:
-        """Speech to audio, then the pipeline: ``name``.mp4 in ``folder``, and with ``side_by_side`` the
-        original beside it, composed from the frames while the dub is encoded."""
+             span: _Span, score: bool, stream_dir=None) -> JobResult:
+        """Speech to audio, then the pipeline: ``name``.mp4 in ``folder``."""
         started = time.perf_counter()
         pipeline = self.pipeline(options.version, span.part(0.0, 0.05), engine)
         speech_started = time.perf_counter()
@@ -814,20 +823,11 @@ class Studio:
         audio = getattr(spoken, "path", spoken)
         speech_seconds = time.perf_counter() - speech_started
         output = folder / f"{name}.mp4"
-        beside = _SideBySide(folder / "side_by_side.mp4", video, audio, options) if side_by_side else None
-        try:
-            with self._one_job_at_a_time(span, label):
-                result = pipeline(video, spoken, output, options,
-                                  progress=pipeline_progress(span.part(0.1, 0.9 if score else 1.0), label),
-                                  stream_dir=stream_dir, frame_sink=beside.add if beside else None)
-            composed = beside.close() if beside else None
-        except BaseException:
-            if beside:
-                beside.abort()
-            raise
+        with self._one_job_at_a_time(span, label):
+            result = pipeline(video, spoken, output, options,
+                              progress=pipeline_progress(span.part(0.1, 0.9 if score else 1.0), label),
+                              stream_dir=stream_dir)
         timings = dict(result.timings)
-        if beside:
-            timings["side_by_side"] = round(beside.seconds, 4)
         if speech.is_text:
             timings["speech"] = round(speech_seconds, 4)
         scores = None
@@ -839,7 +839,7 @@ class Studio:
             timings["scores"] = round(time.perf_counter() - scoring_started, 4)
         timings["total"] = round(time.perf_counter() - started, 4)
         return JobResult(label=label, speech=speech.describe(), options=options, result=result, audio_path=audio,
-                         side_by_side=composed.path if composed else None, timings=timings, scores=scores)
+                         side_by_side=None, timings=timings, scores=scores)
 
     @contextmanager
     def _one_job_at_a_time(self, span: _Span, label: str) -> Iterator[None]:
@@ -894,41 +894,6 @@ class Studio:
         except BaseException:
             self.jobs.discard(folder)
             raise
-
-
-class _SideBySide:
-    """The original beside its dub, composed from the pipeline's frames as they are written (the
-    pipeline's ``frame_sink``); the writer opens with the first frame, whose size it takes."""
-
-    def __init__(self, path: Path, video, audio, options: RunOptions):
-        from musetalk.pipeline import output_fps
-
-        self.path, self.audio, self.offset_s = path, audio, options.av_offset_ms / 1000.0
-        self.fps = output_fps(video_io.probe(video), options)
-        self.protect = [video, audio]
-        self.writer: compare.SideBySideWriter | None = None
-        self.seconds = 0.0  # spent composing and encoding, in the writing thread
-
-    def add(self, original: np.ndarray, dubbed: np.ndarray) -> None:
-        started = time.perf_counter()
-        if self.writer is None:
-            height, width = original.shape[:2]
-            self.writer = compare.SideBySideWriter(self.path, width, height, self.fps, self.audio,
-                                                   protect=self.protect, audio_offset_s=self.offset_s)
-        self.writer.add(original, dubbed)
-        self.seconds += time.perf_counter() - started
-
-    def close(self) -> compare.Composition | None:
-        if self.writer is None:
-            return None
-        started = time.perf_counter()
-        composed = self.writer.close()
-        self.seconds += time.perf_counter() - started
-        return composed
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
 
 
 # The scoring's stages, in the order they run, and the share of the bar each one takes.

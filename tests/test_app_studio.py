@@ -58,7 +58,7 @@ def test_variants_from_table_rows():
     first, second = studio_lib.variants_from_rows(rows, text, base)
     assert first.speech.voice == "de" and first.speech.text == "Hello"
     assert first.options.parsing_mode == "mouth" and first.options.extra_margin == 12
-    assert first.label == "mouth"
+    assert first.label == "1: mouth"
     assert second.label == "Older model" and second.options.version == "v1" and second.options.extra_margin == 5
 
     both = Speech(audio="speech.wav")
@@ -145,7 +145,7 @@ def test_without_weights_the_studio_says_so_and_fetches_them_on_the_first_run(tm
     fractions = [fraction for fraction, _ in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     steps = ["downloading", "loading", "face analysis", "generating", "encoding",
-             "done"]
+             "side-by-side", "done"]
     texts = [text for _, text in reports]
     positions = [next(i for i, text in enumerate(texts) if step in text) for step in steps]
     assert positions == sorted(positions), texts

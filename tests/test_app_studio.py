@@ -58,7 +58,7 @@ def test_variants_from_table_rows():
     first, second = studio_lib.variants_from_rows(rows, text, base)
     assert first.speech.voice == "de" and first.speech.text == "Hello"
     assert first.options.parsing_mode == "mouth" and first.options.extra_margin == 12
-    assert first.label == "1: mouth"
+    assert first.label == "mouth"
     assert second.label == "Older model" and second.options.version == "v1" and second.options.extra_margin == 5
 
     both = Speech(audio="speech.wav")
@@ -75,7 +75,7 @@ def test_variants_from_table_rows():
     with pytest.raises(InputError, match="variant row 1: engine must be one of musetalk, draft, preview, not 'dall'"):
         studio_lib.variants_from_rows([["a", "", "", "", "", "", "dall"]], text, base)
     engines = studio_lib.variants_from_rows([["", "", "", "", "", "", "preview"], ["b"]], text, base, "musetalk")
-    assert [variant.engine for variant in engines] == ["preview", "musetalk"] and engines[0].label == "1: preview"
+    assert [variant.engine for variant in engines] == ["preview", "musetalk"] and engines[0].label == "preview"
 
 
 def test_history_keeps_the_latest_and_lists_files_still_there(tmp_path):

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -34,7 +35,13 @@ from functools import lru_cache
 
 import numpy as np
 
+from musetalk import stopping
 from musetalk.errors import DiskSpaceError, FFmpegError, InputError
+
+try:
+    import resource  # POSIX: CPU-time limits for ffmpeg children
+except ImportError:  # Windows
+    resource = None
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +81,46 @@ INPUT_FORMATS = (
     "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif_pipe", "jpegxl_pipe", "qoi_pipe",
 )
 SEQUENCE_FORMAT = "image2"
+# Formats nobody films: drawings a renderer draws (an SVG of 4 KB can keep librsvg busy for many
+# minutes: dozens of blurs on an 8000x8000 canvas), documents and scripts. ffmpeg's image reader picks
+# its decoder by the extension, so these are refused by name, and by their first bytes under any
+# other name, before any ffmpeg sees them.
+UNFILMED_SUFFIXES = {
+    ".svg": "an SVG drawing", ".svgz": "an SVG drawing", ".eps": "a PostScript drawing",
+    ".ps": "a PostScript document", ".pdf": "a PDF document", ".ai": "an Illustrator drawing",
+    ".wmf": "a Windows metafile drawing", ".emf": "a Windows metafile drawing", ".swf": "a Flash animation",
+    ".html": "a web page", ".htm": "a web page", ".xml": "an XML document", ".avs": "an AviSynth script",
+    ".vpy": "a VapourSynth script",
+}
+_UNFILMED_CONTENT = (
+    (re.compile(rb"^(\xef\xbb\xbf)?\s*<(\?xml|svg|!doctype|html|!--)", re.IGNORECASE), "markup (SVG, XML or HTML)"),
+    (re.compile(rb"^%!PS"), "a PostScript document"),
+    (re.compile(rb"^%PDF-"), "a PDF document"),
+)
+# Probing reads every packet (no decoding but a picture's first frame): this long for any file,
+# plus a second per PROBE_BYTES_PER_S of it, of wall-clock time and of CPU time.
+PROBE_BASE_S = 10.0
+PROBE_BYTES_PER_S = 20e6
+# What a probe decodes (a few frames to learn the codec's parameters, a photo) needs one thread.
+_PROBE_THREADS = ["-threads", "1"]
 # Larger pictures are refused before anything decodes them: a PNG of a few kilobytes can declare
 # 30000x30000 pixels (gigabytes once decoded). 100 MP still admits 8K video and most camera photos.
 MAX_INPUT_PIXELS = 100_000_000
 # Seconds an ffmpeg command that runs to completion (probe, audio decoding) may take; far more
 # than an hour-long file needs, so reaching it means ffmpeg is stuck on a damaged file.
 COMMAND_TIMEOUT_S = 600.0
+# How often a wait on ffmpeg looks whether the job was asked to stop.
+_POLL_S = 0.1
 # Seconds a FrameReader waits for ffmpeg to deliver one frame before it stops ffmpeg.
 STALL_TIMEOUT_S = 120.0
 # A writer's temporary file untouched this long belongs to a process that was killed.
 STALE_PARTIAL_SECONDS = 3600
+# The oldest ffmpeg this project supports: 5.1 brought -fps_mode, which the reader uses (Debian 12
+# ships 5.1). What else it must offer (musetalk doctor checks each):
+MIN_FFMPEG_VERSION = (5, 1)
+REQUIRED_ENCODERS = ("libx264", "aac")
+REQUIRED_MUXERS = ("mp4", "mov", "matroska", "framecrc", "rawvideo", "wav")
+REQUIRED_FILTERS = ("fps", "trim", "select", "scale", "setpts", "apad", "atrim", "adelay")
 # framecrc prints AV_NOPTS_VALUE for a missing timestamp.
 NO_PTS = -(2**63)
 # A packet that the demuxer flags AV_PKT_FLAG_DISCARD (before an mp4 edit list's start) is never shown.
@@ -92,25 +129,42 @@ PACKET_FLAG_DISCARD = 0x4
 
 @lru_cache(maxsize=1)
 def ffmpeg_exe() -> str:
-    """The ffmpeg binary: $MUSETALK_FFMPEG, else the system's, else the one imageio-ffmpeg ships."""
+    """The ffmpeg binary: $MUSETALK_FFMPEG, else the one imageio-ffmpeg ships, else the system's.
+
+    The bundled binary comes first on purpose: it is one known version (9.x) with known demuxers,
+    decoders and flags, the one the tests run. A system ffmpeg may be older (Debian 12 has 5.1) or
+    built with other libraries and demuxers; it is used when no bundled binary exists for the
+    platform, or when MUSETALK_FFMPEG names it. The oldest ffmpeg supported is MIN_FFMPEG_VERSION;
+    ``musetalk doctor`` says when the one found is older or lacks an encoder, muxer or filter."""
     configured = os.environ.get("MUSETALK_FFMPEG")
     if configured:
         if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
             raise FFmpegError(f"MUSETALK_FFMPEG={configured} is not an executable file; fix the path or unset it")
         return configured
+    bundled = bundled_ffmpeg()
+    if bundled:
+        return bundled
     system = shutil.which("ffmpeg")
     if system:
         return system
+    raise FFmpegError(
+        "ffmpeg was not found: `pip install imageio-ffmpeg` (it ships one), install the system package, "
+        "or set MUSETALK_FFMPEG to an ffmpeg binary"
+    )
+
+
+def bundled_ffmpeg() -> str | None:
+    """The binary of the imageio-ffmpeg package, None without the package (or without a binary for
+    this platform, where the package itself would hand out the system's)."""
     try:
         import imageio_ffmpeg
     except ImportError:
-        imageio_ffmpeg = None
-    if imageio_ffmpeg is not None:
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    raise FFmpegError(
-        "ffmpeg was not found: install the system package, `pip install imageio-ffmpeg`, "
-        "or set MUSETALK_FFMPEG to an ffmpeg binary"
-    )
+        return None
+    try:
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError:  # no binary for this platform and no system ffmpeg either
+        return None
+    return shutil.which(exe) or (exe if os.path.isfile(exe) else None)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -126,8 +180,34 @@ def _file_input(path: str) -> list[str]:
     name containing ':' is never read as a protocol (e.g. 'http:x.mp4') nor one starting with
     '-' as an option."""
     path = os.path.abspath(path)
+    refuse_unfilmed_formats(path)
     formats = INPUT_FORMATS if "%" in path else (*INPUT_FORMATS, SEQUENCE_FORMAT)
     return ["-protocol_whitelist", "file", "-format_whitelist", ",".join(formats), "-i", "file:" + path]
+
+
+def refuse_unfilmed_formats(path: str) -> None:
+    """InputError for a drawing, document or script (by its name, then by its first bytes): formats
+    nobody films, some of which a renderer can be made to work on for minutes."""
+    suffix = os.path.splitext(path)[1].lower()
+    kind = UNFILMED_SUFFIXES.get(suffix)
+    if kind is None:
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(512)
+        except OSError:
+            return  # unreadable: the usual checks say so
+        kind = next((name for pattern, name in _UNFILMED_CONTENT if pattern.match(head)), None)
+    if kind is not None:
+        raise InputError(
+            f"{path} is {kind}, not a video, photo or audio file; such files are not opened here (they are "
+            f"drawn by a renderer, not filmed). Give an mp4/mov/mkv/webm video, a jpg/png/webp photo or a "
+            f"wav/mp3/m4a audio file"
+        )
+
+
+def probe_time_limit(path: str) -> float:
+    """Seconds (wall clock and CPU) a probe of this file may take: a few, plus one per PROBE_BYTES_PER_S."""
+    return PROBE_BASE_S + os.path.getsize(path) / PROBE_BYTES_PER_S
 
 
 def _decoding_limits() -> list[str]:
@@ -227,16 +307,49 @@ def _stop_process(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run_bounded(cmd: list[str], what: str) -> subprocess.CompletedProcess:
-    """Run a command to completion within COMMAND_TIMEOUT_S; past it ffmpeg is killed and reaped."""
+def _run_bounded(cmd: list[str], what: str, time_limit: float | None = None) -> subprocess.CompletedProcess:
+    """Run a command to completion within ``time_limit`` seconds (default COMMAND_TIMEOUT_S) of
+    wall-clock time and as many seconds of CPU time; past either, ffmpeg is stopped. A stop request
+    (a signal to the command) stops it too. The child is always reaped."""
+    limit = COMMAND_TIMEOUT_S if time_limit is None else min(time_limit, COMMAND_TIMEOUT_S)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _limit_cpu_time(proc.pid, limit)
+    deadline = time.monotonic() + limit
     try:
-        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False,
-                              timeout=COMMAND_TIMEOUT_S)
-    except subprocess.TimeoutExpired as error:
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=max(0.01, min(_POLL_S, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                stopping.check()
+                if time.monotonic() >= deadline:
+                    raise FFmpegError(
+                        f"ffmpeg did not finish within {limit:.3g} s to {what}; the file is probably damaged (or far "
+                        f"too long, or made to keep a decoder busy): give a shorter or re-encoded file"
+                    ) from None
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    if proc.returncode == -getattr(signal, "SIGXCPU", -1):
         raise FFmpegError(
-            f"ffmpeg did not finish within {COMMAND_TIMEOUT_S:g} s to {what}; the file is probably damaged "
-            f"(or far too long): give a shorter or re-encoded file"
-        ) from error
+            f"ffmpeg used more than {limit:.3g} s of processor time to {what} and was stopped; the file is made "
+            f"to keep a decoder busy (or is damaged): give another file"
+        )
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _limit_cpu_time(pid: int, seconds: float) -> None:
+    """Let the process use at most about ``seconds`` of CPU time (the kernel stops it with SIGXCPU), so
+    a file that keeps several decoder threads busy is stopped in proportion, not only by the clock.
+    Linux only (elsewhere the wall-clock limit alone holds)."""
+    if not hasattr(resource, "prlimit"):
+        return
+    soft = max(1, math.ceil(seconds))
+    try:
+        resource.prlimit(pid, resource.RLIMIT_CPU, (soft, soft + 5))
+    except (OSError, ValueError):
+        pass  # ended already, or not allowed here: the wall-clock limit still holds
 
 
 def run_ffmpeg(args: list[str], what: str) -> subprocess.CompletedProcess:
@@ -443,11 +556,11 @@ def probe(path) -> MediaInfo:
     path = os.fspath(path)
     _require_file(path)
     cmd = (  # the pixel limit too: finding a picture's size decodes it, and a bomb must not be decoded
-        _ffmpeg_base("info") + _decoding_limits() + _file_input(path)
+        _ffmpeg_base("info") + _decoding_limits() + _PROBE_THREADS + _file_input(path)
         + ["-map", "0:V:0?", "-map", "0:a:0?", "-c", "copy", "-f", "framecrc", "-"]
     )
     logger.debug("probing %s", path)
-    result = _run_bounded(cmd, f"read the streams of {path}")
+    result = _run_bounded(cmd, f"read the streams of {path}", probe_time_limit(path))
     stderr = result.stderr.decode("utf-8", "replace")
     header = _parse_header(stderr)
     _raise_for_unreadable(path, result.returncode, stderr, header)
@@ -456,24 +569,54 @@ def probe(path) -> MediaInfo:
 
 
 def _raise_for_unreadable(path: str, returncode: int, stderr: str, header: _Header) -> None:
+    """One clear line for a file ffmpeg cannot read; its log goes to the log (musetalk -v shows it)."""
     lines = stderr.splitlines()
     if "Format not on whitelist" in stderr:
         _raise_refused_format(path)
-    if m := _OVER_LIMIT_RE.search(stderr):
+    if m := _OVER_LIMIT_RE.search(stderr) or _INVALID_SIZE_RE.search(stderr):
         _check_pixel_count(path, int(m.group(1)), int(m.group(2)))
+    media = [s for s in header.streams if s.kind in ("Video", "Audio") and "(attached pic)" not in s.details]
+    pictures_without_size = [s for s in media if s.kind == "Video" and not _SIZE_RE.search(s.details)]
+    if returncode != 0 or not header.format_name or pictures_without_size:
+        logger.info("ffmpeg's log for %s:\n%s", path, _tail(lines, STDERR_TAIL_LINES))
+    said = first_error(lines)
     if not header.format_name:
         raise InputError(
             f"{path} is not a video, image or audio file that ffmpeg can read (or it is corrupt or cut "
             f"short); give an mp4/mov/mkv/webm video, a jpg/png/webp image or a wav/mp3 audio file. "
-            f"ffmpeg said: {_tail(lines, 1)}"
+            f"ffmpeg said: {said}"
         )
     if "partial file" in stderr:
         raise InputError(f"{path} is cut short (an incomplete download or copy?); give the complete file")
-    media = [s for s in header.streams if s.kind in ("Video", "Audio") and "(attached pic)" not in s.details]
     if not media:
         raise InputError(f"{path} holds no video, picture or audio stream; give a media file with a picture or sound")
+    if pictures_without_size and "Invalid image size" in stderr:
+        raise InputError(
+            f"{path} declares a picture size that cannot be decoded (too large or invalid; at most "
+            f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels are read): scale it down or give another picture"
+        )
+    if pictures_without_size:
+        raise InputError(
+            f"the picture of {path} cannot be decoded ({said}): the file is damaged or not what its name "
+            f"says; give another file"
+        )
     if returncode != 0:
-        raise InputError(f"ffmpeg could not read the streams of {path}; is it damaged? ffmpeg said:\n{_tail(lines)}")
+        raise InputError(f"ffmpeg could not read the streams of {path} ({said}); is it damaged? Give another file")
+
+
+_LOG_TAG_RE = re.compile(r"^(\[[^\]]*@ ?0x[0-9a-f]+\]\s*)+", re.IGNORECASE)
+_LOG_NOISE = ("Input #", "Output #", "Duration:", "Stream ", "Consider increasing", "Press [q]", "Last message",
+              "Error initializing", "Could not write header", "Stream mapping", "Metadata:", "Side data:",
+              "Conversion failed", "Error opening output", "Error while opening")
+
+
+def first_error(lines: Iterable[str]) -> str:
+    """ffmpeg's first line that says what went wrong, without its '[png @ 0x...]' tags."""
+    for line in lines:
+        text = _LOG_TAG_RE.sub("", line.strip()).strip()
+        if text and not text.startswith(_LOG_NOISE) and not line.startswith(" "):
+            return text.rstrip(".")
+    return "no reason given"
 
 
 def _raise_refused_format(path: str) -> None:
@@ -538,6 +681,7 @@ def _display_size(path: str, video: _Stream) -> tuple[int, int, int]:
 
 
 _OVER_LIMIT_RE = re.compile(r"Picture size (\d+)x(\d+) exceeds specified max pixel count")
+_INVALID_SIZE_RE = re.compile(r"Picture size (\d+)x(\d+) is invalid")
 
 
 def _check_pixel_count(path: str, width: int, height: int) -> None:
@@ -556,14 +700,18 @@ def _decoded_image_size(path: str, from_header: tuple[int, int, int]) -> tuple[i
     """A photo's EXIF orientation is applied by ffmpeg's decoder but not listed in its header, so
     decode the picture once (cheap) to learn the size the reader will really deliver."""
     result = _run_bounded(
-        _ffmpeg_base("verbose") + _decoding_limits() + _file_input(path)
+        _ffmpeg_base("verbose") + _decoding_limits() + _PROBE_THREADS + _file_input(path)
         + ["-map", "0:V:0", "-frames:v", "1", "-f", "framecrc", "-"],
-        f"decode the picture {path}",
+        f"decode the picture {path}", probe_time_limit(path),
     )
     stderr = result.stderr.decode("utf-8", "replace")
     dimensions = _DIMENSIONS_RE.search(result.stdout.decode("utf-8", "replace"))
     if result.returncode != 0 or not dimensions:
-        raise InputError(f"the picture {path} cannot be decoded; is it damaged? ffmpeg said: {_tail(stderr.splitlines(), 2)}")
+        logger.info("ffmpeg's log for %s:\n%s", path, _tail(stderr.splitlines(), STDERR_TAIL_LINES))
+        if m := _OVER_LIMIT_RE.search(stderr) or _INVALID_SIZE_RE.search(stderr):
+            _check_pixel_count(path, int(m.group(1)), int(m.group(2)))
+        raise InputError(f"the picture {path} cannot be decoded ({first_error(stderr.splitlines())}); is it damaged? "
+                         f"Give another file")
     width, height = int(dimensions.group(1)), int(dimensions.group(2))
     if (width, height) == from_header[:2]:
         # Upside down (EXIF 3) leaves no trace in the log: the pixels come out right, the angle says 0.

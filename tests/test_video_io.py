@@ -20,10 +20,11 @@ from musetalk.video_io import (
     FrameWriter,
     decode_audio,
     extract_audio,
-    ffmpeg_exe,
     probe,
     read_frames,
 )
+
+from conftest import media_ffmpeg
 
 W, H = 64, 48
 # RGB grey level per index step: luma step 4 in limited range, expanded by 255/219 to full range.
@@ -32,7 +33,7 @@ GREY_STEP = 4 * 255 / 219
 
 def make(out: Path, *args: str) -> Path:
     """Run ffmpeg to create a test file."""
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args, str(out)]
+    cmd = [media_ffmpeg(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args, str(out)]
     subprocess.run(cmd, check=True)
     return out
 

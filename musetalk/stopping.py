@@ -160,3 +160,4 @@ def stop_on_signals(signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:
         for number, handler in previous.items():
             signal.signal(number, handler)
         _modes.clear()
+        clear()  # the request was for this command's job, which has ended

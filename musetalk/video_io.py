@@ -16,6 +16,7 @@ without decoding them (``-c copy -f framecrc``), which is cheap even for long vi
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
@@ -393,6 +394,14 @@ class MediaInfo:
     # (width, height) the file's frames have when width/height were changed by resized(): a
     # FrameReader then scales every frame down to width x height. None: frames are read as stored.
     native_size: tuple[int, int] | None = None
+    # The rate the file declares when that timing was not believed (see retimed()); None: as declared.
+    retimed_from: float | None = None
+
+    def retimed(self, fps: float) -> MediaInfo:
+        """The same frames, one after another at ``fps``: for a file whose declared timing is absurd
+        (100,000 or 0.001 fps). A FrameReader then counts frames, not timestamps."""
+        return dataclasses.replace(self, fps=float(fps), duration=self.num_frames / fps, is_vfr=False,
+                                   video_start=0.0, retimed_from=self.retimed_from or self.fps)
 
     def resized(self, width: int, height: int) -> MediaInfo:
         """The same file, read at width x height (FrameReader scales each frame)."""
@@ -789,6 +798,8 @@ class FrameReader:
             limit = 1 if limit is None else min(limit, 1)
             return cmd + _file_input(self.path) + self._output_args(limit, self._scale_filter())
         chain = ",".join(f for f in (self._video_filter(), self._scale_filter()) if f)
+        if self.info.retimed_from is not None:  # no seeking: the file's timestamps mean nothing here
+            return cmd + _file_input(self.path) + self._output_args(limit, chain or None)
         return cmd + self._seeking_input() + self._output_args(limit, chain or None)
 
     def _scale_filter(self) -> str | None:
@@ -816,6 +827,8 @@ class FrameReader:
         return ["-copyts", "-noaccurate_seek", "-ss", f"{self._seek_seconds():.6f}"] + _file_input(self.path)
 
     def _video_filter(self) -> str | None:
+        if self.info.retimed_from is not None:
+            return self._retimed_filter()
         first_frame = self.info.container_start + self.info.video_start  # as -copyts timestamps count
         if self._resample:
             # start_time pins slot 0 to the first frame; after a seek, fps fills the slots before the
@@ -828,6 +841,14 @@ class FrameReader:
             cutoff = first_frame + (self.start_frame - 0.5) / self._fps
             return f"select=gte(t\\,{cutoff:.9f})"
         return None
+
+    def _retimed_filter(self) -> str:
+        """Frame k of the file at k / info.fps seconds (setpts), then resampled or skipped like any other."""
+        chain = f"setpts=N/({_rate_arg(self.info.fps)}*TB)"
+        if self._resample:
+            chain += f",fps=fps={_rate_arg(self._fps)}:start_time=0"
+            return chain + (f",trim=start_frame={self.start_frame}" if self.start_frame else "")
+        return chain + (f",select=gte(n\\,{self.start_frame})" if self.start_frame else "")
 
     def _output_args(self, limit: int | None, video_filter: str | None) -> list[str]:
         args = ["-map", "0:V:0", "-an", "-sn", "-dn"]
@@ -953,8 +974,14 @@ def read_frames(path, **kwargs) -> Iterator[np.ndarray]:
 # --------------------------------------------------------------------------- writing frames
 
 
+# What an output's extension asks for: the muxer that writes it. Every one holds H.264 video and AAC
+# sound; other extensions (.webm, .avi, ...) are refused rather than written as something else.
+OUTPUT_CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
+
+
 class FrameWriter:
-    """Encode RGB uint8 frames to an H.264 (yuv420p) mp4 and mux an audio file in the same pass.
+    """Encode RGB uint8 frames to H.264 (yuv420p) and mux an audio file in the same pass, into the
+    container the output's name says: MP4 (.mp4), QuickTime (.mov) or Matroska (.mkv).
 
     The output has exactly the frames written; the audio (AAC 192k) is cut to the video's length
     or padded with silence up to it, and audio_offset_s > 0 delays it (< 0 skips its start).
@@ -987,9 +1014,11 @@ class FrameWriter:
         self.frames_written = 0
         self._frame_shape = (self.height, self.width, 3)
         directory, name = os.path.split(self.out_path)
-        stem = os.path.splitext(name)[0]
+        stem, self._suffix = os.path.splitext(name)
+        self._suffix = self._suffix.lower()
+        self._muxer = OUTPUT_CONTAINERS[self._suffix]
         _remove_stale_partials(directory, stem)
-        self._temp_path = os.path.join(directory, f".{stem}.{uuid.uuid4().hex[:8]}.partial.mp4")
+        self._temp_path = os.path.join(directory, f".{stem}.{uuid.uuid4().hex[:8]}.partial{self._suffix}")
         self._proc: subprocess.Popen | None = None
         self._stderr: _StderrDrain | None = None
         self._done = False
@@ -1007,6 +1036,7 @@ class FrameWriter:
             raise InputError(f"the output folder {directory} does not exist; create it first")
         if os.path.isdir(self.out_path):
             raise InputError(f"the output path {self.out_path} is a folder; give a file name ending in .mp4")
+        require_output_suffix(self.out_path)
         guarded = [p for p in (*protect, self.audio_path) if p is not None]
         for guarded_path in guarded:
             if _same_file(self.out_path, os.fspath(guarded_path)):
@@ -1033,7 +1063,11 @@ class FrameWriter:
             if self.total_frames is None:
                 # apad makes the audio endless; -shortest then ends it near the last video frame.
                 cmd += ["-shortest"]
-        return cmd + ["-movflags", "+faststart", "-f", "mp4", "-y", self._temp_path]
+        return cmd + self._container_args() + ["-y", self._temp_path]
+
+    def _container_args(self) -> list[str]:
+        faststart = ["-movflags", "+faststart"] if self._muxer in ("mp4", "mov") else []  # playable while loading
+        return faststart + ["-f", self._muxer]
 
     def _audio_filter(self) -> str:
         filters = []
@@ -1084,7 +1118,13 @@ class FrameWriter:
             proc.stdin.close()
         except OSError:
             pass  # ffmpeg already gone: its exit code below tells why
-        returncode = proc.wait()
+        try:
+            returncode = _wait_checking_stops(proc)
+        except BaseException:  # a stop request while the encoder finishes: nothing is kept
+            _stop_process(proc)
+            self._stderr.join()
+            self._remove_temp()
+            raise
         self._stderr.join()
         if returncode != 0:
             self._remove_temp()
@@ -1110,11 +1150,11 @@ class FrameWriter:
         if audio_seconds <= video_seconds + 0.025:
             return
         logger.debug("%s: trimming audio from %.3f s to %.3f s", self.out_path, audio_seconds, video_seconds)
-        trimmed = self._temp_path[: -len(".mp4")] + ".trim.mp4"
+        trimmed = self._temp_path[: -len(self._suffix)] + ".trim" + self._suffix
         try:
             run_ffmpeg(
                 _file_input(self._temp_path) + ["-map", "0", "-c", "copy", "-t", f"{video_seconds:.6f}",
-                                                 "-movflags", "+faststart", "-f", "mp4", "-y", trimmed],
+                                                 *self._container_args(), "-y", trimmed],
                 f"trim the audio of {self.out_path}",
             )
             os.replace(trimmed, self._temp_path)
@@ -1162,12 +1202,92 @@ class FrameWriter:
             self.abort()
 
 
+def _wait_checking_stops(proc: subprocess.Popen) -> int:
+    """``proc.wait()``, raising ``Stopped`` when a stop of the job is requested meanwhile."""
+    while True:
+        try:
+            return proc.wait(timeout=_POLL_S)
+        except subprocess.TimeoutExpired:
+            stopping.check()
+
+
+def require_output_suffix(path) -> None:
+    """InputError unless the name ends in an extension FrameWriter writes."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in OUTPUT_CONTAINERS:
+        kind = f"{suffix} files are not written here" if suffix else "a name without one is not written"
+        raise InputError(
+            f"the output {os.fspath(path)} must end in .mp4, .mov or .mkv (MP4, QuickTime or Matroska: H.264 "
+            f"video with AAC sound); {kind}"
+        )
+
+
+def check_output_path(path) -> None:
+    """InputError, before any work and creating nothing, when ``path`` cannot be written: it is a
+    folder, a file stands where a folder of it should be, or its folder is not writable (read-only,
+    not yours). Folders that do not exist yet are fine: ``folders_for`` creates them."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"the output {path} is a folder; give a file name in it")
+    folder = existing_folder(path)
+    if not os.path.isdir(folder):
+        raise InputError(f"the output {path} cannot be written: {folder} is a file, not a folder; "
+                         f"choose another output path")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise InputError(f"the output folder {folder} is not writable ({error.strerror}); choose another "
+                         f"folder or make it writable") from None
+
+
+def existing_folder(path) -> str:
+    """The nearest folder above ``path`` that exists (or a file standing where a folder should be)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def folders_for(path) -> Iterator[None]:
+    """Create the missing folders of ``path`` for the block; a block that fails removes them again
+    (the ones it created, when still empty), so a refused or stopped job leaves no empty folders."""
+    missing = []
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    made: list[str] = []
+    for new in reversed(missing):
+        try:
+            os.mkdir(new)
+            made.insert(0, new)
+        except FileExistsError:
+            continue  # made meanwhile by another job: not ours to remove
+        except OSError as error:
+            _remove_folders(made)
+            raise InputError(f"cannot create the folder {new} ({error.strerror}); choose another output path") from None
+    try:
+        yield
+    except BaseException:
+        _remove_folders(made)
+        raise
+
+
+def _remove_folders(folders: list[str]) -> None:
+    for folder in folders:  # the deepest first
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # not empty (another job wrote there meanwhile) or not there: left as it is
+
+
 def _remove_stale_partials(directory: str, stem: str) -> None:
     """Remove what a writer of the same output left when its process was killed outright (SIGKILL:
     no chance to clean up; its ffmpeg then finishes the temporary file on its own). A writer at
     work touches its file with every frame, so only files untouched for STALE_PARTIAL_SECONDS go."""
     cutoff = time.time() - STALE_PARTIAL_SECONDS
-    pattern = re.compile(re.escape(f".{stem}.") + r"[0-9a-f]{8}\.partial(\.trim)?\.mp4")
+    pattern = re.compile(re.escape(f".{stem}.") + r"[0-9a-f]{8}\.partial(\.trim)?\.(mp4|mov|mkv)")
     for name in os.listdir(directory):
         if not pattern.fullmatch(name):
             continue

@@ -268,8 +268,8 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f"musetalk run needs {', '.join(missing)} (--text or --text-file instead of --audio; "
                              f"or --config jobs.yaml)")
         options = job_options(args)
-        video_io.require_output_suffix(args.out)
         video_io.check_output_path(args.out)
+        video_io.require_output_suffix(args.out)
         jobs = [(args.video, None if speech_given else args.audio, args.out, options)]
 
     # 2. The jobs, one model load per version; a stop is noticed between frames, batches and sentences

@@ -190,6 +190,26 @@ def test_the_output_always_carries_the_whole_audio(pipeline, models_dir, tmp_pat
     assert video_io._audio_stream_end(str(tmp_path / "odd.mp4")) >= 0.33 - 1e-3
 
 
+@pytest.mark.parametrize("declared, frames, timing", [
+    (100_000, 25, "setpts=N/100000/TB"),  # 6 KB that would plan 200,000 output frames for 2 s of speech
+    (0.001, 3, "setpts=N*1000/TB"),  # 3 frames over 3000 s: 75,000 frames to analyse at 25 fps
+])
+def test_absurd_declared_rates_are_taken_frame_by_frame_at_25_fps(pipeline, tmp_path, declared, frames, timing):
+    video = tmp_path / "declared.mp4"
+    ffmpeg("-loop", "1", "-framerate", "25", "-i", str(FACE_JPG), "-frames:v", str(frames),
+           "-vf", f"scale={SIDE}:{SIDE},{timing}", "-fps_mode", "passthrough",
+           "-video_track_timescale", str(max(1000, int(declared))), "-pix_fmt", "yuv420p", str(video))
+    info = probe(video)
+    assert info.fps == pytest.approx(declared) and info.num_frames == frames
+    audio = speech(tmp_path / "voice.wav", 0.6)
+    result = pipeline(video, audio, tmp_path / "out.mp4", RunOptions(batch_size=8))
+    assert result.fps == 25 and result.num_frames == 15 and redrawn_everywhere(result)
+    assert result.notes == [f"{video} declares {declared:g} frames per second, which no camera films: its "
+                            f"{frames} frame(s) are taken one after another at 25 fps"]
+    out = probe(tmp_path / "out.mp4")
+    assert out.fps == 25 and out.num_frames == 15
+
+
 def test_sixty_frames_per_second_with_opus_webm_audio(pipeline, tmp_path):
     fast = face_video(tmp_path / "fast.mp4", 0.1, fps=60)
     audio = speech(tmp_path / "voice.webm", 0.1, "-c:a", "libopus")

@@ -378,13 +378,16 @@ def _voices(args: argparse.Namespace) -> int:
     sources = [plugins.get_source(args.source)] if args.source else list(plugins.audio_sources().values())
     for source in sources:
         ok, reason = source.available()
+        voices = source.voices() if ok is not False or args.source else []
+        if ok is None:
+            ok, reason = source.available()  # listing the voices may have reached an online service
+        state = {True: "usable", False: "NOT usable", None: "not known to work here yet"}[ok]
         clones = ", clones voices" if source.can_clone else ""
-        _say(f"{source.id}: {source.label} ({'usable' if ok else 'NOT usable'}{clones}): {reason}")
+        _say(f"{source.id}: {source.label} ({state}{clones}): {reason}")
         if source.options:
             _say("  options: " + ", ".join(f"{name}={value!r}" for name, value in source.options.items()))
-        if ok or args.source:
-            for voice in source.voices():
-                _say(f"  {voice.id:<32} {voice.label}" + (f" [{voice.language}]" if voice.language else ""))
+        for voice in voices:
+            _say(f"  {voice.id:<32} {voice.label}" + (f" [{voice.language}]" if voice.language else ""))
     for problem in plugins.plugin_problems():
         _say(f"plugin problem: {problem}", stream=sys.stderr)
     return 0

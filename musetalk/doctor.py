@@ -131,7 +131,8 @@ def _audio_sources() -> list[Check]:
         sources = plugins.audio_sources()
         rows = []
         for source in sources.values():
-            ok, reason = source.available()
+            ok, reason = source.available()  # None (not known until tried) is no ok: it shows as "--"
+            ok = ok is True
             origin = f" [{source.distribution}]" if source.distribution not in (None, "musetalk-studio") else ""
             rows.append(Check(f"speech {source.id}", ok, f"{source.label}{origin}: {reason}", required=False))
         problems = plugins.plugin_problems()  # after available(): a source that raised there is listed too

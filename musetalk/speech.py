@@ -368,7 +368,7 @@ def usable_source(source_id: str) -> AudioSource:
     """The source by id, or InputError when it is unknown or cannot work here (with its reason)."""
     audio_source = get_source(source_id)
     ok, reason = audio_source.available()
-    if not ok:
+    if ok is False:  # None: not known until tried (an online service): it is tried
         raise InputError(f"the audio source {source_id!r} cannot be used here: {reason}")
     return audio_source
 

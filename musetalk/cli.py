@@ -32,7 +32,7 @@ EXIT_SIGNAL_BASE = 128
 EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT
 # After a stop, how long the console command waits for the job's threads to end before it leaves
 # without running the interpreter's exit (a native thread still running then can abort the process).
-THREADS_GRACE_S = 5.0
+THREADS_GRACE_S = 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         with stopping.stop_on_signals():
-            return args.handler(args)
+            try:
+                return args.handler(args)
+            except BaseException as error:
+                if stopping.requested() and not isinstance(error, stopping.Stopped):
+                    # Whatever failed while the job was stopping (an import cut short, an ffmpeg that
+                    # was stopped) is the stop, not an error of its own.
+                    stop = stopping.Stopped(stopping.requested_signal())
+                    stop.results_kept = getattr(error, "results_kept", 0)
+                    raise stop from error
+                raise
     except MuseTalkError as error:
         _say(f"musetalk: error: {_first_line(str(error), args.verbose)}", stream=sys.stderr)
         return EXIT_USER_ERROR
@@ -278,12 +287,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with stopping.deferred():
             for video, audio, out, options in jobs:
+                stopping.check()  # between jobs
                 if audio is None:
                     audio = _speech_for_run(args)
                 pipeline = pipelines.get(options.version)
-                if pipeline is None:
-                    with stopping.interruptible():  # loading holds nothing to clean up
-                        pipeline = pipelines[options.version] = _load_pipeline(args, options.version)
+                if pipeline is None:  # loading is not interrupted (a native import cut short fails oddly)
+                    pipeline = pipelines[options.version] = _load_pipeline(args, options.version)
+                    stopping.check()
                 with _ProgressBars() as bars:
                     result = pipeline(video, audio, out, options, progress=bars.update)
                 done += 1
@@ -296,8 +306,8 @@ def _run(args: argparse.Namespace) -> int:
                 if args.score:
                     with stopping.interruptible():
                         _score_result(result, video, getattr(audio, "path", audio), options, args)
-    except KeyboardInterrupt as stop:
-        stop.results_kept = done
+    except BaseException as error:  # how many results are kept, for the message of a stop
+        error.results_kept = done
         raise
     return 0
 

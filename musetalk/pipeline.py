@@ -159,20 +159,21 @@ class LipSyncPipeline:
             logger.info("%s", note)
 
         # 2. Audio features (decode, silence gate, the engine's features) in a thread, beside the face analysis
+        abandoned = threading.Event()  # the job failed: the audio thread stops at its next step
         audio_job = BackgroundCall(self._audio_features, audio_info.path, events, video_info, options, timer,
-                                   threaded=self.overlap)
+                                   abandoned, threaded=self.overlap)
 
         # 3. Faces: the prepared avatar from the cache, or a face analysis that generation follows
         try:
             faces = self._faces(video_info, fps, options, timer, progress)
         except BaseException:
-            audio_job.wait()  # its thread ends before the job does (a stop reaches it at its next step)
+            _abandon(audio_job, abandoned)
             raise
         try:
             try:
                 wav_seconds, features, speech = audio_job.result()
             except BaseException:
-                audio_job.wait()
+                _abandon(audio_job, abandoned)
                 raise
 
             # 4. Output length; as long as the video: its frame count is known once every frame is analysed
@@ -297,11 +298,12 @@ class LipSyncPipeline:
         finally:
             frames.close()
 
-    def _audio_features(self, path: str, events: Sequence, video_info, options: RunOptions, timer: StageTimer):
+    def _audio_features(self, path: str, events: Sequence, video_info, options: RunOptions, timer: StageTimer,
+                        abandoned: threading.Event):
         """(seconds of audio, the engine's features of it, what the silence gate kept)."""
         with timer.stage("audio_decode"):
             wav = audio_lib.load_audio(path)
-        stopping.check()
+        _check_not_abandoned(abandoned)
         seconds = len(wav) / audio_lib.SAMPLE_RATE
         if options.length == "video" and not video_info.is_image:
             # The output may outlast the audio: the rest is silence, encoded like any pause.
@@ -311,7 +313,7 @@ class LipSyncPipeline:
             with timer.stage("silence_gate"):
                 speech = audio_lib.detect_speech(wav)
                 wav = audio_lib.gate_silence(wav, speech)
-        stopping.check()
+        _check_not_abandoned(abandoned)
         return seconds, self.engine.audio_features(wav, speech, events, timer), speech
 
     def _output_length(self, audio_seconds: float, fps: float, faces, video_info, options) -> int:
@@ -498,6 +500,24 @@ class _MaskMemo:
             if len(self._masks) > MASKS_KEPT:
                 self._masks.popitem(last=False)
         return square, mask
+
+
+# How long a failed job waits for its audio thread when a stop was asked for: the silence gate on
+# minutes of speech takes seconds, and cannot be interrupted; the thread ends on its own soon after.
+ABANDON_WAIT_S = 1.0
+
+
+def _abandon(audio_job: BackgroundCall, abandoned: threading.Event) -> None:
+    """The job failed or was stopped: the audio thread stops at its next step. It is waited for (its
+    thread ends before the job does), but only briefly when the job is stopped by a signal."""
+    abandoned.set()
+    audio_job.wait(ABANDON_WAIT_S if stopping.requested() else None)
+
+
+def _check_not_abandoned(abandoned: threading.Event) -> None:
+    stopping.check()
+    if abandoned.is_set():
+        raise InputError("the job was given up")  # nobody reads it: the job already failed
 
 
 def return_freed_memory() -> None:

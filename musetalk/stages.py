@@ -178,10 +178,10 @@ class BackgroundCall:
         except BaseException as error:
             self._error = error
 
-    def wait(self) -> None:
-        """Wait for the call to end; its result or error stays for ``result()``."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the call to end (at most ``timeout`` seconds); its result or error stays for ``result()``."""
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout)
 
     def result(self) -> Any:
         if self._thread.is_alive():

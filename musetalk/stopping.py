@@ -59,6 +59,11 @@ def requested() -> bool:
     return _requested.is_set()
 
 
+def requested_signal() -> int | None:
+    """The signal that asked for the stop (None: ``request()`` without one)."""
+    return _signal_number
+
+
 def check() -> None:
     """Raise ``Stopped`` when a stop was asked for; call it where unwinding is safe, on any thread."""
     if _requested.is_set():
@@ -94,7 +99,8 @@ def wait_for(event: threading.Event | None = None, thread: threading.Thread | No
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """A region whose code checks for stops itself: a signal here is only recorded."""
+    """A region whose code checks for stops itself: a signal here is only recorded (and stays recorded
+    after it: work that ended before noticing the stop is not undone)."""
     with _mode("defer"):
         yield
 
@@ -111,12 +117,12 @@ def interruptible() -> Iterator[None]:
 def shielded() -> Iterator[None]:
     """A region that must not be interrupted (it writes progress or output under a lock); a stop asked
     for meanwhile is raised at its end where the code around it would have raised it at once."""
-    with _mode("defer"):
+    with _mode("defer", raise_after=True):
         yield
 
 
 @contextlib.contextmanager
-def _mode(mode: str) -> Iterator[None]:
+def _mode(mode: str, raise_after: bool = False) -> Iterator[None]:
     main = threading.current_thread() is threading.main_thread()
     if main:
         _modes.append(mode)
@@ -129,7 +135,7 @@ def _mode(mode: str) -> Iterator[None]:
     else:
         if main:
             _modes.pop()
-            if mode == "defer" and _requested.is_set() and _current_mode() == "raise":
+            if raise_after and _requested.is_set() and _current_mode() == "raise":
                 raise Stopped(_signal_number)
 
 

@@ -584,10 +584,22 @@ def test_stuck_ffmpeg_is_stopped_by_the_time_limits(stuck_ffmpeg, clip, voice, m
 
 
 def test_a_slow_consumer_never_trips_the_stall_limit(clip, monkeypatch):
-    """Only waiting for ffmpeg counts: a reader whose consumer takes longer than the limit per frame still reads."""
-    monkeypatch.setattr(video_io, "STALL_TIMEOUT_S", 0.5)
+    """Only waiting for ffmpeg counts: a reader whose consumer takes far longer than the limit per frame
+    still reads. The consumer's slowness is simulated on the watchdog's clock (an hour per frame), so
+    the test does not depend on how fast ffmpeg starts on a busy machine (a 0.5 s limit once did)."""
+
+    class Clock:
+        offset = 0.0
+
+        @classmethod
+        def monotonic(cls):
+            return time.monotonic() + cls.offset
+
+    monkeypatch.setattr(video_io, "time", Clock)
+    monkeypatch.setattr(video_io, "STALL_TIMEOUT_S", 60.0)
     frames = 0
     for _ in read_frames(clip, max_frames=3):
-        time.sleep(0.8)
+        Clock.offset += 3600.0  # an hour spent by the consumer on this frame
+        time.sleep(1.2)  # the watchdog looks once a second: it sees the hour go by
         frames += 1
     assert frames == 3

@@ -36,7 +36,8 @@ def _ffmpeg() -> Check:
     detail = f"{first_line.split(' Copyright')[0]} ({which}: {exe})"
     if problems:
         fix = ("unset MUSETALK_FFMPEG to use the bundled one" if which == "MUSETALK_FFMPEG"
-               else "pip install imageio-ffmpeg (it ships a recent ffmpeg) or set MUSETALK_FFMPEG to ffmpeg 5.1 or newer")
+               else "pip install imageio-ffmpeg (it ships a recent ffmpeg) or set MUSETALK_FFMPEG to ffmpeg 5.1 "
+                    "or newer")
         return Check("ffmpeg", False, f"{detail}: {'; '.join(problems)}; {fix}")
     return Check("ffmpeg", True, detail)
 

@@ -48,7 +48,8 @@ def test_relative_outputs_are_under_the_out_dir_and_nothing_escapes_it(folder, t
     out_dir = tmp_path / "out"
     config = write_jobs(folder, "a:\n  video_path: face.mp4\n  audio_path: voice.wav\n"
                                 "b:\n  video_path: face.mp4\n  audio_path: voice.wav\n  output_path: sub/named.mp4\n"
-                                f"c:\n  video_path: face.mp4\n  audio_path: voice.wav\n  output_path: {tmp_path / 'abs.mp4'}\n")
+                                f"c:\n  video_path: face.mp4\n  audio_path: voice.wav\n"
+                                f"  output_path: {tmp_path / 'abs.mp4'}\n")
     jobs = plan_batch(config, out_dir)
     assert [job.output for job in jobs] == [str(out_dir / "face_voice.mp4"), str(out_dir / "sub" / "named.mp4"),
                                             str(tmp_path / "abs.mp4")]

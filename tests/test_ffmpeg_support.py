@@ -95,7 +95,8 @@ def test_doctor_accepts_the_bundled_ffmpeg_and_debians(tmp_path, monkeypatch, fr
     monkeypatch.delenv("MUSETALK_FFMPEG", raising=False)
     row = doctor._ffmpeg()
     assert row.ok and "(bundled: " in row.detail, row.detail
-    monkeypatch.setenv("MUSETALK_FFMPEG", str(fake_ffmpeg(tmp_path / "bin", "ffmpeg version 5.1.9-0+deb12u1 Copyright (c)")))
+    debian = fake_ffmpeg(tmp_path / "bin", "ffmpeg version 5.1.9-0+deb12u1 Copyright (c)")
+    monkeypatch.setenv("MUSETALK_FFMPEG", str(debian))
     video_io.ffmpeg_exe.cache_clear()
     row = doctor._ffmpeg()
     assert row.ok and row.detail.startswith("ffmpeg version 5.1.9-0+deb12u1 (MUSETALK_FFMPEG: "), row.detail

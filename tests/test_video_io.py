@@ -336,7 +336,7 @@ def test_writer_round_trip_with_audio(media, tmp_path, audio, total):
     assert no_leftover_temp(tmp_path)
 
 
-@pytest.mark.parametrize("total", [None, 8])  # without total_frames the audio is trimmed afterwards, in the same container
+@pytest.mark.parametrize("total", [None, 8])  # without total_frames the audio is trimmed afterwards, in place
 def test_the_container_follows_the_name(media, tmp_path, total):
     """--out dub.mkv wrote an MP4 named .mkv: each name now gets its own container."""
     signatures = {".mp4": (b"ftyp", b"isom"), ".mov": (b"ftyp", b"qt  "), ".mkv": (b"\x1aE\xdf\xa3", None)}

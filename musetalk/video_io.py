@@ -1036,13 +1036,13 @@ class FrameWriter:
             raise InputError(f"the output folder {directory} does not exist; create it first")
         if os.path.isdir(self.out_path):
             raise InputError(f"the output path {self.out_path} is a folder; give a file name ending in .mp4")
-        require_output_suffix(self.out_path)
         guarded = [p for p in (*protect, self.audio_path) if p is not None]
         for guarded_path in guarded:
             if _same_file(self.out_path, os.fspath(guarded_path)):
                 raise InputError(
                     f"the output path {self.out_path} is one of the inputs; choose another output name"
                 )
+        require_output_suffix(self.out_path)
         if self.audio_path is not None:
             _require_file(self.audio_path, "audio")
 

@@ -106,9 +106,9 @@ def speech_sources() -> tuple[dict, list[str]]:
     usable, notes = {}, []
     for source_id, source in plugins.audio_sources().items():
         ok, reason = source.available()
-        if ok:
+        if ok is not False:  # None: not known until tried (an online service): offered, with its note
             usable[source_id] = source
-        else:
+        if ok is not True:
             notes.append(f"{source.label}: {reason}")
     notes += [f"plugin problem: {line}" for line in plugins.plugin_problems()]
     return usable, notes

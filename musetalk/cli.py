@@ -14,18 +14,25 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 from musetalk import __version__
 from musetalk.batching import CPU_BATCH
-from musetalk.config import LENGTH_MODES, LOOP_MODES, OVERSIZE_MODES, PARSING_MODES, RunOptions, option_names
+from musetalk import stopping
+from musetalk.config import (LENGTH_MODES, LOOP_MODES, OVERSIZE_MODES, PARSING_MODES, RunOptions, option_names,
+                             plan_batch)
 from musetalk.engines import ENGINES
 from musetalk.errors import InputError, MuseTalkError, WeightsMissingError
 
 logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+# A command stopped by a signal exits with 128 + the signal's number, as a shell reports it: 130 for
+# SIGINT (Ctrl-C), 143 for SIGTERM (kill, docker stop), 129 for SIGHUP (its terminal closed).
+EXIT_SIGNAL_BASE = 128
+EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT
+# After a stop, how long the console command waits for the job's threads to end before it leaves
+# without running the interpreter's exit (a native thread still running then can abort the process).
+THREADS_GRACE_S = 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,32 +40,53 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        with _termination_as_interrupt():
-            return args.handler(args)
+        with stopping.stop_on_signals():
+            try:
+                return args.handler(args)
+            except BaseException as error:
+                if stopping.requested() and not isinstance(error, stopping.Stopped):
+                    # Whatever failed while the job was stopping (an import cut short, an ffmpeg that
+                    # was stopped) is the stop, not an error of its own.
+                    stop = stopping.Stopped(stopping.requested_signal())
+                    stop.results_kept = getattr(error, "results_kept", 0)
+                    raise stop from error
+                raise
     except MuseTalkError as error:
-        _say(f"musetalk: error: {error}", stream=sys.stderr)
+        _say(f"musetalk: error: {_first_line(str(error), args.verbose)}", stream=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        _say("musetalk: interrupted; nothing was written", stream=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:  # Stopped (a signal), or Ctrl-C outside a command's stop handling
+        number = getattr(stop, "signal_number", None) or signal.SIGINT
+        kept = getattr(stop, "results_kept", 0)
+        _say(f"musetalk: interrupted by {stopping.signal_name(number)}; the job in progress was stopped and "
+             f"nothing of it was written" + (f" ({kept} finished job(s) kept their results)" if kept else ""),
+             stream=sys.stderr)
+        return EXIT_SIGNAL_BASE + number
 
 
-@contextlib.contextmanager
-def _termination_as_interrupt():
-    """SIGTERM (kill, docker stop) unwinds like Ctrl-C, so a stopped job removes its partial
-    output and stops its ffmpeg processes instead of dying with them left behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def console_main() -> None:
+    """The ``musetalk`` console command: ``main``, then, after a stop, a wait for the job's threads."""
+    code = main()
+    if code > EXIT_SIGNAL_BASE:
+        deadline = time.monotonic() + THREADS_GRACE_S
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in threading.enumerate() if thread is not threading.current_thread()):
+            # Everything of ours is cleaned up; a library thread still inside native code would make
+            # the interpreter's exit abort (signal 6), so leave without it.
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os._exit(code)
+    sys.exit(code)
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _first_line(message: str, verbose: bool) -> str:
+    """An error's first line; the rest (ffmpeg's log) only with -v."""
+    first, _, rest = message.partition("\n")
+    if not rest.strip() or verbose:
+        return message
+    return f"{first.rstrip(':')} (musetalk -v ... shows ffmpeg's log)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,20 +243,29 @@ def job_options(args: argparse.Namespace, entry: dict | None = None) -> RunOptio
     options = RunOptions()
     if entry:
         options = options.replace(**entry)
+    return options.replace(**flag_options(args)).validate()
+
+
+def flag_options(args: argparse.Namespace) -> dict:
+    """The job options given on the command line (they win over a job file's), by RunOptions name."""
     given = {name: getattr(args, name, None) for name in option_names() if name != "version"}
     given["version"] = getattr(args, "model_version", None)
     changes = {k: v for k, v in given.items() if v is not None}
     if changes.get("batch_size") == "auto":
         changes["batch_size"] = None  # said on the command line: it overrides a job file's number
-    return options.replace(**changes).validate()
+    return changes
 
 
 def _run(args: argparse.Namespace) -> int:
+    from musetalk import video_io
+
     speech_given = args.text is not None or args.text_file is not None
+    # 1. Every job checked before any model loads, speech is spoken or a file is written
     if args.config:
         if args.video or args.audio or args.out or speech_given:
             raise InputError("give either --config or --video/--audio (or --text)/--out, not both")
-        jobs = load_jobs(args.config, Path(args.out_dir))
+        jobs = [(job.video, job.audio, job.output, job.options)
+                for job in plan_batch(args.config, args.out_dir, flag_options(args))]
     else:
         if speech_given and args.audio:
             raise InputError("give either --audio or --text/--text-file, not both")
@@ -239,21 +276,39 @@ def _run(args: argparse.Namespace) -> int:
         if missing:
             raise InputError(f"musetalk run needs {', '.join(missing)} (--text or --text-file instead of --audio; "
                              f"or --config jobs.yaml)")
-        jobs = [(args.video, _speech_for_run(args) if speech_given else args.audio, args.out, {})]
+        options = job_options(args)
+        video_io.check_output_path(args.out)
+        video_io.require_output_suffix(args.out)
+        jobs = [(args.video, None if speech_given else args.audio, args.out, options)]
 
-    pipelines: dict[str, object] = {}  # one model load per version for all jobs
-    for video, audio, out, entry in jobs:
-        options = job_options(args, entry)
-        pipeline = pipelines.get(options.version)
-        if pipeline is None:
-            pipeline = pipelines[options.version] = _load_pipeline(args, options.version)
-        with _ProgressBars() as bars:
-            result = pipeline(video, audio, out, options, progress=bars.update)
-        _say(f"wrote {result.output_path} ({result.engine} engine): {result.num_frames} frames at {result.fps:g} fps, "
-             f"{result.width}x{result.height}, {result.duration:.2f} s, face in {result.frames_with_face} frames")
-        _say("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
-        if args.score:
-            _score_result(result, video, getattr(audio, "path", audio), options, args)
+    # 2. The jobs, one model load per version; a stop is noticed between frames, batches and sentences
+    pipelines: dict[str, object] = {}
+    done = 0
+    try:
+        with stopping.deferred():
+            for video, audio, out, options in jobs:
+                stopping.check()  # between jobs
+                if audio is None:
+                    audio = _speech_for_run(args)
+                pipeline = pipelines.get(options.version)
+                if pipeline is None:  # loading is not interrupted (a native import cut short fails oddly)
+                    pipeline = pipelines[options.version] = _load_pipeline(args, options.version)
+                    stopping.check()
+                with _ProgressBars() as bars:
+                    result = pipeline(video, audio, out, options, progress=bars.update)
+                done += 1
+                _say(f"wrote {result.output_path} ({result.engine} engine): {result.num_frames} frames at "
+                     f"{result.fps:g} fps, {result.width}x{result.height}, {result.duration:.2f} s, face in "
+                     f"{result.frames_with_face} frames")
+                _say("  time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+                for note in result.notes:
+                    _say(f"  note: {note}", stream=sys.stderr)
+                if args.score:
+                    with stopping.interruptible():
+                        _score_result(result, video, getattr(audio, "path", audio), options, args)
+    except BaseException as error:  # how many results are kept, for the message of a stop
+        error.results_kept = done
+        raise
     return 0
 
 
@@ -333,54 +388,31 @@ def _voices(args: argparse.Namespace) -> int:
     sources = [plugins.get_source(args.source)] if args.source else list(plugins.audio_sources().values())
     for source in sources:
         ok, reason = source.available()
+        voices = source.voices() if ok is not False or args.source else []
+        if ok is None:
+            ok, reason = source.available()  # listing the voices may have reached an online service
+        state = {True: "usable", False: "NOT usable", None: "not known to work here yet"}[ok]
         clones = ", clones voices" if source.can_clone else ""
-        _say(f"{source.id}: {source.label} ({'usable' if ok else 'NOT usable'}{clones}): {reason}")
+        _say(f"{source.id}: {source.label} ({state}{clones}): {reason}")
         if source.options:
             _say("  options: " + ", ".join(f"{name}={value!r}" for name, value in source.options.items()))
-        if ok or args.source:
-            for voice in source.voices():
-                _say(f"  {voice.id:<32} {voice.label}" + (f" [{voice.language}]" if voice.language else ""))
+        for voice in voices:
+            _say(f"  {voice.id:<32} {voice.label}" + (f" [{voice.language}]" if voice.language else ""))
     for problem in plugins.plugin_problems():
         _say(f"plugin problem: {problem}", stream=sys.stderr)
     return 0
 
 
 def _tts(args: argparse.Namespace) -> int:
+    from musetalk import speech, video_io
+
     if args.clone_voice is True:
         raise InputError("musetalk tts --clone-voice needs FILE: the video or audio whose voice to imitate")
-    clip = _speak(args, args.clone_voice, out_path=args.out)
+    speech.check_wav_output(args.out)  # before anything is spoken
+    with stopping.deferred(), video_io.folders_for(args.out):
+        clip = _speak(args, args.clone_voice, out_path=args.out)
     _say(f"wrote {clip.path}: {clip.duration:.2f} s of speech from {clip.source} (voice {clip.voice})")
     return 0
-
-
-def load_jobs(config_path: str, out_dir: Path) -> list[tuple[str, str, str, dict]]:
-    """Jobs of a YAML file in the official shape; paths are relative to the file's folder."""
-    import yaml
-
-    path = Path(config_path)
-    if not path.is_file():
-        raise InputError(f"the job file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise InputError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(data, dict) or not data:
-        raise InputError(f"{path} must map job names to entries with video_path and audio_path")
-    jobs = []
-    for name, entry in data.items():
-        if not isinstance(entry, dict) or "video_path" not in entry or "audio_path" not in entry:
-            raise InputError(f"job {name!r} in {path} needs video_path and audio_path")
-        entry = dict(entry)
-        video = _relative_to(path.parent, entry.pop("video_path"))
-        audio = _relative_to(path.parent, entry.pop("audio_path"))
-        output = entry.pop("output_path", None) or entry.pop("result_name", None)
-        output = _relative_to(path.parent, output) if output else out_dir / f"{Path(video).stem}_{Path(audio).stem}.mp4"
-        jobs.append((video, audio, str(output), entry))
-    return jobs
-
-
-def _relative_to(folder: Path, value) -> str:
-    return str(Path(value) if os.path.isabs(str(value)) else folder / str(value))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -444,25 +476,35 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 class _ProgressBars:
-    """One tqdm bar per pipeline stage, on stderr."""
+    """One tqdm bar per pipeline stage, on stderr. Never a reason for a job to fail or hang: a signal
+    does not interrupt a bar's output (``stopping.shielded``), and a stderr that can no longer be
+    written (a closed terminal, a reader gone) turns the bars off."""
 
     LABELS = {"faces": "face analysis", "generate": "generating", "speech": "speaking"}
     UNITS = {"speech": "sentence"}
 
     def __init__(self):
         self.bars: dict[str, object] = {}
+        self._broken = False
 
     def update(self, stage: str, done: int, total: int) -> None:
         from tqdm import tqdm
 
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=self.LABELS.get(stage, stage),
-                                          unit=self.UNITS.get(stage, "frame"),
-                                          leave=False, file=sys.stderr)
-        if total != bar.total:
-            bar.total = max(total, done)
-        bar.update(done - bar.n)
+        if self._broken:
+            return
+        with stopping.shielded():
+            try:
+                bar = self.bars.get(stage)
+                if bar is None:
+                    tqdm.monitor_interval = 0  # no monitor thread: nothing of tqdm's runs beside the job
+                    bar = self.bars[stage] = tqdm(total=total, desc=self.LABELS.get(stage, stage),
+                                                  unit=self.UNITS.get(stage, "frame"),
+                                                  leave=False, file=sys.stderr)
+                if total != bar.total:
+                    bar.total = max(total, done)
+                bar.update(done - bar.n)
+            except (OSError, ValueError):  # stderr closed or gone (ValueError: a closed file)
+                self._broken = True
 
     def __enter__(self):
         return self
@@ -470,13 +512,24 @@ class _ProgressBars:
     def __exit__(self, *exc) -> None:
         # The lowest bar first, so the cursor ends where the first bar was and what is printed
         # next (a result, an error) starts on a clean line.
-        for bar in reversed(list(self.bars.values())):
-            bar.close()
+        with stopping.shielded():
+            for bar in reversed(list(self.bars.values())):
+                try:
+                    bar.close()
+                except (OSError, ValueError):
+                    bar.disable = True  # its output has nowhere to go; it holds nothing else
 
 
 def _say(line: str, stream=None) -> None:
-    """The command's own output (results, tables, errors), as opposed to logging."""
-    (stream or sys.stdout).write(line + "\n")
+    """The command's own output (results, tables, errors), as opposed to logging. A stream that can no
+    longer be written (the terminal closed: SIGHUP) loses the line rather than failing the command."""
+    with stopping.shielded():
+        try:
+            target = stream or sys.stdout
+            target.write(line + "\n")
+            target.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -486,4 +539,4 @@ def _configure_logging(verbose: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

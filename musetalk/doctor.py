@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from dataclasses import dataclass
 from importlib import metadata
@@ -22,15 +24,54 @@ def check(models_dir=None) -> list[Check]:
 
 
 def _ffmpeg() -> Check:
-    from musetalk.video_io import ffmpeg_exe
+    from musetalk import video_io
 
     try:
-        exe = ffmpeg_exe()
-        first_line = subprocess.run([exe, "-hide_banner", "-version"], capture_output=True, text=True,
-                                    timeout=30).stdout.splitlines()[0]
-        return Check("ffmpeg", True, f"{first_line} ({exe})")
+        exe = video_io.ffmpeg_exe()
+        first_line, problems = ffmpeg_problems(exe)
     except Exception as error:  # any failure here is the answer the row gives
         return Check("ffmpeg", False, str(error))
+    which = "bundled" if exe == video_io.bundled_ffmpeg() else "MUSETALK_FFMPEG" if os.environ.get(
+        "MUSETALK_FFMPEG") else "system"
+    detail = f"{first_line.split(' Copyright')[0]} ({which}: {exe})"
+    if problems:
+        fix = ("unset MUSETALK_FFMPEG to use the bundled one" if which == "MUSETALK_FFMPEG"
+               else "pip install imageio-ffmpeg (it ships a recent ffmpeg) or set MUSETALK_FFMPEG to ffmpeg 5.1 "
+                    "or newer")
+        return Check("ffmpeg", False, f"{detail}: {'; '.join(problems)}; {fix}")
+    return Check("ffmpeg", True, detail)
+
+
+def ffmpeg_problems(exe: str) -> tuple[str, list[str]]:
+    """(ffmpeg's version line, what it lacks of what this project runs: empty when it will do)."""
+    from musetalk import video_io
+
+    def listing(flag: str) -> str:
+        return subprocess.run([exe, "-hide_banner", flag], capture_output=True, text=True, timeout=30).stdout
+
+    first_line = (listing("-version").splitlines() or ["(ffmpeg printed no version)"])[0]
+    problems = []
+    version = ffmpeg_version(first_line)
+    oldest = ".".join(map(str, video_io.MIN_FFMPEG_VERSION))
+    if version is not None and version < video_io.MIN_FFMPEG_VERSION:
+        problems.append(f"version {'.'.join(map(str, version))} is older than {oldest}, the oldest supported")
+    elif version is None and "-fps_mode" not in listing("-h"):  # a build from git: judge by what it offers
+        problems.append("it has no -fps_mode option (added in ffmpeg 5.1, the oldest supported)")
+    for flag, kind, names in (("-encoders", "encoder", video_io.REQUIRED_ENCODERS),
+                              ("-muxers", "muxer", video_io.REQUIRED_MUXERS),
+                              ("-filters", "filter", video_io.REQUIRED_FILTERS)):
+        offered = {line.split()[1] for line in listing(flag).splitlines() if len(line.split()) > 1}
+        missing = [name for name in names if name not in offered]
+        if missing:
+            problems.append(f"it lacks the {kind}{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    return first_line, problems
+
+
+def ffmpeg_version(first_line: str) -> tuple[int, int] | None:
+    """(major, minor) from 'ffmpeg version 5.1.9-0+deb12u1 ...' or '... version n9.0.2-17-g...'; None
+    for builds from git ('version N-112233-g...'), which carry no release number."""
+    match = re.match(r"ffmpeg version n?(\d+)\.(\d+)", first_line)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def _mediapipe() -> Check:
@@ -91,7 +132,8 @@ def _audio_sources() -> list[Check]:
         sources = plugins.audio_sources()
         rows = []
         for source in sources.values():
-            ok, reason = source.available()
+            ok, reason = source.available()  # None (not known until tried) is no ok: it shows as "--"
+            ok = ok is True
             origin = f" [{source.distribution}]" if source.distribution not in (None, "musetalk-studio") else ""
             rows.append(Check(f"speech {source.id}", ok, f"{source.label}{origin}: {reason}", required=False))
         problems = plugins.plugin_problems()  # after available(): a source that raised there is listed too

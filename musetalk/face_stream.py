@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from musetalk import face
+from musetalk import face, stopping
 from musetalk.avatar import Avatar, FaceFrame
 from musetalk.config import RunOptions
-from musetalk.stages import DONE, cpu_workers, drain, put_unless_stopped
+from musetalk.stages import DONE, cpu_workers, drain, get_checking_stops, put_unless_stopped
 from musetalk.timing import StageTimer
 
 # Finished frames waiting for the generation (the decoder ahead of the analysis holds more).
@@ -113,6 +113,7 @@ class FaceStream:
         for frame in frames:
             if self._cancelled.is_set():
                 raise _Cancelled()
+            stopping.check()  # a stopped job's analysis ends at the next frame
             yield frame
 
     def _hand_on(self, item: FaceFrame) -> None:
@@ -124,7 +125,7 @@ class FaceStream:
         self._wanted = count
         taken = 0
         while taken < count:
-            item = self._queue.get()
+            item = get_checking_stops(self._queue)
             if item is DONE:
                 if self._error is not None:
                     raise self._error
@@ -136,7 +137,7 @@ class FaceStream:
         """The whole avatar, once every frame is analysed; raises what the analysis raised."""
         self._stop_handing_on.set()  # whatever the generation did not take is dropped
         drain(self._queue)
-        self._thread.join()
+        stopping.wait_for(thread=self._thread)
         if self._error is not None:
             raise self._error
         return self._avatar

@@ -22,9 +22,12 @@ Any object with these attributes (duck typing; no base class to inherit)::
     default_voice: str       optional: the voice id used when the caller names none
                              (else the first of voices(), else None)
 
-    available() -> (bool, str)
+    available() -> (bool | None, str)
         Cheap (no model load, no network): whether synthesize() can work on this machine,
         and when not, the reason with what to do ("pip install musetalk-studio[coqui]").
+        None when that cannot be known before a call has worked (an online service offline
+        looks the same as online): the reason says what it needs ("needs the internet"); the
+        host lets it be tried and does not call it usable. Answer True once a call worked.
     voices() -> list[Voice]
         The voices this source offers (``musetalk.plugins.Voice``: id, label, language).
     synthesize(text, voice, options, reference_audio=None) -> AudioClip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from musetalk import audio as audio_lib
-from musetalk import blending, face, schedule, video_io, weights
+from musetalk import blending, face, schedule, stopping, video_io, weights
 from musetalk.avatar import Avatar, AvatarCache, FaceFrame, avatar_key, file_hash
 from musetalk.batching import BatchSize
 from musetalk.config import RunOptions
@@ -37,10 +38,18 @@ logger = logging.getLogger(__name__)
 # (stage, done, total): "faces" over source frames, "generate" over output frames.
 ProgressCallback = Callable[[str, int, int], None]
 
-OUTPUT_SUFFIXES = (".mp4", ".mov", ".mkv")
+OUTPUT_SUFFIXES = tuple(video_io.OUTPUT_CONTAINERS)  # the container follows the name
 FRAMES_AHEAD = 16  # decoded frames waiting for the model
 BATCHES_BEHIND = 2  # generated batches waiting to be blended and encoded
 IMAGE_FPS = 25.0  # a photo is animated at the model's training rate
+# Input rates kept as they are; outside, the dub is made at MODEL_FPS: below about 10 fps the lips
+# cannot follow speech (a 1 fps clip would show one mouth shape a second), above 120 the frames cost
+# more than they show. MODEL_FPS is the rate MuseTalk was trained at.
+KEPT_FPS = (10.0, 120.0)
+MODEL_FPS = 25.0
+# Declared rates outside these are not believed (no camera films them; a few kilobytes can declare
+# 100,000 or 0.001 fps): the file's frames are taken one after another at MODEL_FPS instead.
+BELIEVABLE_FPS = (1.0, 240.0)
 TRIM_EVERY_BATCHES = 8  # how often a long job hands freed memory back to the system
 MASKS_KEPT = 32  # blend masks a job keeps for source frames shown again
 
@@ -60,6 +69,7 @@ class LipSyncResult:
     speech_spans: list[tuple[float, float]] = field(default_factory=list)  # what the silence gate kept
     metrics: dict[str, float] = field(default_factory=dict)
     batch_size: int = 0  # frames per model call at the end (an automatic or halved size differs from the option)
+    notes: list[str] = field(default_factory=list)  # what the job changed of its own accord (the frame rate)
 
 
 class LipSyncPipeline:
@@ -146,19 +156,27 @@ class LipSyncPipeline:
         with timer.stage("probe"):
             video_info, audio_info = self.check_inputs(video, audio, output, options)
         fps = _output_fps(video_info, options)
+        notes = _rate_notes(video_info, fps, options)
+        for note in notes:  # also in the result, which the command line prints
+            logger.info("%s", note)
 
         # 2. Audio features (decode, silence gate, the engine's features) in a thread, beside the face analysis
+        abandoned = threading.Event()  # the job failed: the audio thread stops at its next step
         audio_job = BackgroundCall(self._audio_features, audio_info.path, events, video_info, options, timer,
-                                   threaded=self.overlap)
+                                   abandoned, threaded=self.overlap)
 
         # 3. Faces: the prepared avatar from the cache, or a face analysis that generation follows
         try:
             faces = self._faces(video_info, fps, options, timer, progress)
         except BaseException:
-            audio_job.wait()
+            _abandon(audio_job, abandoned)
             raise
         try:
-            wav_seconds, features, speech = audio_job.result()
+            try:
+                wav_seconds, features, speech = audio_job.result()
+            except BaseException:
+                _abandon(audio_job, abandoned)
+                raise
 
             # 4. Output length; as long as the video: its frame count is known once every frame is analysed
             if options.length == "video" and not video_info.is_image and isinstance(faces, FaceStream):
@@ -166,29 +184,17 @@ class LipSyncPipeline:
             num_frames = self._output_length(wav_seconds, fps, faces, video_info, options)
 
             # 5. Generate, blend and encode: analysis, decoding, the model and blending + encoding overlap
-            writer = video_io.FrameWriter(
-                output, video_info.width, video_info.height, fps, audio_path=audio_info.path, crf=options.crf,
-                audio_offset_s=options.av_offset_ms / 1000.0, protect=[video_info.path, audio_info.path],
-                total_frames=num_frames, stream_dir=stream_dir,
-            )
-            states = faces.states if isinstance(faces, Avatar) else {}  # engine states by source frame
-            states_before = len(states)
-            try:
-                redrawn, batch_size = self._generate(video_info, fps, num_frames, faces, states, features, options,
-                                                     writer, timer, progress)
-                avatar = faces.result() if isinstance(faces, FaceStream) else faces
-                with timer.stage("encode"):
-                    writer.close()  # flushes the encoder and moves the finished file into place
-            except BaseException:
-                writer.abort()  # no partial output, no temp file
-                raise
+            with video_io.folders_for(output):  # new output folders go again if the job fails
+                redrawn, batch_size, states, states_before, avatar = self._dub(
+                    output, video_info, audio_info, fps, num_frames, faces, features, options, timer, progress,
+                    stream_dir)
         except BaseException:
             if isinstance(faces, FaceStream):
                 faces.close()
             raise
 
         # 6. Keep what was prepared for the next run of this video
-        if self.avatar_cache is not None:
+        if self.avatar_cache is not None and not stopping.requested():
             avatar.states, avatar.states_changed = states, len(states) > states_before
             with timer.stage("cache_save"):
                 self.avatar_cache.save(avatar, self.engine.cache_id, video_info.path)
@@ -200,8 +206,30 @@ class LipSyncPipeline:
             output_path=str(output), num_frames=num_frames, fps=fps, width=video_info.width,
             height=video_info.height, duration=num_frames / fps, frames_with_face=redrawn,
             engine=self.engine.name, version=options.version, timings=timings,
-            speech_spans=list(speech.spans) if speech else [], batch_size=batch_size,
+            speech_spans=list(speech.spans) if speech else [], batch_size=batch_size, notes=notes,
         )
+
+    def _dub(self, output, video_info, audio_info, fps: float, num_frames: int, faces, features,
+             options: RunOptions, timer: StageTimer, progress: ProgressCallback, stream_dir=None):
+        """Step 5: the frames through the engine into the output file, which exists only when all went well."""
+        writer = video_io.FrameWriter(
+            output, video_info.width, video_info.height, fps, audio_path=audio_info.path, crf=options.crf,
+            audio_offset_s=options.av_offset_ms / 1000.0, protect=[video_info.path, audio_info.path],
+            total_frames=num_frames, stream_dir=stream_dir,
+        )
+        states = faces.states if isinstance(faces, Avatar) else {}  # engine states by source frame
+        states_before = len(states)
+        try:
+            redrawn, batch_size = self._generate(video_info, fps, num_frames, faces, states, features, options,
+                                                 writer, timer, progress)
+            avatar = faces.result() if isinstance(faces, FaceStream) else faces
+            stopping.check()  # the last moment a stop leaves nothing: the file is moved into place next
+            with timer.stage("encode"):
+                writer.close()  # flushes the encoder and moves the finished file into place
+        except BaseException:
+            writer.abort()  # no partial output, no temp file
+            raise
+        return redrawn, batch_size, states, states_before, avatar
 
     def check_inputs(self, video, audio, output, options: RunOptions):
         """Probe both inputs and check the output path; InputError says what is wrong and what to do."""
@@ -218,15 +246,15 @@ class LipSyncPipeline:
         if not audio_info.has_audio:
             raise InputError(f"{audio} has no audio stream; give an audio file or a video with sound")
         output = Path(output)
-        if output.suffix.lower() not in OUTPUT_SUFFIXES:
-            raise InputError(f"the output {output} must end in {', '.join(OUTPUT_SUFFIXES)}")
+        if output.is_dir():
+            raise InputError(f"the output {output} is a folder; give a file name such as {output / 'dubbed.mp4'}")
+        video_io.require_output_suffix(output)
         for given in (video, audio):
             # resolve() sees through symbolic links, samefile() through hard links too
             if output.resolve() == Path(given).resolve() or (output.exists() and os.path.samefile(output, given)):
                 raise InputError(f"the output {output} is also an input; choose another output path")
-        if output.is_dir():
-            raise InputError(f"the output {output} is a folder; give a file name such as {output / 'dubbed.mp4'}")
-        output.parent.mkdir(parents=True, exist_ok=True)
+        video_io.check_output_path(output)  # creates nothing: a refused job leaves no folders
+        video_info = _with_believable_timing(video_info)
         _require_output_space(output, video_info, audio_info, options)
         return video_info, audio_info
 
@@ -273,10 +301,12 @@ class LipSyncPipeline:
         finally:
             frames.close()
 
-    def _audio_features(self, path: str, events: Sequence, video_info, options: RunOptions, timer: StageTimer):
+    def _audio_features(self, path: str, events: Sequence, video_info, options: RunOptions, timer: StageTimer,
+                        abandoned: threading.Event):
         """(seconds of audio, the engine's features of it, what the silence gate kept)."""
         with timer.stage("audio_decode"):
             wav = audio_lib.load_audio(path)
+        _check_not_abandoned(abandoned)
         seconds = len(wav) / audio_lib.SAMPLE_RATE
         if options.length == "video" and not video_info.is_image:
             # The output may outlast the audio: the rest is silence, encoded like any pause.
@@ -286,17 +316,20 @@ class LipSyncPipeline:
             with timer.stage("silence_gate"):
                 speech = audio_lib.detect_speech(wav)
                 wav = audio_lib.gate_silence(wav, speech)
+        _check_not_abandoned(abandoned)
         return seconds, self.engine.audio_features(wav, speech, events, timer), speech
 
     def _output_length(self, audio_seconds: float, fps: float, faces, video_info, options) -> int:
+        """Frames of the output: as many as the video has, or enough to carry the whole audio (rounded
+        up: the official code rounds down and drops up to a frame of speech, 0.45 s at 1 fps)."""
         if options.length == "video" and not video_info.is_image:
             return len(faces)
-        num_frames = int(audio_seconds * fps)
-        if num_frames < 1:
+        frames = audio_seconds * fps
+        if frames < 1 - 1e-6:
             raise InputError(
                 f"the audio lasts {audio_seconds:.3f} s, shorter than one frame at {fps:g} fps; give a longer audio"
             )
-        return num_frames
+        return max(1, math.ceil(frames - 1e-6))  # the tolerance: float seconds of an exact frame count
 
     def _frames_to_dub(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict,
                        options: RunOptions, timer: StageTimer, pool) -> Iterator[FaceFrame]:
@@ -384,8 +417,9 @@ class LipSyncPipeline:
                 audio_batch = self.engine.frame_audio(features, np.array([positions[k] for k in with_face]), fps,
                                                       options)
                 batch_size.before_batch()
-                new_faces = self._redraw_within_memory([items[k] for k in with_face], audio_batch, states, timer,
-                                                       batch_size)
+                with stopping.interruptible():  # seconds a batch on a CPU: a signal stops it at once
+                    new_faces = self._redraw_within_memory([items[k] for k in with_face], audio_batch, states,
+                                                           timer, batch_size)
                 batch_size.after_batch(len(with_face))
                 writing.put((positions[-1], items, dict(zip(with_face, new_faces))))
                 redrawn += len(with_face)
@@ -471,6 +505,24 @@ class _MaskMemo:
         return square, mask
 
 
+# How long a failed job waits for its audio thread when a stop was asked for: the silence gate on
+# minutes of speech takes seconds, and cannot be interrupted; the thread ends on its own soon after.
+ABANDON_WAIT_S = 1.0
+
+
+def _abandon(audio_job: BackgroundCall, abandoned: threading.Event) -> None:
+    """The job failed or was stopped: the audio thread stops at its next step. It is waited for (its
+    thread ends before the job does), but only briefly when the job is stopped by a signal."""
+    abandoned.set()
+    audio_job.wait(ABANDON_WAIT_S if stopping.requested() else None)
+
+
+def _check_not_abandoned(abandoned: threading.Event) -> None:
+    stopping.check()
+    if abandoned.is_set():
+        raise InputError("the job was given up")  # nobody reads it: the job already failed
+
+
 def return_freed_memory() -> None:
     """Give the heap memory this process has freed back to the system (glibc only; elsewhere a no-op).
 
@@ -553,7 +605,37 @@ def _within_pixel_limit(info: video_io.MediaInfo, options: RunOptions) -> video_
 
 
 def _output_fps(video_info, options: RunOptions) -> float:
-    return options.fps or (IMAGE_FPS if video_info.is_image else video_info.fps)
+    """The option's rate, else a photo's IMAGE_FPS, else the video's own when lips can follow it (KEPT_FPS),
+    else MODEL_FPS."""
+    if options.fps:
+        return options.fps
+    if video_info.is_image:
+        return IMAGE_FPS
+    low, high = KEPT_FPS
+    return video_info.fps if low <= video_info.fps <= high else MODEL_FPS
+
+
+def _with_believable_timing(info: video_io.MediaInfo) -> video_io.MediaInfo:
+    """A video whose declared rate is outside BELIEVABLE_FPS, retimed: its frames one after another at MODEL_FPS."""
+    low, high = BELIEVABLE_FPS
+    if info.is_image or low <= info.fps <= high:
+        return info
+    return info.retimed(MODEL_FPS)
+
+
+def _rate_notes(info: video_io.MediaInfo, fps: float, options: RunOptions) -> list[str]:
+    """What was done to the frame rate without being asked, said in words."""
+    if info.retimed_from is not None:
+        return [f"{info.path} declares {info.retimed_from:g} frames per second, which no camera films: its "
+                f"{info.num_frames} frame(s) are taken one after another at {info.fps:g} fps"
+                + (f" and the dub is made at {fps:g} fps" if abs(fps - info.fps) > 1e-6 else "")]
+    if info.is_image or options.fps or abs(fps - info.fps) < 1e-6:
+        return []
+    if info.fps < KEPT_FPS[0]:
+        return [f"{info.path} runs at {info.fps:g} fps, too slow for lips to follow speech: the dub is made at "
+                f"{fps:g} fps (each frame held; --fps sets another rate)"]
+    return [f"{info.path} runs at {info.fps:g} fps: the dub is made at {fps:g} fps, the model's rate "
+            f"(--fps sets another rate up to {KEPT_FPS[1]:g})"]
 
 
 def _require_output_space(output: Path, video_info, audio_info, options: RunOptions) -> None:
@@ -561,7 +643,7 @@ def _require_output_space(output: Path, video_info, audio_info, options: RunOpti
     fps = _output_fps(video_info, options)
     seconds = video_info.duration if options.length == "video" and not video_info.is_image else audio_info.duration
     needed = video_io.estimated_mp4_bytes(video_info.width, video_info.height, fps, seconds, options.crf)
-    video_io.require_free_space(output.parent, needed, f"the output {output.name}")
+    video_io.require_free_space(video_io.existing_folder(output), needed, f"the output {output.name}")
 
 
 def _existing_file(path, role: str) -> str:

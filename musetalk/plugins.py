@@ -207,11 +207,13 @@ class AudioSource:
     def default_voice(self) -> str | None:
         return getattr(self._source, "default_voice", None)
 
-    def available(self) -> tuple[bool, str]:
+    def available(self) -> tuple[bool | None, str]:
+        """(True, ...) it works here; (False, what to do) it cannot; (None, what it needs) not known until
+        a call has worked (an online service): it may be tried, and is not called usable."""
         try:
             answer = self._source.available()
             ok, reason = answer
-            return bool(ok), str(reason or "")
+            return (None if ok is None else bool(ok)), str(reason or "")
         except Exception as error:
             line = self._broken("available()", error)
             return False, line

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from musetalk import stopping
 from musetalk.errors import InputError, MuseTalkError
 from musetalk.plugins import AudioClip, AudioSource, SpeechEvent, get_source, resolve_options
 from musetalk.weights import user_cache_root
@@ -338,6 +339,8 @@ def synthesize_text(
     """
     # 1. Check inputs, before anything is spoken
     pieces = split_text(text)
+    if out_path is not None:
+        check_wav_output(out_path)
     audio_source = usable_source(source)
     voice = resolve_voice(audio_source, voice)
     options = resolve_options(audio_source, options)
@@ -365,7 +368,7 @@ def usable_source(source_id: str) -> AudioSource:
     """The source by id, or InputError when it is unknown or cannot work here (with its reason)."""
     audio_source = get_source(source_id)
     ok, reason = audio_source.available()
-    if not ok:
+    if ok is False:  # None: not known until tried (an online service): it is tried
         raise InputError(f"the audio source {source_id!r} cannot be used here: {reason}")
     return audio_source
 
@@ -403,6 +406,7 @@ def _speak_pieces(audio_source, pieces, voice, options, reference, key_parts, ca
     if progress is not None:
         progress(0, len(pieces))
     for done, piece in enumerate(pieces, start=1):
+        stopping.check()  # a stopped job ends between sentences
         key = cache_key(kind="piece", text=piece.text, **key_parts)
         clip = cache.get("clips", key)
         if clip is None:
@@ -456,12 +460,30 @@ def _sound_bounds(samples: np.ndarray, sample_rate: int) -> tuple[int, int]:
     return max(0, int(loud[0]) - margin), min(samples.size, int(loud[-1]) + 1 + margin)
 
 
+def check_wav_output(out_path) -> None:
+    """InputError, creating nothing, unless speech can be written to ``out_path``: a .wav name in a folder
+    that is (or can be made) writable."""
+    from musetalk.video_io import check_output_path
+
+    path = os.path.abspath(os.fspath(out_path))
+    if os.path.isdir(path):
+        raise InputError(f"the output {path} is a folder; give a file name such as {os.path.join(path, 'speech.wav')}")
+    if not path.lower().endswith(".wav"):
+        raise InputError(f"the speech is written as WAV: give an output name ending in .wav, not {path}")
+    check_output_path(path)
+
+
 def _copy_to(clip: AudioClip, out_path) -> AudioClip:
+    from musetalk.video_io import folders_for
+
+    check_wav_output(out_path)
     out_path = os.path.abspath(os.fspath(out_path))
-    if not out_path.lower().endswith(".wav"):
-        raise InputError(f"the speech is written as WAV: give an output name ending in .wav, not {out_path}")
+    with folders_for(out_path):
+        return _copy_into_place(clip, out_path)
+
+
+def _copy_into_place(clip: AudioClip, out_path: str) -> AudioClip:
     directory = os.path.dirname(out_path)
-    os.makedirs(directory, exist_ok=True)
     handle, temp_path = tempfile.mkstemp(prefix=".speech.", suffix=".partial.wav", dir=directory)
     os.close(handle)
     try:

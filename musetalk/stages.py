@@ -1,6 +1,10 @@
 """Running pipeline stages side by side: a producer thread ahead of the consumer, and a worker
 thread behind it, each joined by a bounded queue so memory stays flat and a slow stage only
-makes the others wait. Errors cross to the caller's thread; closing stops the thread."""
+makes the others wait. Errors cross to the caller's thread; closing stops the thread.
+
+A stop request (``musetalk.stopping``: a signal to the command) is checked by every thread here
+between items and while the caller waits, so a stopped job unwinds within a fraction of a second;
+closing and aborting never check: they are the clean-up and must run to the end."""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
+
+from musetalk import stopping
 
 DONE = object()
 _POLL_S = 0.1  # how often a blocked thread looks whether it was told to stop
@@ -35,6 +41,7 @@ class Prefetch(Iterator):
         iterator = iter(iterable)
         try:
             for item in iterator:
+                stopping.check()
                 if not put_unless_stopped(self._queue, item, self._stop):
                     return
         except BaseException as error:  # handed to the consumer, raised there
@@ -48,7 +55,7 @@ class Prefetch(Iterator):
     def __next__(self) -> Any:
         if self._finished:
             raise StopIteration
-        item = self._queue.get()
+        item = get_checking_stops(self._queue)
         if item is DONE:
             self._finished = True
             self._thread.join()
@@ -88,6 +95,7 @@ class Worker:
             if item is DONE:
                 return
             try:
+                stopping.check()
                 self._handle(item)
             except BaseException as error:
                 self._error = error
@@ -98,13 +106,13 @@ class Worker:
     def put(self, item: Any) -> None:
         """Queue an item; raises the worker's error as soon as one happened."""
         self._raise_if_failed()
-        if not put_unless_stopped(self._queue, item, self._stop):
+        if not put_unless_stopped(self._queue, item, self._stop, poll_stops=True):
             self._raise_if_failed()
 
     def finish(self) -> None:
         """Wait until every queued item is handled; raise the worker's error if it failed."""
-        put_unless_stopped(self._queue, DONE, self._stop)
-        self._thread.join()
+        put_unless_stopped(self._queue, DONE, self._stop, poll_stops=True)  # False: it failed, raised below
+        stopping.wait_for(thread=self._thread)
         self._raise_if_failed()
 
     def abort(self) -> None:
@@ -119,15 +127,27 @@ class Worker:
             raise self._error
 
 
-def put_unless_stopped(target: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    """Put unless told to stop; True when the item went in."""
+def put_unless_stopped(target: queue.Queue, item: Any, stop: threading.Event, poll_stops: bool = False) -> bool:
+    """Put unless told to stop; True when the item went in. ``poll_stops``: raise ``Stopped`` when a
+    stop of the job is requested meanwhile (never in clean-up code, which must finish)."""
     while not stop.is_set():
         try:
             target.put(item, timeout=_POLL_S)
             return True
         except queue.Full:
+            if poll_stops:
+                stopping.check()
             continue
     return False
+
+
+def get_checking_stops(source: queue.Queue) -> Any:
+    """``source.get()``, raising ``Stopped`` when a stop of the job is requested while it waits."""
+    while True:
+        try:
+            return source.get(timeout=_POLL_S)
+        except queue.Empty:
+            stopping.check()
 
 
 def drain(source: queue.Queue) -> None:
@@ -158,13 +178,14 @@ class BackgroundCall:
         except BaseException as error:
             self._error = error
 
-    def wait(self) -> None:
-        """Wait for the call to end; its result or error stays for ``result()``."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the call to end (at most ``timeout`` seconds); its result or error stays for ``result()``."""
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout)
 
     def result(self) -> Any:
-        self.wait()
+        if self._thread.is_alive():
+            stopping.wait_for(thread=self._thread)
         if self._error is not None:
             raise self._error
         return self._value

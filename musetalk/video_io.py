@@ -16,12 +16,14 @@ without decoding them (``-c copy -f framecrc``), which is cheap even for long vi
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -34,7 +36,13 @@ from functools import lru_cache
 
 import numpy as np
 
+from musetalk import stopping
 from musetalk.errors import DiskSpaceError, FFmpegError, InputError
+
+try:
+    import resource  # POSIX: CPU-time limits for ffmpeg children
+except ImportError:  # Windows
+    resource = None
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +82,46 @@ INPUT_FORMATS = (
     "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif_pipe", "jpegxl_pipe", "qoi_pipe",
 )
 SEQUENCE_FORMAT = "image2"
+# Formats nobody films: drawings a renderer draws (an SVG of 4 KB can keep librsvg busy for many
+# minutes: dozens of blurs on an 8000x8000 canvas), documents and scripts. ffmpeg's image reader picks
+# its decoder by the extension, so these are refused by name, and by their first bytes under any
+# other name, before any ffmpeg sees them.
+UNFILMED_SUFFIXES = {
+    ".svg": "an SVG drawing", ".svgz": "an SVG drawing", ".eps": "a PostScript drawing",
+    ".ps": "a PostScript document", ".pdf": "a PDF document", ".ai": "an Illustrator drawing",
+    ".wmf": "a Windows metafile drawing", ".emf": "a Windows metafile drawing", ".swf": "a Flash animation",
+    ".html": "a web page", ".htm": "a web page", ".xml": "an XML document", ".avs": "an AviSynth script",
+    ".vpy": "a VapourSynth script",
+}
+_UNFILMED_CONTENT = (
+    (re.compile(rb"^(\xef\xbb\xbf)?\s*<(\?xml|svg|!doctype|html|!--)", re.IGNORECASE), "markup (SVG, XML or HTML)"),
+    (re.compile(rb"^%!PS"), "a PostScript document"),
+    (re.compile(rb"^%PDF-"), "a PDF document"),
+)
+# Probing reads every packet (no decoding but a picture's first frame): this long for any file,
+# plus a second per PROBE_BYTES_PER_S of it, of wall-clock time and of CPU time.
+PROBE_BASE_S = 10.0
+PROBE_BYTES_PER_S = 20e6
+# What a probe decodes (a few frames to learn the codec's parameters, a photo) needs one thread.
+_PROBE_THREADS = ["-threads", "1"]
 # Larger pictures are refused before anything decodes them: a PNG of a few kilobytes can declare
 # 30000x30000 pixels (gigabytes once decoded). 100 MP still admits 8K video and most camera photos.
 MAX_INPUT_PIXELS = 100_000_000
 # Seconds an ffmpeg command that runs to completion (probe, audio decoding) may take; far more
 # than an hour-long file needs, so reaching it means ffmpeg is stuck on a damaged file.
 COMMAND_TIMEOUT_S = 600.0
+# How often a wait on ffmpeg looks whether the job was asked to stop.
+_POLL_S = 0.1
 # Seconds a FrameReader waits for ffmpeg to deliver one frame before it stops ffmpeg.
 STALL_TIMEOUT_S = 120.0
 # A writer's temporary file untouched this long belongs to a process that was killed.
 STALE_PARTIAL_SECONDS = 3600
+# The oldest ffmpeg this project supports: 5.1 brought -fps_mode, which the reader uses (Debian 12
+# ships 5.1). What else it must offer (musetalk doctor checks each):
+MIN_FFMPEG_VERSION = (5, 1)
+REQUIRED_ENCODERS = ("libx264", "aac")
+REQUIRED_MUXERS = ("mp4", "mov", "matroska", "framecrc", "rawvideo", "wav")
+REQUIRED_FILTERS = ("fps", "trim", "select", "scale", "setpts", "apad", "atrim", "adelay")
 # framecrc prints AV_NOPTS_VALUE for a missing timestamp.
 NO_PTS = -(2**63)
 # A packet that the demuxer flags AV_PKT_FLAG_DISCARD (before an mp4 edit list's start) is never shown.
@@ -92,25 +130,42 @@ PACKET_FLAG_DISCARD = 0x4
 
 @lru_cache(maxsize=1)
 def ffmpeg_exe() -> str:
-    """The ffmpeg binary: $MUSETALK_FFMPEG, else the system's, else the one imageio-ffmpeg ships."""
+    """The ffmpeg binary: $MUSETALK_FFMPEG, else the one imageio-ffmpeg ships, else the system's.
+
+    The bundled binary comes first on purpose: it is one known version (9.x) with known demuxers,
+    decoders and flags, the one the tests run. A system ffmpeg may be older (Debian 12 has 5.1) or
+    built with other libraries and demuxers; it is used when no bundled binary exists for the
+    platform, or when MUSETALK_FFMPEG names it. The oldest ffmpeg supported is MIN_FFMPEG_VERSION;
+    ``musetalk doctor`` says when the one found is older or lacks an encoder, muxer or filter."""
     configured = os.environ.get("MUSETALK_FFMPEG")
     if configured:
         if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
             raise FFmpegError(f"MUSETALK_FFMPEG={configured} is not an executable file; fix the path or unset it")
         return configured
+    bundled = bundled_ffmpeg()
+    if bundled:
+        return bundled
     system = shutil.which("ffmpeg")
     if system:
         return system
+    raise FFmpegError(
+        "ffmpeg was not found: `pip install imageio-ffmpeg` (it ships one), install the system package, "
+        "or set MUSETALK_FFMPEG to an ffmpeg binary"
+    )
+
+
+def bundled_ffmpeg() -> str | None:
+    """The binary of the imageio-ffmpeg package, None without the package (or without a binary for
+    this platform, where the package itself would hand out the system's)."""
     try:
         import imageio_ffmpeg
     except ImportError:
-        imageio_ffmpeg = None
-    if imageio_ffmpeg is not None:
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    raise FFmpegError(
-        "ffmpeg was not found: install the system package, `pip install imageio-ffmpeg`, "
-        "or set MUSETALK_FFMPEG to an ffmpeg binary"
-    )
+        return None
+    try:
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError:  # no binary for this platform and no system ffmpeg either
+        return None
+    return shutil.which(exe) or (exe if os.path.isfile(exe) else None)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -126,8 +181,34 @@ def _file_input(path: str) -> list[str]:
     name containing ':' is never read as a protocol (e.g. 'http:x.mp4') nor one starting with
     '-' as an option."""
     path = os.path.abspath(path)
+    refuse_unfilmed_formats(path)
     formats = INPUT_FORMATS if "%" in path else (*INPUT_FORMATS, SEQUENCE_FORMAT)
     return ["-protocol_whitelist", "file", "-format_whitelist", ",".join(formats), "-i", "file:" + path]
+
+
+def refuse_unfilmed_formats(path: str) -> None:
+    """InputError for a drawing, document or script (by its name, then by its first bytes): formats
+    nobody films, some of which a renderer can be made to work on for minutes."""
+    suffix = os.path.splitext(path)[1].lower()
+    kind = UNFILMED_SUFFIXES.get(suffix)
+    if kind is None:
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(512)
+        except OSError:
+            return  # unreadable: the usual checks say so
+        kind = next((name for pattern, name in _UNFILMED_CONTENT if pattern.match(head)), None)
+    if kind is not None:
+        raise InputError(
+            f"{path} is {kind}, not a video, photo or audio file; such files are not opened here (they are "
+            f"drawn by a renderer, not filmed). Give an mp4/mov/mkv/webm video, a jpg/png/webp photo or a "
+            f"wav/mp3/m4a audio file"
+        )
+
+
+def probe_time_limit(path: str) -> float:
+    """Seconds (wall clock and CPU) a probe of this file may take: a few, plus one per PROBE_BYTES_PER_S."""
+    return PROBE_BASE_S + os.path.getsize(path) / PROBE_BYTES_PER_S
 
 
 def _decoding_limits() -> list[str]:
@@ -227,16 +308,49 @@ def _stop_process(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run_bounded(cmd: list[str], what: str) -> subprocess.CompletedProcess:
-    """Run a command to completion within COMMAND_TIMEOUT_S; past it ffmpeg is killed and reaped."""
+def _run_bounded(cmd: list[str], what: str, time_limit: float | None = None) -> subprocess.CompletedProcess:
+    """Run a command to completion within ``time_limit`` seconds (default COMMAND_TIMEOUT_S) of
+    wall-clock time and as many seconds of CPU time; past either, ffmpeg is stopped. A stop request
+    (a signal to the command) stops it too. The child is always reaped."""
+    limit = COMMAND_TIMEOUT_S if time_limit is None else min(time_limit, COMMAND_TIMEOUT_S)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _limit_cpu_time(proc.pid, limit)
+    deadline = time.monotonic() + limit
     try:
-        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False,
-                              timeout=COMMAND_TIMEOUT_S)
-    except subprocess.TimeoutExpired as error:
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=max(0.01, min(_POLL_S, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                stopping.check()
+                if time.monotonic() >= deadline:
+                    raise FFmpegError(
+                        f"ffmpeg did not finish within {limit:.3g} s to {what}; the file is probably damaged (or far "
+                        f"too long, or made to keep a decoder busy): give a shorter or re-encoded file"
+                    ) from None
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    if proc.returncode == -getattr(signal, "SIGXCPU", -1):
         raise FFmpegError(
-            f"ffmpeg did not finish within {COMMAND_TIMEOUT_S:g} s to {what}; the file is probably damaged "
-            f"(or far too long): give a shorter or re-encoded file"
-        ) from error
+            f"ffmpeg used more than {limit:.3g} s of processor time to {what} and was stopped; the file is made "
+            f"to keep a decoder busy (or is damaged): give another file"
+        )
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _limit_cpu_time(pid: int, seconds: float) -> None:
+    """Let the process use at most about ``seconds`` of CPU time (the kernel stops it with SIGXCPU), so
+    a file that keeps several decoder threads busy is stopped in proportion, not only by the clock.
+    Linux only (elsewhere the wall-clock limit alone holds)."""
+    if not hasattr(resource, "prlimit"):
+        return
+    soft = max(1, math.ceil(seconds))
+    try:
+        resource.prlimit(pid, resource.RLIMIT_CPU, (soft, soft + 5))
+    except (OSError, ValueError):
+        pass  # ended already, or not allowed here: the wall-clock limit still holds
 
 
 def run_ffmpeg(args: list[str], what: str) -> subprocess.CompletedProcess:
@@ -280,6 +394,14 @@ class MediaInfo:
     # (width, height) the file's frames have when width/height were changed by resized(): a
     # FrameReader then scales every frame down to width x height. None: frames are read as stored.
     native_size: tuple[int, int] | None = None
+    # The rate the file declares when that timing was not believed (see retimed()); None: as declared.
+    retimed_from: float | None = None
+
+    def retimed(self, fps: float) -> MediaInfo:
+        """The same frames, one after another at ``fps``: for a file whose declared timing is absurd
+        (100,000 or 0.001 fps). A FrameReader then counts frames, not timestamps."""
+        return dataclasses.replace(self, fps=float(fps), duration=self.num_frames / fps, is_vfr=False,
+                                   video_start=0.0, retimed_from=self.retimed_from or self.fps)
 
     def resized(self, width: int, height: int) -> MediaInfo:
         """The same file, read at width x height (FrameReader scales each frame)."""
@@ -443,11 +565,11 @@ def probe(path) -> MediaInfo:
     path = os.fspath(path)
     _require_file(path)
     cmd = (  # the pixel limit too: finding a picture's size decodes it, and a bomb must not be decoded
-        _ffmpeg_base("info") + _decoding_limits() + _file_input(path)
+        _ffmpeg_base("info") + _decoding_limits() + _PROBE_THREADS + _file_input(path)
         + ["-map", "0:V:0?", "-map", "0:a:0?", "-c", "copy", "-f", "framecrc", "-"]
     )
     logger.debug("probing %s", path)
-    result = _run_bounded(cmd, f"read the streams of {path}")
+    result = _run_bounded(cmd, f"read the streams of {path}", probe_time_limit(path))
     stderr = result.stderr.decode("utf-8", "replace")
     header = _parse_header(stderr)
     _raise_for_unreadable(path, result.returncode, stderr, header)
@@ -456,24 +578,54 @@ def probe(path) -> MediaInfo:
 
 
 def _raise_for_unreadable(path: str, returncode: int, stderr: str, header: _Header) -> None:
+    """One clear line for a file ffmpeg cannot read; its log goes to the log (musetalk -v shows it)."""
     lines = stderr.splitlines()
     if "Format not on whitelist" in stderr:
         _raise_refused_format(path)
-    if m := _OVER_LIMIT_RE.search(stderr):
+    if m := _OVER_LIMIT_RE.search(stderr) or _INVALID_SIZE_RE.search(stderr):
         _check_pixel_count(path, int(m.group(1)), int(m.group(2)))
+    media = [s for s in header.streams if s.kind in ("Video", "Audio") and "(attached pic)" not in s.details]
+    pictures_without_size = [s for s in media if s.kind == "Video" and not _SIZE_RE.search(s.details)]
+    if returncode != 0 or not header.format_name or pictures_without_size:
+        logger.info("ffmpeg's log for %s:\n%s", path, _tail(lines, STDERR_TAIL_LINES))
+    said = first_error(lines)
     if not header.format_name:
         raise InputError(
             f"{path} is not a video, image or audio file that ffmpeg can read (or it is corrupt or cut "
             f"short); give an mp4/mov/mkv/webm video, a jpg/png/webp image or a wav/mp3 audio file. "
-            f"ffmpeg said: {_tail(lines, 1)}"
+            f"ffmpeg said: {said}"
         )
     if "partial file" in stderr:
         raise InputError(f"{path} is cut short (an incomplete download or copy?); give the complete file")
-    media = [s for s in header.streams if s.kind in ("Video", "Audio") and "(attached pic)" not in s.details]
     if not media:
         raise InputError(f"{path} holds no video, picture or audio stream; give a media file with a picture or sound")
+    if pictures_without_size and "Invalid image size" in stderr:
+        raise InputError(
+            f"{path} declares a picture size that cannot be decoded (too large or invalid; at most "
+            f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels are read): scale it down or give another picture"
+        )
+    if pictures_without_size:
+        raise InputError(
+            f"the picture of {path} cannot be decoded ({said}): the file is damaged or not what its name "
+            f"says; give another file"
+        )
     if returncode != 0:
-        raise InputError(f"ffmpeg could not read the streams of {path}; is it damaged? ffmpeg said:\n{_tail(lines)}")
+        raise InputError(f"ffmpeg could not read the streams of {path} ({said}); is it damaged? Give another file")
+
+
+_LOG_TAG_RE = re.compile(r"^(\[[^\]]*@ ?0x[0-9a-f]+\]\s*)+", re.IGNORECASE)
+_LOG_NOISE = ("Input #", "Output #", "Duration:", "Stream ", "Consider increasing", "Press [q]", "Last message",
+              "Error initializing", "Could not write header", "Stream mapping", "Metadata:", "Side data:",
+              "Conversion failed", "Error opening output", "Error while opening")
+
+
+def first_error(lines: Iterable[str]) -> str:
+    """ffmpeg's first line that says what went wrong, without its '[png @ 0x...]' tags."""
+    for line in lines:
+        text = _LOG_TAG_RE.sub("", line.strip()).strip()
+        if text and not text.startswith(_LOG_NOISE) and not line.startswith(" "):
+            return text.rstrip(".")
+    return "no reason given"
 
 
 def _raise_refused_format(path: str) -> None:
@@ -538,6 +690,7 @@ def _display_size(path: str, video: _Stream) -> tuple[int, int, int]:
 
 
 _OVER_LIMIT_RE = re.compile(r"Picture size (\d+)x(\d+) exceeds specified max pixel count")
+_INVALID_SIZE_RE = re.compile(r"Picture size (\d+)x(\d+) is invalid")
 
 
 def _check_pixel_count(path: str, width: int, height: int) -> None:
@@ -556,14 +709,18 @@ def _decoded_image_size(path: str, from_header: tuple[int, int, int]) -> tuple[i
     """A photo's EXIF orientation is applied by ffmpeg's decoder but not listed in its header, so
     decode the picture once (cheap) to learn the size the reader will really deliver."""
     result = _run_bounded(
-        _ffmpeg_base("verbose") + _decoding_limits() + _file_input(path)
+        _ffmpeg_base("verbose") + _decoding_limits() + _PROBE_THREADS + _file_input(path)
         + ["-map", "0:V:0", "-frames:v", "1", "-f", "framecrc", "-"],
-        f"decode the picture {path}",
+        f"decode the picture {path}", probe_time_limit(path),
     )
     stderr = result.stderr.decode("utf-8", "replace")
     dimensions = _DIMENSIONS_RE.search(result.stdout.decode("utf-8", "replace"))
     if result.returncode != 0 or not dimensions:
-        raise InputError(f"the picture {path} cannot be decoded; is it damaged? ffmpeg said: {_tail(stderr.splitlines(), 2)}")
+        logger.info("ffmpeg's log for %s:\n%s", path, _tail(stderr.splitlines(), STDERR_TAIL_LINES))
+        if m := _OVER_LIMIT_RE.search(stderr) or _INVALID_SIZE_RE.search(stderr):
+            _check_pixel_count(path, int(m.group(1)), int(m.group(2)))
+        raise InputError(f"the picture {path} cannot be decoded ({first_error(stderr.splitlines())}); is it damaged? "
+                         f"Give another file")
     width, height = int(dimensions.group(1)), int(dimensions.group(2))
     if (width, height) == from_header[:2]:
         # Upside down (EXIF 3) leaves no trace in the log: the pixels come out right, the angle says 0.
@@ -641,6 +798,8 @@ class FrameReader:
             limit = 1 if limit is None else min(limit, 1)
             return cmd + _file_input(self.path) + self._output_args(limit, self._scale_filter())
         chain = ",".join(f for f in (self._video_filter(), self._scale_filter()) if f)
+        if self.info.retimed_from is not None:  # no seeking: the file's timestamps mean nothing here
+            return cmd + _file_input(self.path) + self._output_args(limit, chain or None)
         return cmd + self._seeking_input() + self._output_args(limit, chain or None)
 
     def _scale_filter(self) -> str | None:
@@ -668,6 +827,8 @@ class FrameReader:
         return ["-copyts", "-noaccurate_seek", "-ss", f"{self._seek_seconds():.6f}"] + _file_input(self.path)
 
     def _video_filter(self) -> str | None:
+        if self.info.retimed_from is not None:
+            return self._retimed_filter()
         first_frame = self.info.container_start + self.info.video_start  # as -copyts timestamps count
         if self._resample:
             # start_time pins slot 0 to the first frame; after a seek, fps fills the slots before the
@@ -680,6 +841,14 @@ class FrameReader:
             cutoff = first_frame + (self.start_frame - 0.5) / self._fps
             return f"select=gte(t\\,{cutoff:.9f})"
         return None
+
+    def _retimed_filter(self) -> str:
+        """Frame k of the file at k / info.fps seconds (setpts), then resampled or skipped like any other."""
+        chain = f"setpts=N/({_rate_arg(self.info.fps)}*TB)"
+        if self._resample:
+            chain += f",fps=fps={_rate_arg(self._fps)}:start_time=0"
+            return chain + (f",trim=start_frame={self.start_frame}" if self.start_frame else "")
+        return chain + (f",select=gte(n\\,{self.start_frame})" if self.start_frame else "")
 
     def _output_args(self, limit: int | None, video_filter: str | None) -> list[str]:
         args = ["-map", "0:V:0", "-an", "-sn", "-dn"]
@@ -819,8 +988,14 @@ def finished_segments(stream_dir) -> list[str]:
 
 
 
+# What an output's extension asks for: the muxer that writes it. Every one holds H.264 video and AAC
+# sound; other extensions (.webm, .avi, ...) are refused rather than written as something else.
+OUTPUT_CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
+
+
 class FrameWriter:
-    """Encode RGB uint8 frames to an H.264 (yuv420p) mp4 and mux an audio file in the same pass.
+    """Encode RGB uint8 frames to H.264 (yuv420p) and mux an audio file in the same pass, into the
+    container the output's name says: MP4 (.mp4), QuickTime (.mov) or Matroska (.mkv).
 
     The output has exactly the frames written; the audio (AAC 192k) is cut to the video's length
     or padded with silence up to it, and audio_offset_s > 0 delays it (< 0 skips its start).
@@ -859,9 +1034,11 @@ class FrameWriter:
         self.frames_written = 0
         self._frame_shape = (self.height, self.width, 3)
         directory, name = os.path.split(self.out_path)
-        stem = os.path.splitext(name)[0]
+        stem, self._suffix = os.path.splitext(name)
+        self._suffix = self._suffix.lower()
+        self._muxer = OUTPUT_CONTAINERS[self._suffix]
         _remove_stale_partials(directory, stem)
-        self._temp_path = os.path.join(directory, f".{stem}.{uuid.uuid4().hex[:8]}.partial.mp4")
+        self._temp_path = os.path.join(directory, f".{stem}.{uuid.uuid4().hex[:8]}.partial{self._suffix}")
         self._proc: subprocess.Popen | None = None
         self._stderr: _StderrDrain | None = None
         self._done = False
@@ -885,6 +1062,7 @@ class FrameWriter:
                 raise InputError(
                     f"the output path {self.out_path} is one of the inputs; choose another output name"
                 )
+        require_output_suffix(self.out_path)
         if self.audio_path is not None:
             _require_file(self.audio_path, "audio")
 
@@ -906,13 +1084,19 @@ class FrameWriter:
                 # apad makes the audio endless; -shortest then ends it near the last video frame.
                 cmd += ["-shortest"]
         if self.stream_dir is None:
-            return cmd + ["-movflags", "+faststart", "-f", "mp4", "-y", self._temp_path]
+            return cmd + self._container_args() + ["-y", self._temp_path]
+        # One encoding, two outputs: the file, and the HLS segments a page plays while the rest is made.
         segments = os.path.join(self.stream_dir, "segment%05d.ts")
+        faststart = ":movflags=+faststart" if self._muxer in ("mp4", "mov") else ""
         return cmd + [
             "-force_key_frames", f"expr:gte(t,n_forced*{STREAM_SEGMENT_SECONDS})", "-f", "tee", "-y",
-            f"[f=mp4:movflags=+faststart]{self._temp_path}|[f=hls:hls_time={STREAM_SEGMENT_SECONDS}:"
+            f"[f={self._muxer}{faststart}]{self._temp_path}|[f=hls:hls_time={STREAM_SEGMENT_SECONDS}:"
             f"hls_list_size=0:hls_segment_filename={segments}]{os.path.join(self.stream_dir, STREAM_PLAYLIST)}",
         ]
+
+    def _container_args(self) -> list[str]:
+        faststart = ["-movflags", "+faststart"] if self._muxer in ("mp4", "mov") else []  # playable while loading
+        return faststart + ["-f", self._muxer]
 
     def _audio_filter(self) -> str:
         filters = []
@@ -963,7 +1147,13 @@ class FrameWriter:
             proc.stdin.close()
         except OSError:
             pass  # ffmpeg already gone: its exit code below tells why
-        returncode = proc.wait()
+        try:
+            returncode = _wait_checking_stops(proc)
+        except BaseException:  # a stop request while the encoder finishes: nothing is kept
+            _stop_process(proc)
+            self._stderr.join()
+            self._remove_temp()
+            raise
         self._stderr.join()
         if returncode != 0:
             self._remove_temp()
@@ -989,11 +1179,11 @@ class FrameWriter:
         if audio_seconds <= video_seconds + 0.025:
             return
         logger.debug("%s: trimming audio from %.3f s to %.3f s", self.out_path, audio_seconds, video_seconds)
-        trimmed = self._temp_path[: -len(".mp4")] + ".trim.mp4"
+        trimmed = self._temp_path[: -len(self._suffix)] + ".trim" + self._suffix
         try:
             run_ffmpeg(
                 _file_input(self._temp_path) + ["-map", "0", "-c", "copy", "-t", f"{video_seconds:.6f}",
-                                                 "-movflags", "+faststart", "-f", "mp4", "-y", trimmed],
+                                                 *self._container_args(), "-y", trimmed],
                 f"trim the audio of {self.out_path}",
             )
             os.replace(trimmed, self._temp_path)
@@ -1041,12 +1231,92 @@ class FrameWriter:
             self.abort()
 
 
+def _wait_checking_stops(proc: subprocess.Popen) -> int:
+    """``proc.wait()``, raising ``Stopped`` when a stop of the job is requested meanwhile."""
+    while True:
+        try:
+            return proc.wait(timeout=_POLL_S)
+        except subprocess.TimeoutExpired:
+            stopping.check()
+
+
+def require_output_suffix(path) -> None:
+    """InputError unless the name ends in an extension FrameWriter writes."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in OUTPUT_CONTAINERS:
+        kind = f"{suffix} files are not written here" if suffix else "a name without one is not written"
+        raise InputError(
+            f"the output {os.fspath(path)} must end in .mp4, .mov or .mkv (MP4, QuickTime or Matroska: H.264 "
+            f"video with AAC sound); {kind}"
+        )
+
+
+def check_output_path(path) -> None:
+    """InputError, before any work and creating nothing, when ``path`` cannot be written: it is a
+    folder, a file stands where a folder of it should be, or its folder is not writable (read-only,
+    not yours). Folders that do not exist yet are fine: ``folders_for`` creates them."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"the output {path} is a folder; give a file name in it")
+    folder = existing_folder(path)
+    if not os.path.isdir(folder):
+        raise InputError(f"the output {path} cannot be written: {folder} is a file, not a folder; "
+                         f"choose another output path")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise InputError(f"the output folder {folder} is not writable ({error.strerror}); choose another "
+                         f"folder or make it writable") from None
+
+
+def existing_folder(path) -> str:
+    """The nearest folder above ``path`` that exists (or a file standing where a folder should be)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def folders_for(path) -> Iterator[None]:
+    """Create the missing folders of ``path`` for the block; a block that fails removes them again
+    (the ones it created, when still empty), so a refused or stopped job leaves no empty folders."""
+    missing = []
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    made: list[str] = []
+    for new in reversed(missing):
+        try:
+            os.mkdir(new)
+            made.insert(0, new)
+        except FileExistsError:
+            continue  # made meanwhile by another job: not ours to remove
+        except OSError as error:
+            _remove_folders(made)
+            raise InputError(f"cannot create the folder {new} ({error.strerror}); choose another output path") from None
+    try:
+        yield
+    except BaseException:
+        _remove_folders(made)
+        raise
+
+
+def _remove_folders(folders: list[str]) -> None:
+    for folder in folders:  # the deepest first
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # not empty (another job wrote there meanwhile) or not there: left as it is
+
+
 def _remove_stale_partials(directory: str, stem: str) -> None:
     """Remove what a writer of the same output left when its process was killed outright (SIGKILL:
     no chance to clean up; its ffmpeg then finishes the temporary file on its own). A writer at
     work touches its file with every frame, so only files untouched for STALE_PARTIAL_SECONDS go."""
     cutoff = time.time() - STALE_PARTIAL_SECONDS
-    pattern = re.compile(re.escape(f".{stem}.") + r"[0-9a-f]{8}\.partial(\.trim)?\.mp4")
+    pattern = re.compile(re.escape(f".{stem}.") + r"[0-9a-f]{8}\.partial(\.trim)?\.(mp4|mov|mkv)")
     for name in os.listdir(directory):
         if not pattern.fullmatch(name):
             continue

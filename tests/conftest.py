@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from musetalk.testing import save_tiny_models
-from musetalk.video_io import ffmpeg_exe
+from musetalk.video_io import bundled_ffmpeg, ffmpeg_exe
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -62,9 +62,15 @@ def models_dir(tmp_path_factory) -> Path:
     return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
+def media_ffmpeg() -> str:
+    """The ffmpeg that makes the tests' media: the bundled one (a known 9.x: -display_rotation, every
+    encoder used here), whatever ffmpeg the code under test runs (MUSETALK_FFMPEG may name an older one)."""
+    return bundled_ffmpeg() or ffmpeg_exe()
+
+
 def ffmpeg(*args: str) -> None:
-    """Run ffmpeg quietly on local files; a failure fails the test with ffmpeg's message."""
-    completed = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
+    """Make test media with ffmpeg quietly; a failure fails the test with ffmpeg's message."""
+    completed = subprocess.run([media_ffmpeg(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args],
                                capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
 

@@ -22,6 +22,9 @@ from conftest import ffmpeg
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = Path(__file__).parent / "data" / "face.jpg"
+# httpx's default of 5 s per request is too short for a server in this process whose jobs share two
+# busy cores with the whole machine: an upload answered in 6 s failed the test.
+CLIENT_HTTPX = {"timeout": 120}
 SHORT_TEXT = "Hi there."  # the browser test speaks it too: the second time it comes from the speech cache
 
 
@@ -75,7 +78,7 @@ def client(services, tmp_path_factory, monkeypatch_module):
 
     monkeypatch_module.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     with launched_app(services) as url:
-        yield Client(url, verbose=False, analytics_enabled=False,
+        yield Client(url, verbose=False, analytics_enabled=False, httpx_kwargs=CLIENT_HTTPX,
                      download_files=str(tmp_path_factory.mktemp("downloads")))
 
 

@@ -25,7 +25,7 @@ from musetalk.studio import Studio, StudioConfig
 from musetalk.video_io import probe, read_frames
 
 from conftest import ffmpeg
-from test_app import launched_app
+from test_app import CLIENT_HTTPX, launched_app
 from test_robustness import FACE_JPG, SIDE, audio_frames, encoders, ffmpeg_children, speech
 
 COLOURS = [(230, 40, 40), (40, 200, 40), (40, 60, 230)]  # one corner mark per job
@@ -116,7 +116,8 @@ def monkeypatch_module():
 def new_client(url: str, downloads: Path):
     from gradio_client import Client
 
-    return Client(url, verbose=False, analytics_enabled=False, download_files=str(downloads))
+    return Client(url, verbose=False, analytics_enabled=False, download_files=str(downloads),
+                  httpx_kwargs=CLIENT_HTTPX)
 
 
 def submit_generate(client, job: dict):

@@ -159,7 +159,7 @@ def test_jobs_file_runs_every_job(models_dir, face_clip, speech_clip, tmp_path):
     )
     assert run_cli(models_dir, "--config", str(jobs), "--out-dir", str(tmp_path / "results")) == 0
     assert probe(tmp_path / "results" / f"{face_clip.stem}_{speech_clip.stem}.mp4").num_frames == 40
-    assert probe(tmp_path / "named.mp4").num_frames == 40
+    assert probe(tmp_path / "results" / "named.mp4").num_frames == 40  # relative outputs are under --out-dir
 
 
 def test_no_face_anywhere_is_one_clear_line(models_dir, speech_clip, tmp_path, capsys):

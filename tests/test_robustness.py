@@ -9,6 +9,7 @@ formats ride along with the video cases).
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -116,7 +117,8 @@ def redrawn_everywhere(result) -> bool:
 
 
 def audio_frames(path: Path, fps: float) -> int:
-    return int(len(audio_lib.load_audio(path)) / audio_lib.SAMPLE_RATE * fps)
+    """Frames that carry the whole audio (rounded up)."""
+    return math.ceil(len(audio_lib.load_audio(path)) / audio_lib.SAMPLE_RATE * fps - 1e-6)
 
 
 # --------------------------------------------------------------------------- videos through the pipeline
@@ -159,12 +161,53 @@ def test_variable_frame_rate_with_5_1_ogg(pipeline, tmp_path):
 
 
 def test_one_frame_per_second_with_96khz_stereo_flac(pipeline, tmp_path):
+    """Lips cannot follow speech at 1 fps: the dub is made at 25 fps, each source frame held, and says so."""
     slow = face_video(tmp_path / "slow.mp4", 2, fps=1)
     assert probe(slow).fps == pytest.approx(1) and probe(slow).num_frames == 2
     audio = speech(tmp_path / "voice.flac", 2.0, "-ar", "96000", "-ac", "2")
     result = pipeline(slow, audio, tmp_path / "out.mp4")
-    assert result.fps == 1 and result.num_frames == 2 and redrawn_everywhere(result)
+    assert result.fps == 25 and result.num_frames == 50 and redrawn_everywhere(result)
+    assert result.notes == [f"{slow} runs at 1 fps, too slow for lips to follow speech: the dub is made at 25 fps "
+                            f"(each frame held; --fps sets another rate)"]
     assert probe(tmp_path / "out.mp4").duration == pytest.approx(2.0, abs=0.05)
+
+
+def test_the_output_always_carries_the_whole_audio(pipeline, models_dir, tmp_path, capsys):
+    """3.45 s of speech on a 1 fps clip gave 3.00 s (the official frame count rounds down); every
+    length of speech is now carried whole, at 1 fps through the CLI as at 25 fps."""
+    slow = face_video(tmp_path / "slow.mp4", 3, fps=1)
+    audio = speech(tmp_path / "voice.wav", 3.45)
+    assert cli.main(["run", "--engine", "preview", "--no-cache", "--video", str(slow), "--audio", str(audio),
+                     "--out", str(tmp_path / "out.mp4")]) == 0
+    captured = capsys.readouterr()
+    assert "runs at 1 fps, too slow for lips to follow speech: the dub is made at 25 fps" in captured.err
+    out = probe(tmp_path / "out.mp4")
+    assert out.fps == 25 and out.num_frames == 87  # 3.45 s at 25 fps, rounded up: 3.48 s
+    assert video_io._audio_stream_end(str(tmp_path / "out.mp4")) >= 3.45
+    odd = speech(tmp_path / "odd.wav", 0.33)  # 8.25 frames at 25 fps: 9 frames, not 8
+    result = pipeline(face_video(tmp_path / "clip.mp4", 0.2), odd, tmp_path / "odd.mp4", RunOptions(fps=25))
+    assert result.num_frames == 9 and result.duration >= 0.33
+    assert video_io._audio_stream_end(str(tmp_path / "odd.mp4")) >= 0.33 - 1e-3
+
+
+@pytest.mark.parametrize("declared, frames, timing", [
+    (100_000, 25, "setpts=N/100000/TB"),  # 6 KB that would plan 200,000 output frames for 2 s of speech
+    (0.001, 3, "setpts=N*1000/TB"),  # 3 frames over 3000 s: 75,000 frames to analyse at 25 fps
+])
+def test_absurd_declared_rates_are_taken_frame_by_frame_at_25_fps(pipeline, tmp_path, declared, frames, timing):
+    video = tmp_path / "declared.mp4"
+    ffmpeg("-loop", "1", "-framerate", "25", "-i", str(FACE_JPG), "-frames:v", str(frames),
+           "-vf", f"scale={SIDE}:{SIDE},{timing}", "-fps_mode", "passthrough",
+           "-video_track_timescale", str(max(1000, int(declared))), "-pix_fmt", "yuv420p", str(video))
+    info = probe(video)
+    assert info.fps == pytest.approx(declared) and info.num_frames == frames
+    audio = speech(tmp_path / "voice.wav", 0.6)
+    result = pipeline(video, audio, tmp_path / "out.mp4", RunOptions(batch_size=8))
+    assert result.fps == 25 and result.num_frames == 15 and redrawn_everywhere(result)
+    assert result.notes == [f"{video} declares {declared:g} frames per second, which no camera films: its "
+                            f"{frames} frame(s) are taken one after another at 25 fps"]
+    out = probe(tmp_path / "out.mp4")
+    assert out.fps == 25 and out.num_frames == 15
 
 
 def test_sixty_frames_per_second_with_opus_webm_audio(pipeline, tmp_path):
@@ -433,7 +476,7 @@ def test_sigterm_stops_the_command_cleanly(models_dir, clip, voice, tmp_path, ca
     previous = signal.getsignal(signal.SIGTERM)
     code = cli.main(["run", "--models-dir", str(models_dir), "--device", "cpu", "--no-cache", "--video", str(clip),
                      "--audio", str(voice), "--out", str(tmp_path / "out.mp4")])
-    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM and "interrupted by SIGTERM" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == previous, "the command left its signal handler behind"
     assert not (tmp_path / "out.mp4").exists() and not leftovers(tmp_path)
     assert not ffmpeg_children()
@@ -541,10 +584,22 @@ def test_stuck_ffmpeg_is_stopped_by_the_time_limits(stuck_ffmpeg, clip, voice, m
 
 
 def test_a_slow_consumer_never_trips_the_stall_limit(clip, monkeypatch):
-    """Only waiting for ffmpeg counts: a reader whose consumer takes longer than the limit per frame still reads."""
-    monkeypatch.setattr(video_io, "STALL_TIMEOUT_S", 0.5)
+    """Only waiting for ffmpeg counts: a reader whose consumer takes far longer than the limit per frame
+    still reads. The consumer's slowness is simulated on the watchdog's clock (an hour per frame), so
+    the test does not depend on how fast ffmpeg starts on a busy machine (a 0.5 s limit once did)."""
+
+    class Clock:
+        offset = 0.0
+
+        @classmethod
+        def monotonic(cls):
+            return time.monotonic() + cls.offset
+
+    monkeypatch.setattr(video_io, "time", Clock)
+    monkeypatch.setattr(video_io, "STALL_TIMEOUT_S", 60.0)
     frames = 0
     for _ in read_frames(clip, max_frames=3):
-        time.sleep(0.8)
+        Clock.offset += 3600.0  # an hour spent by the consumer on this frame
+        time.sleep(1.2)  # the watchdog looks once a second: it sees the hour go by
         frames += 1
     assert frames == 3

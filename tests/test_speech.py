@@ -357,7 +357,8 @@ def test_run_dubs_a_video_from_text_end_to_end(models_dir, face_clip, tmp_path, 
     seconds = float(said.split("speech: ")[1].split(" s")[0])
     result = probe(out)
     assert result.has_audio and result.duration == pytest.approx(seconds, abs=0.1)
-    assert result.num_frames == int(seconds * probe(face_clip).fps)
+    fps = probe(face_clip).fps
+    assert seconds - 0.005 <= result.num_frames / fps < seconds + 1 / fps + 0.005  # the whole speech, rounded up
 
 
 def test_run_with_clone_voice_and_a_source_that_cannot_clone_is_refused(models_dir, face_clip, tmp_path, capsys):

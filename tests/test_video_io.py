@@ -20,10 +20,11 @@ from musetalk.video_io import (
     FrameWriter,
     decode_audio,
     extract_audio,
-    ffmpeg_exe,
     probe,
     read_frames,
 )
+
+from conftest import media_ffmpeg
 
 W, H = 64, 48
 # RGB grey level per index step: luma step 4 in limited range, expanded by 255/219 to full range.
@@ -32,7 +33,7 @@ GREY_STEP = 4 * 255 / 219
 
 def make(out: Path, *args: str) -> Path:
     """Run ffmpeg to create a test file."""
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args, str(out)]
+    cmd = [media_ffmpeg(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args, str(out)]
     subprocess.run(cmd, check=True)
     return out
 
@@ -335,6 +336,26 @@ def test_writer_round_trip_with_audio(media, tmp_path, audio, total):
     assert no_leftover_temp(tmp_path)
 
 
+@pytest.mark.parametrize("total", [None, 8])  # without total_frames the audio is trimmed afterwards, in place
+def test_the_container_follows_the_name(media, tmp_path, total):
+    """--out dub.mkv wrote an MP4 named .mkv: each name now gets its own container."""
+    signatures = {".mp4": (b"ftyp", b"isom"), ".mov": (b"ftyp", b"qt  "), ".mkv": (b"\x1aE\xdf\xa3", None)}
+    for suffix, (magic, brand) in signatures.items():
+        out = tmp_path / f"dub{suffix}"
+        with FrameWriter(out, W, H, 25, audio_path=media["long_wav"], total_frames=total) as writer:
+            for frame in indexed_frames(8):
+                writer.write(frame)
+        head = out.read_bytes()[:12]
+        assert magic in head[:8] and (brand is None or head[8:12] == brand), (suffix, head)
+        info = probe(out)
+        assert info.num_frames == 8 and info.has_audio and ("matroska" in info.format_name) == (suffix == ".mkv")
+        assert no_leftover_temp(tmp_path)
+    for refused in ("dub.webm", "dub.avi", "dub.MP4.gif", "dub"):
+        with pytest.raises(InputError, match=r"must end in \.mp4, \.mov or \.mkv"):
+            FrameWriter(tmp_path / refused, W, H, 25)
+        assert not (tmp_path / refused).exists()
+
+
 def test_writer_without_audio_keeps_rate(tmp_path):
     out = tmp_path / "ntsc.mp4"
     with FrameWriter(out, W, H, 30000 / 1001, crf=0, preset="ultrafast") as writer:
@@ -380,7 +401,7 @@ def test_writer_abort_on_exception_leaves_nothing(tmp_path):
         with FrameWriter(out, W, H, 25) as writer:
             writer.write(indexed_frames(1)[0])
             proc = writer._proc
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 60  # a busy machine may take seconds to start ffmpeg
             while not os.path.exists(writer.temp_path) and time.monotonic() < deadline:
                 time.sleep(0.01)  # ffmpeg creates the file once it has started
             assert os.path.exists(writer.temp_path)

@@ -1,7 +1,9 @@
 """Microsoft Edge's online neural voices through the ``edge-tts`` package (``pip install musetalk-studio[edge]``).
 
 Hundreds of natural voices in many languages, spoken by Microsoft's service: it needs the
-internet, and without it synthesis stops with a message saying so. The voice list is
+internet, and without it synthesis stops with a message saying so. Whether the service can be
+reached is not known until a call has worked, so ``available()`` answers None ("needs the
+internet") until the voice list or a sentence has come back, True after. The voice list is
 fetched once per process; offline, a short built-in list of well-known voices stands in.
 Options follow edge-tts: ``rate`` ("+10%"), ``pitch`` ("-5Hz"), ``volume`` ("+0%"), an HTTP
 ``proxy`` and a connection ``timeout`` in seconds. Clips carry word timings (``events``).
@@ -58,11 +60,21 @@ class EdgeSource:
     def __init__(self):
         self._online_voices: list[Voice] | None = None
         self._lock = threading.Lock()
+        self._reached = False  # a call to the service has worked in this process
+        self._last_failure: str | None = None
 
-    def available(self) -> tuple[bool, str]:
+    def available(self) -> tuple[bool | None, str]:
         if importlib.util.find_spec("edge_tts") is None:
             return False, "edge-tts is not installed: pip install musetalk-studio[edge]"
-        return True, "installed; speaking needs the internet"
+        if self._reached:
+            return True, "installed; Microsoft's speech service answered from here"
+        failed = f" (the last try: {self._last_failure})" if self._last_failure else ""
+        return None, f"needs the internet: Microsoft's speech service has not answered from here yet{failed}"
+
+    def _answered(self, error: BaseException | None = None) -> None:
+        """Remember whether the service answered; a connection that fails later says so again."""
+        self._reached = error is None
+        self._last_failure = None if error is None else _reason(error)
 
     def voices(self) -> list[Voice]:
         with self._lock:
@@ -72,8 +84,10 @@ class EdgeSource:
                     self._online_voices = sorted(
                         (Voice(v["ShortName"], _voice_label(v), v.get("Locale", "")) for v in found),
                         key=lambda voice: voice.id)
+                    self._answered()
                 except Exception as error:  # offline or blocked: the built-in list stands in
                     logger.info("edge voice list unavailable (%s); showing the built-in list", _reason(error))
+                    self._answered(error)
                     return [Voice(*known) for known in KNOWN_VOICES]
             return list(self._online_voices)
 
@@ -92,11 +106,14 @@ class EdgeSource:
         try:
             audio, words = _run(_collect(communicate))
         except edge_tts.exceptions.NoAudioReceived:
+            self._answered()  # it answered, with nothing
             raise InputError(f"Microsoft's service sent no audio for voice {voice!r}: check the voice "
                              f"(musetalk voices --source edge) and the text") from None
         except Exception as error:
+            self._answered(error)
             raise MuseTalkError(f"edge: could not reach Microsoft's speech service ({_reason(error)}). It needs the "
                                 f"internet; offline, use the espeak source") from error
+        self._answered()
         return _to_clip(audio, words, voice)
 
 

@@ -124,7 +124,7 @@ def submit_generate(client, job: dict):
     from gradio_client import handle_file
 
     return client.submit(video=handle_file(str(job["video"])), audio=handle_file(str(job["audio"])),
-                         measure=False, api_name="/generate")
+                         engine="musetalk", measure=False, api_name="/generate")
 
 
 def test_several_clients_at_once_each_get_their_own_correct_result(url, services, jobs, tmp_path):
@@ -149,7 +149,7 @@ def test_several_clients_at_once_each_get_their_own_correct_result(url, services
             image, note = preview.result()
             assert note.startswith("Frame 0:")
 
-    for job, (dub, side, summary, timings, _scores, _history, _files) in zip(jobs, results):
+    for job, (_stream, dub, side, summary, timings, _scores) in zip(jobs, results):
         info = probe(dub)
         assert info.num_frames == job["frames"] and (info.width, info.height) == (SIDE, SIDE) and info.has_audio
         assert np.abs(corner_colour(dub) - job["colour"]).max() < 25, "a client got another client's video"
@@ -158,7 +158,7 @@ def test_several_clients_at_once_each_get_their_own_correct_result(url, services
     assert not temporary_leftovers(services.work_dir), temporary_leftovers(services.work_dir)
     assert not ffmpeg_children()
 
-    per_job = [dict((row[0], row[1]) for row in result[3]["data"])["whole job"] for result in results]
+    per_job = [dict((row[0], row[1]) for row in result[4]["data"])["whole job"] for result in results]
     figures = {
         "clients": len(jobs), "frames_per_job": [job["frames"] for job in jobs],
         "wall_seconds": round(wall, 2), "per_job_seconds": [round(s, 2) for s in per_job],
@@ -188,7 +188,7 @@ def test_a_job_killed_mid_run_fails_cleanly_and_the_server_keeps_serving(url, se
     assert sorted(services.work_dir.iterdir()) == folders, "the failed request's folder was kept"
     assert not temporary_leftovers(services.work_dir)
 
-    dub = submit_generate(client, jobs[0]).result()[0]
+    dub = submit_generate(client, jobs[0]).result()[1]
     assert probe(dub).num_frames == jobs[0]["frames"]
     assert not ffmpeg_children()
 
@@ -229,7 +229,7 @@ def test_a_client_that_walks_away_mid_run_does_not_stop_the_server(url, services
 
     staying = new_client(url, tmp_path / "staying")
     assert "ready" in staying.predict(api_name="/status")
-    dub = submit_generate(staying, jobs[1]).result()[0]
+    dub = submit_generate(staying, jobs[1]).result()[1]
     assert probe(dub).num_frames == jobs[1]["frames"]
     assert np.abs(corner_colour(dub) - jobs[1]["colour"]).max() < 25
     deadline = time.monotonic() + 120

@@ -24,6 +24,7 @@ from musetalk.errors import InputError, MuseTalkError, WeightsMissingError
 
 logger = logging.getLogger(__name__)
 
+EXIT_JOBS_FAILED = 1  # a batch on a Ray cluster ran, and some of its jobs failed (the summary says which)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measure each result afterwards (lip-sync, silence, identity, stability; see `musetalk score`)")
     _add_speech_arguments(run, "imitate the voice of the video's own speaker (or of FILE); needs a source "
                                "that clones, such as coqui")
+    _add_batch_arguments(run)
     _add_model_arguments(run)
     _add_job_arguments(run)
     run.set_defaults(handler=_run)
@@ -165,6 +167,19 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, clone_help: str) -> N
     speech.add_argument("--clone-voice", nargs="?", const=True, metavar="FILE", help=clone_help)
 
 
+def _add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    batch = parser.add_argument_group("batches (--config)")
+    batch.add_argument("--resume", action="store_true", help="skip the jobs whose output is already complete")
+    batch.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="run the jobs on a Ray cluster: ADDRESS as `ray start --head` printed it (HOST:6379), "
+                            "auto, ray://HOST:10001, or nothing for $RAY_ADDRESS else a new cluster on this machine "
+                            "(pip install 'musetalk-studio[ray]'; docs/cluster.md)")
+    batch.add_argument("--worker-cpus", type=int, help="with --ray on a cluster without GPUs: CPUs per worker "
+                                                       "(default 2; with GPUs: one worker per GPU)")
+    batch.add_argument("--retries", type=int, default=2,
+                       help="with --ray: how often a job runs again when its worker dies (default 2)")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", help="default: $MUSETALK_MODELS_DIR, else a per-user cache folder")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default auto)")
@@ -229,7 +244,13 @@ def _run(args: argparse.Namespace) -> int:
         if args.video or args.audio or args.out or speech_given:
             raise InputError("give either --config or --video/--audio (or --text)/--out, not both")
         jobs = load_jobs(args.config, Path(args.out_dir))
+        if args.ray is not None:
+            return _run_on_ray(args, jobs)
+        if args.resume:
+            jobs = _without_finished(jobs)
     else:
+        if args.ray is not None or args.resume:
+            raise InputError("--ray and --resume go with --config jobs.yaml")
         if speech_given and args.audio:
             raise InputError("give either --audio or --text/--text-file, not both")
         if args.clone_voice is not None and not speech_given:
@@ -255,6 +276,35 @@ def _run(args: argparse.Namespace) -> int:
         if args.score:
             _score_result(result, video, getattr(audio, "path", audio), options, args)
     return 0
+
+
+def _without_finished(jobs: list[tuple[str, str, str, dict]]) -> list[tuple[str, str, str, dict]]:
+    from musetalk.cluster import is_complete
+
+    left = [job for job in jobs if not is_complete(job[2])]
+    if len(left) < len(jobs):
+        _say(f"--resume: skipping {len(jobs) - len(left)} job(s) whose output is complete")
+    return left
+
+
+def _run_on_ray(args: argparse.Namespace, jobs: list[tuple[str, str, str, dict]]) -> int:
+    """The jobs on a Ray cluster's workers, one progress bar for the batch, then the summary table."""
+    from musetalk import cluster
+
+    settings = cluster.WorkerSettings(
+        models_dir=os.path.abspath(args.models_dir) if args.models_dir else None, device=args.device,
+        dtype=args.dtype, engine=args.engine, compile=args.compile, use_cache=not args.no_cache, score=args.score,
+        worker_cpus=args.worker_cpus or cluster.DEFAULT_WORKER_CPUS)
+    if settings.worker_cpus < 1 or args.retries < 0:
+        raise InputError("--worker-cpus must be 1 or more and --retries 0 or more")
+    with _BatchBar() as bar:
+        report = cluster.run_batch(cluster.batch_jobs(jobs, args), args.ray or None, settings, resume=args.resume,
+                                   retries=args.retries, progress=bar.update, worker_logs=args.verbose)
+    for line in cluster.format_summary(report):
+        _say(line)
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if report.ok else EXIT_JOBS_FAILED
 
 
 def _load_pipeline(args: argparse.Namespace, version: str):
@@ -472,6 +522,37 @@ class _ProgressBars:
         # next (a result, an error) starts on a clean line.
         for bar in reversed(list(self.bars.values())):
             bar.close()
+
+
+class _BatchBar:
+    """One bar for a batch on a cluster, on stderr: jobs finished, frames per second, time left."""
+
+    def __init__(self):
+        self.bar = None
+
+    def update(self, progress) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=progress.total, desc="jobs", file=sys.stderr, mininterval=0.5,
+                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}{postfix}")
+        self.bar.update(progress.finished - self.bar.n)
+        if not progress.workers:
+            self.bar.set_postfix_str("starting the workers")
+            return
+        parts = [f"{progress.fps:.1f} frames/s", f"{len(progress.running)} running on {progress.workers} workers"]
+        if progress.seconds_left is not None:
+            parts.append(f"about {tqdm.format_interval(progress.seconds_left)} left")
+        if progress.failed:
+            parts.append(f"{progress.failed} failed")
+        self.bar.set_postfix_str(", ".join(parts))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _say(line: str, stream=None) -> None:

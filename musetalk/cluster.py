@@ -77,7 +77,8 @@ class WorkerSettings:
 class JobOutcome:
     job: BatchJob
     status: str = "pending"  # "done", "skipped" (--resume found it complete) or "failed"
-    node: str = ""  # where the last attempt ran: the node's address and the start of its id
+    node_id: str = ""  # the Ray node the last attempt ran on
+    node: str = ""  # that node's address and the start of its id, for people
     worker: str = ""  # which worker: "w3 (pid 1234)"
     attempts: int = 0
     seconds: float = 0.0  # the last attempt, on its worker
@@ -429,7 +430,8 @@ class _Batch:
             outcome = self.outcomes[index]
             outcome.attempts += 1
             worker.job, worker.attempt = index, outcome.attempts
-            outcome.node, outcome.worker = _node_label(worker.slot), f"{worker.label} (pid {worker.pid})"
+            outcome.node_id, outcome.node = worker.slot.node_id, _node_label(worker.slot)
+            outcome.worker = f"{worker.label} (pid {worker.pid})"
             self.prepared_on.setdefault(video_key(outcome.job), set()).add(worker.slot.node_id)
             self.first_job_at = self.first_job_at or time.perf_counter()
             self.calls[worker.actor.run.remote(index, outcome.attempts, outcome.job)] = worker

@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time the model alone per frame, as is and in each GPU-path variant (bf16, channels-last, "
                             "attention, cuDNN autotuning, partial decode, tiny decoder; compile with --compile); "
                             "--model tiny or full")
+    bench.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="a batch of --jobs short jobs (tiny models) on a Ray cluster against the same jobs one "
+                            "after another here: throughput and Ray's cost per job (ADDRESS as for run --ray; "
+                            "nothing: a new cluster on this machine, with all its CPUs)")
+    bench.add_argument("--jobs", type=int, default=8, help="with --ray: jobs in the batch (default 8)")
+    bench.add_argument("--worker-cpus", type=int, default=1, help="with --ray: CPUs per worker (default 1)")
     _add_model_arguments(bench)
     bench.set_defaults(handler=_bench)
 
@@ -172,7 +178,7 @@ def _add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--resume", action="store_true", help="skip the jobs whose output is already complete")
     batch.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                        help="run the jobs on a Ray cluster: ADDRESS as `ray start --head` printed it (HOST:6379), "
-                            "auto, ray://HOST:10001, or nothing for $RAY_ADDRESS else a new cluster on this machine "
+                            "auto, ray://HOST:10001, or nothing: $RAY_ADDRESS, else this machine's cluster, else a new one here "
                             "(pip install 'musetalk-studio[ray]'; docs/cluster.md)")
     batch.add_argument("--worker-cpus", type=int, help="with --ray on a cluster without GPUs: CPUs per worker "
                                                        "(default 2; with GPUs: one worker per GPU)")
@@ -437,6 +443,8 @@ def _bench(args: argparse.Namespace) -> int:
     from musetalk import bench, model_bench
 
     batch_size = None if args.batch_size == "auto" else args.batch_size
+    if args.ray is not None:
+        return _bench_cluster(args)
     if args.variants:
         variants = model_bench.time_variants(args.model, args.device, args.dtype, batch_size or CPU_BATCH,
                                              with_compile=args.compile,
@@ -445,10 +453,7 @@ def _bench(args: argparse.Namespace) -> int:
             _say(line)
         return 0
 
-    try:
-        width, height = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--size must look like 1280x720, not {args.size!r}") from None
+    width, height = _bench_size(args.size)
     with _ProgressBars() as bars:
         report = bench.run_bench(args.model, args.video, width, height, args.seconds, args.fps, args.models_dir,
                                  args.device, args.dtype, batch_size, args.runs, progress=bars.update,
@@ -456,6 +461,26 @@ def _bench(args: argparse.Namespace) -> int:
     for line in ([report.as_json()] if args.json else bench.format_report(report)):
         _say(line)
     return 0
+
+
+def _bench_cluster(args: argparse.Namespace) -> int:
+    from musetalk import cluster_bench
+
+    width, height = _bench_size(args.size)
+    with _BatchBar() as bar:
+        report = cluster_bench.run_cluster_bench(args.ray or None, args.jobs, width, height, args.seconds, args.fps,
+                                                 args.worker_cpus, progress=bar.update)
+    for line in ([report.as_json()] if args.json else cluster_bench.format_cluster_report(report)):
+        _say(line)
+    return 0
+
+
+def _bench_size(size: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size must look like 1280x720, not {size!r}") from None
+    return width, height
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -82,6 +82,7 @@ class JobOutcome:
     worker: str = ""  # which worker: "w3 (pid 1234)"
     attempts: int = 0
     seconds: float = 0.0  # the last attempt, on its worker
+    round_trip_seconds: float = 0.0  # the last attempt as the driver saw it: handed out to result back
     frames: int = 0
     cache_hit: bool | None = None  # the node had the video's prepared avatar (None: no cache, or not run)
     scores: dict[str, float | None] = field(default_factory=dict)
@@ -94,6 +95,7 @@ class BatchReport:
     seconds: float  # the whole batch: connecting, starting the workers, every job
     workers: int  # workers that took part (replacements of dead ones included)
     start_seconds: float = 0.0  # until the first worker had loaded its models
+    run_seconds: float = 0.0  # from the first job handed out to the last result
     interrupted: bool = False  # Ctrl-C or SIGTERM stopped it: the jobs not done are "failed"
 
     @property
@@ -233,7 +235,7 @@ def run_batch(jobs: list[BatchJob], address: str | None = None, settings: Worker
     """Run ``jobs`` on the Ray cluster at ``address`` and return what became of each.
 
     ``address``: what ``ray.init`` takes ("auto", "HOST:6379", "ray://HOST:10001"); None: Ray's own
-    rule (RAY_ADDRESS, else a new cluster on this machine). When Ray is already initialised in
+    rule (RAY_ADDRESS, else the cluster this machine belongs to, else a new one here). When Ray is already initialised in
     this process, that connection is used and left open. ``resume``: skip jobs whose output is
     complete. ``progress``: called with a ``BatchProgress`` every POLL_SECONDS or so.
     ``worker_logs``: show the workers' log lines here too.
@@ -264,7 +266,7 @@ def run_batch(jobs: list[BatchJob], address: str | None = None, settings: Worker
         if connected_here:
             ray.shutdown()
     return BatchReport(outcomes, time.perf_counter() - started, batch.workers_started, batch.start_seconds,
-                       interrupted)
+                       batch.run_seconds, interrupted)
 
 
 def _import_ray():
@@ -300,6 +302,7 @@ class _Worker:
     pid: int = 0
     job: int | None = None  # index of the job it runs
     attempt: int = 0
+    job_started: float = 0.0  # when the driver handed the job out
 
 
 class _Batch:
@@ -323,6 +326,7 @@ class _Batch:
         self.started_at = time.perf_counter()
         self.first_job_at: float | None = None
         self.start_seconds = 0.0
+        self.run_seconds = 0.0
         self.workers_started = 0
         self.last_error = ""
         self.board = None
@@ -350,6 +354,7 @@ class _Batch:
             if self.progress and time.perf_counter() - last_report >= POLL_SECONDS:
                 self.progress(self._snapshot())
                 last_report = time.perf_counter()
+        self.run_seconds = time.perf_counter() - (self.first_job_at or time.perf_counter())
         if self.progress:
             self.progress(self._snapshot())
 
@@ -429,7 +434,7 @@ class _Batch:
             self.pending.remove(index)
             outcome = self.outcomes[index]
             outcome.attempts += 1
-            worker.job, worker.attempt = index, outcome.attempts
+            worker.job, worker.attempt, worker.job_started = index, outcome.attempts, time.perf_counter()
             outcome.node_id, outcome.node = worker.slot.node_id, _node_label(worker.slot)
             outcome.worker = f"{worker.label} (pid {worker.pid})"
             self.prepared_on.setdefault(video_key(outcome.job), set()).add(worker.slot.node_id)
@@ -456,6 +461,7 @@ class _Batch:
             self._worker_lost(worker, reason)
             return
         worker.job = None
+        outcome.round_trip_seconds = time.perf_counter() - worker.job_started
         outcome.seconds, outcome.frames = result["seconds"], result.get("frames", 0)
         outcome.cache_hit, outcome.scores = result.get("cache_hit"), result.get("scores", {})
         outcome.status = "done" if result["ok"] else "failed"

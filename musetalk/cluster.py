@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ REPORT_SECONDS = 0.25  # how often a worker reports a job's progress
 # file is removed when nothing has written to it for this long (or after PARTIAL_PATIENCE_SECONDS).
 PARTIAL_QUIET_SECONDS = 2.0
 PARTIAL_PATIENCE_SECONDS = 120.0
+CONNECT_SECONDS = 5.0  # to find out that nothing listens at a cluster's address
 START_FAILURES_PER_NODE = 2  # workers that died while loading their models before a node is left out
 
 
@@ -213,10 +215,10 @@ def plan_workers(nodes: list[dict], settings: WorkerSettings) -> list[WorkerSlot
             count = int(cpus // settings.worker_cpus)
             slots += [WorkerSlot(node["NodeID"], address, float(settings.worker_cpus), 0, "cpu")] * count
     if not slots:
-        total = sum(float(node["Resources"].get("CPU", 0)) for node in alive)
-        raise ClusterError(f"the Ray cluster ({len(alive)} node(s), {total:g} CPUs, no GPU) has no room for a worker "
-                           f"of {settings.worker_cpus} CPUs; give --worker-cpus {max(1, int(total))} or fewer, "
-                           f"or add nodes")
+        largest = max((int(node["Resources"].get("CPU", 0)) for node in alive), default=0)
+        raise ClusterError(f"no node of the Ray cluster ({len(alive)} node(s), at most {largest} CPUs each, no GPU) "
+                           f"has room for a worker of {settings.worker_cpus} CPUs; give --worker-cpus "
+                           f"{max(1, largest)} or fewer, or add nodes")
     return slots
 
 
@@ -283,12 +285,25 @@ def _connect(address: str | None, worker_logs: bool):
     ray = _import_ray()
     if ray.is_initialized():
         return ray, False
+    _check_listening(address)
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=worker_logs)
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:  # RayError: a wrong token
         raise ClusterError(f"could not reach a Ray cluster at {address or 'RAY_ADDRESS or this machine'}: {error}; "
                            f"start one with `ray start --head` (docs/cluster.md) or check the address") from error
     return ray, True
+
+
+def _check_listening(address: str | None) -> None:
+    """A HOST:PORT with nothing listening is said at once: ray.init would retry it for minutes."""
+    host, colon, port = (address or "").rpartition(":")
+    if not colon or "://" in address or not port.isdigit():
+        return  # "auto", "local", a ray:// client address, or none: Ray's own rules
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        raise ClusterError(f"no Ray cluster answers at {address} ({error}); start one there with "
+                           f"`ray start --head --port={port}` (docs/cluster.md) or check the address") from None
 
 
 @dataclass

@@ -63,8 +63,8 @@ def test_workers_one_per_gpu_or_per_n_cpus():
     cpu_slots = plan_workers([_node("a", 5), _node("b", 2)], WorkerSettings(worker_cpus=2))
     assert [s.node_id for s in cpu_slots] == ["a", "a", "b"] and {s.device for s in cpu_slots} == {"cpu"}
     assert len(plan_workers([_node("g", 16, gpus=2)], WorkerSettings(device="cpu", worker_cpus=4))) == 4
-    with pytest.raises(ClusterError, match="--worker-cpus 2 or fewer"):
-        plan_workers([_node("a", 2)], WorkerSettings(worker_cpus=4))
+    with pytest.raises(ClusterError, match="--worker-cpus 3 or fewer"):
+        plan_workers([_node("a", 2), _node("b", 3)], WorkerSettings(worker_cpus=4))
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -277,6 +277,13 @@ def test_a_bad_input_fails_alone_and_is_not_retried(ray_cluster, media, models_d
     assert "2 done, 0 skipped (already complete), 1 failed" in printed
     assert _stray_files(out, {"face_speech.mp4", "mirror_other.mp4"}) == []
     assert all(cluster.is_complete(out / name) for name in ("face_speech.mp4", "mirror_other.mp4"))
+
+
+def test_an_address_where_no_cluster_answers_is_said_at_once(four_jobs, tmp_path, capsys):
+    started = time.monotonic()
+    code = cli.main(["run", "--config", str(four_jobs), "--out-dir", str(tmp_path), "--ray", f"127.0.0.1:{_free_port()}"])
+    assert code == cli.EXIT_USER_ERROR and "no Ray cluster answers at 127.0.0.1:" in capsys.readouterr().err
+    assert time.monotonic() - started < 30 and list(tmp_path.iterdir()) == []
 
 
 def test_without_ray_the_batch_options_are_refused(face_clip, speech_clip, tmp_path):

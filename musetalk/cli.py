@@ -25,6 +25,7 @@ from musetalk.errors import InputError, MuseTalkError, WeightsMissingError
 
 logger = logging.getLogger(__name__)
 
+EXIT_JOBS_FAILED = 1  # a batch on a Ray cluster ran, and some of its jobs failed (the summary says which)
 EXIT_USER_ERROR = 2
 # A command stopped by a signal exits with 128 + the signal's number, as a shell reports it: 130 for
 # SIGINT (Ctrl-C), 143 for SIGTERM (kill, docker stop), 129 for SIGHUP (its terminal closed).
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measure each result afterwards (lip-sync, silence, identity, stability; see `musetalk score`)")
     _add_speech_arguments(run, "imitate the voice of the video's own speaker (or of FILE); needs a source "
                                "that clones, such as coqui")
+    _add_batch_arguments(run)
     _add_model_arguments(run)
     _add_job_arguments(run)
     run.set_defaults(handler=_run)
@@ -168,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time the model alone per frame, as is and in each GPU-path variant (bf16, channels-last, "
                             "attention, cuDNN autotuning, partial decode, tiny decoder; compile with --compile); "
                             "--model tiny or full")
+    bench.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="a batch of --jobs short jobs (tiny models) on a Ray cluster against the same jobs one "
+                            "after another here: throughput and Ray's cost per job (ADDRESS as for run --ray; "
+                            "nothing: a new cluster on this machine, with all its CPUs)")
+    bench.add_argument("--jobs", type=int, default=8, help="with --ray: jobs in the batch (default 8)")
+    bench.add_argument("--worker-cpus", type=int, default=1, help="with --ray: CPUs per worker (default 1)")
     _add_model_arguments(bench)
     bench.set_defaults(handler=_bench)
 
@@ -191,6 +199,19 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, clone_help: str) -> N
     speech.add_argument("--tts-option", action="append", default=[], metavar="NAME=VALUE",
                         help="an option of the source, e.g. rate=150 (repeatable)")
     speech.add_argument("--clone-voice", nargs="?", const=True, metavar="FILE", help=clone_help)
+
+
+def _add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    batch = parser.add_argument_group("batches (--config)")
+    batch.add_argument("--resume", action="store_true", help="skip the jobs whose output is already complete")
+    batch.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="run the jobs on a Ray cluster: ADDRESS as `ray start --head` printed it (HOST:6379), "
+                            "auto, ray://HOST:10001, or nothing: $RAY_ADDRESS, else this machine's cluster, else a new one here "
+                            "(pip install 'musetalk-studio[ray]'; docs/cluster.md)")
+    batch.add_argument("--worker-cpus", type=int, help="with --ray on a cluster without GPUs: CPUs per worker "
+                                                       "(default 2; with GPUs: one worker per GPU)")
+    batch.add_argument("--retries", type=int, default=2,
+                       help="with --ray: how often a job runs again when its worker dies (default 2)")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -266,7 +287,13 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError("give either --config or --video/--audio (or --text)/--out, not both")
         jobs = [(job.video, job.audio, job.output, job.options)
                 for job in plan_batch(args.config, args.out_dir, flag_options(args))]
+        if args.ray is not None:
+            return _run_on_ray(args, jobs)
+        if args.resume:
+            jobs = _without_finished(jobs)
     else:
+        if args.ray is not None or args.resume:
+            raise InputError("--ray and --resume go with --config jobs.yaml")
         if speech_given and args.audio:
             raise InputError("give either --audio or --text/--text-file, not both")
         if args.clone_voice is not None and not speech_given:
@@ -310,6 +337,35 @@ def _run(args: argparse.Namespace) -> int:
         error.results_kept = done
         raise
     return 0
+
+
+def _without_finished(jobs: list[tuple]) -> list[tuple]:
+    from musetalk.cluster import is_complete
+
+    left = [job for job in jobs if not is_complete(job[2])]
+    if len(left) < len(jobs):
+        _say(f"--resume: skipping {len(jobs) - len(left)} job(s) whose output is complete")
+    return left
+
+
+def _run_on_ray(args: argparse.Namespace, jobs: list[tuple]) -> int:
+    """The jobs on a Ray cluster's workers, one progress bar for the batch, then the summary table."""
+    from musetalk import cluster
+
+    settings = cluster.WorkerSettings(
+        models_dir=os.path.abspath(args.models_dir) if args.models_dir else None, device=args.device,
+        dtype=args.dtype, engine=args.engine, compile=args.compile, use_cache=not args.no_cache, score=args.score,
+        worker_cpus=args.worker_cpus or cluster.DEFAULT_WORKER_CPUS)
+    if settings.worker_cpus < 1 or args.retries < 0:
+        raise InputError("--worker-cpus must be 1 or more and --retries 0 or more")
+    with _BatchBar() as bar:
+        report = cluster.run_batch(cluster.batch_jobs(jobs), args.ray or None, settings, resume=args.resume,
+                                   retries=args.retries, progress=bar.update, worker_logs=args.verbose)
+    for line in cluster.format_summary(report):
+        _say(line)
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if report.ok else EXIT_JOBS_FAILED
 
 
 def _load_pipeline(args: argparse.Namespace, version: str):
@@ -419,6 +475,8 @@ def _bench(args: argparse.Namespace) -> int:
     from musetalk import bench, model_bench
 
     batch_size = None if args.batch_size == "auto" else args.batch_size
+    if args.ray is not None:
+        return _bench_cluster(args)
     if args.variants:
         variants = model_bench.time_variants(args.model, args.device, args.dtype, batch_size or CPU_BATCH,
                                              with_compile=args.compile,
@@ -427,10 +485,7 @@ def _bench(args: argparse.Namespace) -> int:
             _say(line)
         return 0
 
-    try:
-        width, height = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--size must look like 1280x720, not {args.size!r}") from None
+    width, height = _bench_size(args.size)
     with _ProgressBars() as bars:
         report = bench.run_bench(args.model, args.video, width, height, args.seconds, args.fps, args.models_dir,
                                  args.device, args.dtype, batch_size, args.runs, progress=bars.update,
@@ -438,6 +493,26 @@ def _bench(args: argparse.Namespace) -> int:
     for line in ([report.as_json()] if args.json else bench.format_report(report)):
         _say(line)
     return 0
+
+
+def _bench_cluster(args: argparse.Namespace) -> int:
+    from musetalk import cluster_bench
+
+    width, height = _bench_size(args.size)
+    with _BatchBar() as bar:
+        report = cluster_bench.run_cluster_bench(args.ray or None, args.jobs, width, height, args.seconds, args.fps,
+                                                 args.worker_cpus, progress=bar.update)
+    for line in ([report.as_json()] if args.json else cluster_bench.format_cluster_report(report)):
+        _say(line)
+    return 0
+
+
+def _bench_size(size: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size must look like 1280x720, not {size!r}") from None
+    return width, height
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -518,6 +593,37 @@ class _ProgressBars:
                     bar.close()
                 except (OSError, ValueError):
                     bar.disable = True  # its output has nowhere to go; it holds nothing else
+
+
+class _BatchBar:
+    """One bar for a batch on a cluster, on stderr: jobs finished, frames per second, time left."""
+
+    def __init__(self):
+        self.bar = None
+
+    def update(self, progress) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=progress.total, desc="jobs", file=sys.stderr, mininterval=0.5,
+                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}{postfix}")
+        self.bar.update(progress.finished - self.bar.n)
+        if not progress.workers:
+            self.bar.set_postfix_str("starting the workers")
+            return
+        parts = [f"{progress.fps:.1f} frames/s", f"{len(progress.running)} running on {progress.workers} workers"]
+        if progress.seconds_left is not None:
+            parts.append(f"about {tqdm.format_interval(progress.seconds_left)} left")
+        if progress.failed:
+            parts.append(f"{progress.failed} failed")
+        self.bar.set_postfix_str(", ".join(parts))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _say(line: str, stream=None) -> None:

@@ -34,3 +34,7 @@ class FFmpegError(MuseTalkError):
 
 class GPUMemoryError(MuseTalkError, MemoryError):
     """The GPU cannot hold the model's work for even one frame; the message says what to do."""
+
+
+class ClusterError(MuseTalkError):
+    """A batch on a Ray cluster cannot run: Ray is missing, the cluster is unreachable or has no room for a worker."""

@@ -1316,7 +1316,7 @@ def _remove_stale_partials(directory: str, stem: str) -> None:
     no chance to clean up; its ffmpeg then finishes the temporary file on its own). A writer at
     work touches its file with every frame, so only files untouched for STALE_PARTIAL_SECONDS go."""
     cutoff = time.time() - STALE_PARTIAL_SECONDS
-    pattern = re.compile(re.escape(f".{stem}.") + r"[0-9a-f]{8}\.partial(\.trim)?\.(mp4|mov|mkv)")
+    pattern = _partial_pattern(stem)
     for name in os.listdir(directory):
         if not pattern.fullmatch(name):
             continue
@@ -1327,6 +1327,20 @@ def _remove_stale_partials(directory: str, stem: str) -> None:
                 logger.info("removed %s, left by a writer that was killed", path)
         except FileNotFoundError:
             continue  # another process removed it first
+
+
+def _partial_pattern(stem: str) -> re.Pattern:
+    """The names FrameWriter gives its temporary files for an output named ``stem`` + suffix."""
+    return re.compile(re.escape(f".{stem}.") + r"[0-9a-f]{8}\.partial(\.trim)?\.(mp4|mov|mkv)")
+
+
+def partial_files(out_path) -> list[str]:
+    """The temporary files of writers of ``out_path``: at work now, or left by a killed process."""
+    directory, name = os.path.split(os.path.abspath(os.fspath(out_path)))
+    if not os.path.isdir(directory):
+        return []
+    pattern = _partial_pattern(os.path.splitext(name)[0])
+    return [os.path.join(directory, entry) for entry in os.listdir(directory) if pattern.fullmatch(entry)]
 
 
 # --------------------------------------------------------------------------- disk space

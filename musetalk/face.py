@@ -235,6 +235,13 @@ class FaceAnalyzer:
             return None
         return self._mesh_in_box(frame_rgb, box)
 
+    def landmarks_near(self, frame_rgb: np.ndarray, near: np.ndarray) -> np.ndarray | None:
+        """The landmarks of the face that was at ``near`` ([468, 2] frame pixels), or None: the mesh alone,
+        in the box of those points, as analysis follows a face the detector missed. For a frame where
+        the face is known to be (a dub's output frame: the face its source frame had), at the mesh's
+        cost only (about 5 ms on one core, against 12 for a detection too)."""
+        return self._mesh_in_box(_check_frame(frame_rgb), _landmark_box(near))
+
     def _detect_and_mesh(self, frame_rgb: np.ndarray, previous: np.ndarray | None
                          ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(landmarks, the box the mesh ran in) of the chosen face, or (None, None). Like ``landmarks``,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from musetalk import schedule as schedule_lib
-from musetalk import video_io
+from musetalk import stages, video_io
 from musetalk.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -142,8 +142,6 @@ class SideBySideWriter:
 
     def start(self, plan) -> None:
         """Called by the pipeline before the first frame (``plan``: its OutputPlan)."""
-        from musetalk import stages
-
         self._plan = plan
         self._layout = _layout(1, 2, plan.width, plan.height, self.max_width, self.max_height)
         self._background = _background(self._layout, list(self.labels))

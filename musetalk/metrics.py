@@ -47,7 +47,7 @@ import numpy as np
 
 from musetalk import audio as audio_lib
 from musetalk import face as face_lib
-from musetalk import schedule, video_io
+from musetalk import schedule, stages, video_io
 from musetalk.config import LOOP_MODES
 from musetalk.errors import InputError
 
@@ -587,14 +587,12 @@ class FrameScorer:
 
     def start(self, plan) -> None:
         """Called by the pipeline before the first frame (``plan``: its OutputPlan)."""
-        from musetalk import stages
-
         self._plan = plan
         self._rows: list[np.ndarray | None] = [None] * plan.num_frames
         self._every = max(1, math.ceil(plan.num_frames / IDENTITY_SAMPLES))
         self._samples: dict[int, tuple[tuple[int, int, int, int] | None, np.ndarray]] = {}
         self._whole_frames = 0
-        self._analyzer = face_lib.FaceAnalyzer()  # its mesh only: the job chose the face
+        self._analyzer = face_lib.FaceAnalyzer(follow=True)  # its mesh only: the job chose the face
         self._worker = stages.Worker(self._measure, FRAMES_QUEUED, "scores")
 
     def add(self, position: int, source, frame: np.ndarray) -> None:
@@ -622,14 +620,16 @@ class FrameScorer:
             x1, y1, x2, y2 = box
             self._samples[position] = (box, original[y1:y2, x1:x2].copy())
 
-    def close(self, output: str | os.PathLike, progress: ProgressCallback | None = None) -> Scores:
-        """The scores, once the job wrote ``output`` (its identity frames are read back from it)."""
+    def close(self, output: str | os.PathLike, progress: ProgressCallback | None = None,
+              speech: audio_lib.SpeechSegments | None = None) -> Scores:
+        """The scores, once the job wrote ``output`` (its identity frames are read back from it).
+        ``speech``: what the job's silence gate found in its audio (None: detected here again)."""
         if self._plan is None:
             raise InputError("the scorer saw no frames: it scores a job it was given to as a sink")
         self._worker.finish()
         started = time.perf_counter()
         try:
-            scores = self._scores(os.fspath(output), progress or (lambda stage, done, total: None))
+            scores = self._scores(os.fspath(output), progress or (lambda stage, done, total: None), speech)
         finally:
             self._analyzer.close()
         self.seconds += time.perf_counter() - started
@@ -640,19 +640,24 @@ class FrameScorer:
             self._worker.abort()
             self._analyzer.close()
 
-    def _scores(self, output: str, progress: ProgressCallback) -> Scores:
+    def _scores(self, output: str, progress: ProgressCallback, speech) -> Scores:
         plan = self._plan
+        # The output is read back (ffmpeg decodes it) while the audio scores are computed here.
+        identity = stages.BackgroundCall(self._identity, output)
         track = face_lib.FaceTrack.from_rows(self._rows, plan.width, plan.height)
         mouth = mouth_track(track, plan.fps)
         scores = Scores()
         scores._set("face_coverage", float(mouth.has_face.mean()) if len(mouth) else None, "no frames")
         wav = audio_lib.load_audio(plan.audio_path)
-        _audio_scores(scores, track, mouth, wav, "")
-        for name, (value, reason) in _identity_of(self._compared(output)).items():
+        _audio_scores(scores, track, mouth, wav, "", speech)
+        for name, (value, reason) in identity.result().items():
             scores._set(name, value, reason)
         _syncnet(scores, output, track, plan.fps, wav, "", self.models_dir, self.device, self.syncnet_stride,
                  progress)
         return scores
+
+    def _identity(self, output: str) -> dict[str, tuple[float | None, str]]:
+        return _identity_of(self._compared(output))
 
     def _compared(self, output: str) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, int, int, int] | None]]:
         """(encoded output, source, box) for the kept frames, the output read back at those frames only."""
@@ -690,7 +695,9 @@ def _load_audio(video: str, info: video_io.MediaInfo, audio) -> tuple[np.ndarray
     return audio_lib.load_audio(video), ""
 
 
-def _audio_scores(scores: Scores, track, mouth: MouthTrack, wav, no_audio: str) -> None:
+def _audio_scores(scores: Scores, track, mouth: MouthTrack, wav, no_audio: str,
+                  speech: audio_lib.SpeechSegments | None = None) -> None:
+    """``speech``: what the voice-activity detector found in ``wav``, when that is known (None: detect it)."""
     scores._set("box_jitter", box_jitter(track, mouth), "fewer than 5 consecutive frames with a face")
     if wav is None:
         for name in ("sync_correlation", "sync_lag_ms", "silence_mouth_open", "speech_mouth_open",
@@ -702,7 +709,7 @@ def _audio_scores(scores: Scores, track, mouth: MouthTrack, wav, no_audio: str) 
     correlation, lag_ms, reason = sync_scores(mouth, envelope)
     scores._set("sync_correlation", correlation, reason)
     scores._set("sync_lag_ms", lag_ms, reason)
-    speech = audio_lib.detect_speech(wav).frame_mask(len(mouth), mouth.fps)
+    speech = (speech or audio_lib.detect_speech(wav)).frame_mask(len(mouth), mouth.fps)
     for name, (value, why) in silence_scores(mouth, speech).items():
         scores._set(name, value, why)
     # The loudness the mouth should follow, as power, at the measured lag (0 when unknown).

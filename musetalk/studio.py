@@ -826,7 +826,8 @@ class Studio:
                 span(0.96, f"{label}: finishing the " + " and ".join(
                     what for what, sink in (("side-by-side video", beside), ("scores", scorer)) if sink))
             composed = beside.close() if beside else None
-            scores = scorer.close(output, _scoring_progress(span.part(0.96, 1.0), label)) if scorer else None
+            scores = scorer.close(output, _scoring_progress(span.part(0.96, 1.0), label),
+                                  _speech_found(result, options)) if scorer else None
         except BaseException:
             for sink in sinks:
                 sink.abort()
@@ -894,6 +895,14 @@ class Studio:
         except BaseException:
             self.jobs.discard(folder)
             raise
+
+
+def _speech_found(result, options: RunOptions):
+    """What the job's silence gate found in its audio (the voice-activity detector the scores run too), or
+    None when the gate was off."""
+    from musetalk.audio import SpeechSegments
+
+    return SpeechSegments(list(result.speech_spans), result.duration) if options.silence_gate else None
 
 
 # The scoring's stages, in the order they run, and the share of the bar each one takes.

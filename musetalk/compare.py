@@ -144,7 +144,7 @@ class SideBySideWriter:
         """Called by the pipeline before the first frame (``plan``: its OutputPlan)."""
         self._plan = plan
         self._layout = _layout(1, 2, plan.width, plan.height, self.max_width, self.max_height)
-        self._background = _background(self._layout, list(self.labels))
+        self._canvas = _background(self._layout, list(self.labels))  # the cells are pasted over, frame after frame
         self._writer = video_io.FrameWriter(
             self.out_path, self._layout.width, self._layout.height, plan.fps, audio_path=plan.audio_path,
             crf=self.crf, preset=SIDE_BY_SIDE_PRESET, audio_offset_s=plan.audio_offset_s,
@@ -157,10 +157,11 @@ class SideBySideWriter:
 
     def _compose(self, pair: tuple[np.ndarray, np.ndarray]) -> None:
         started = time.perf_counter()
-        canvas = self._background.copy()
+        # One canvas for every frame: each pair covers the same two places (frames of one size), the
+        # labels around them stay drawn, and write() has converted the canvas before it returns.
         for index, frame in enumerate(pair):
-            _paste_cell(canvas, frame, self._layout, index)
-        self._writer.write(canvas)
+            _paste_cell(self._canvas, frame, self._layout, index)
+        self._writer.write(self._canvas)
         self.seconds += time.perf_counter() - started
 
     def close(self) -> Composition:

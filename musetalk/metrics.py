@@ -3,7 +3,9 @@
 Everything is computed offline from the output file (plus, optionally, the source video and
 the audio) with what the project already has: MediaPipe landmarks, the voice-activity
 detector and the waveform. ``score_video`` returns a ``Scores``; every field is a float or
-None when it cannot be computed, and ``Scores.reasons`` says why for each None.
+None when it cannot be computed, and ``Scores.reasons`` says why for each None. ``FrameScorer``
+takes the same measures during a job, from the frames it encodes and the faces it found (the
+studio's way: no second pass over the files).
 
 The scores (``SCORE_INFO`` holds the same text the tables show):
 
@@ -577,8 +579,8 @@ class FrameScorer:
     face's box (``FaceAnalyzer.landmarks_near``: no detector), and the mouth, sync, silence and stability
     scores come from those landmarks through the same functions as score_video's. The identity scores
     compare the output as encoded (read back for ``IDENTITY_SAMPLES`` frames) with the source frame the
-    job showed there. How close it comes to score_video is tested (tests/test_metrics.py) and stated in
-    docs/performance.md. ``close(output)`` after the job gives the Scores; ``abort()`` after a failure."""
+    job showed there. How close it comes to score_video is stated and tested in tests/test_frame_sinks.py
+    (TOLERANCES). ``close(output)`` after the job gives the Scores; ``abort()`` after a failure."""
 
     def __init__(self, models_dir: str | os.PathLike | None = None, device: str = "auto", syncnet_stride: int = 1):
         self.models_dir, self.device, self.syncnet_stride = models_dir, device, syncnet_stride
@@ -664,7 +666,7 @@ class FrameScorer:
         for index, encoded in enumerate(video_io.read_frames(output, every=self._every)):
             sample = self._samples.get(index * self._every)
             if sample is None:
-                continue  # a face without an upper face to compare (score_video skips these too)
+                continue  # not kept: a face without an upper face to compare, or whole frames enough
             box, original = sample
             if box is None:
                 yield encoded, original, None

@@ -278,7 +278,12 @@ class FaceAnalyzer:
         if right - left < 8 or bottom - top < 8:
             return None
         scale = _CROP_SIDE / max(right - left, bottom - top)
-        crop = _resize(frame_rgb[top:bottom, left:right], scale)
+        if self.follow and scale < 1:
+            # Following, the mesh cuts the face's region out and resizes it to its input itself: shrinking
+            # the crop first only costs time (0.8 ms a frame of the example face, a fifth of the mesh).
+            scale = 1.0
+        region = frame_rgb[top:bottom, left:right]
+        crop = np.ascontiguousarray(region) if scale == 1.0 else _resize(region, scale)
         result = mesh.process(crop)
         if not result.multi_face_landmarks:
             return None

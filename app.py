@@ -383,13 +383,19 @@ def build_demo(services: Studio):
             work = functools.partial(services.generate, video, speech, options, score=bool(measure), engine=engine,
                                      stream_dir=stream_dir)
             # The job runs in its own thread; this one shows its progress and plays its first segments.
-            for kind, value in studio_lib.watch(lambda report: work(progress=report), stream_dir):
-                if kind == "progress":
-                    progress(value[0], desc=value[1])
-                elif kind == "segment":
-                    yield value, *[gr.skip()] * 6
-                else:
-                    job = value
+            # Gradio has read each segment by the time the generator resumes, so the segments'
+            # folder goes when the job ends, however it ends (a failure, a client who left).
+            try:
+                for kind, value in studio_lib.watch(lambda report: work(progress=report), stream_dir):
+                    if kind == "progress":
+                        progress(value[0], desc=value[1])
+                    elif kind == "segment":
+                        yield value, *[gr.skip()] * 6
+                    else:
+                        job = value
+            finally:
+                if stream_dir is not None:
+                    services.jobs.discard(stream_dir)
             history = studio_lib.history_add(history, "dub", f"{job.result.engine}: {job.speech}",
                                              [job.output, job.side_by_side], job.summary())
             yield gr.skip(), job.output, job.side_by_side, job.summary(), job.timing_rows(), job.score_rows(), history

@@ -393,6 +393,7 @@ def watch(work: Callable[[Progress], object], stream_dir=None, poll_seconds: flo
 # The comparison table's columns; an empty cell keeps what the job itself is set to.
 VARIANT_COLUMNS = ["label", "speech source", "voice", "version", "mask", "extra margin", "engine"]
 AUDIO_SOURCE_CELL = "audio"  # "speech source" cell for the uploaded or recorded audio
+OFFICIAL_MASK_CELL = "official"  # "mask" cell for the official code's mask of the variant's version
 
 
 def variants_from_rows(rows: Sequence[Sequence], speech: Speech, options: RunOptions,
@@ -416,7 +417,7 @@ def variants_from_rows(rows: Sequence[Sequence], speech: Speech, options: RunOpt
         if version:
             changes["version"] = version
         if mask:
-            changes["parsing_mode"] = mask
+            changes["parsing_mode"] = None if mask == OFFICIAL_MASK_CELL else mask
         if margin:
             try:
                 changes["extra_margin"] = int(float(margin))

@@ -177,10 +177,13 @@ def test_a_longer_job_shows_its_progress_and_plays_before_it_ends(page):
     streaming = element(page, "#stream-video").is_displayed() if page.find_elements(By.ID, "stream-video") else False
     element(page, "#generate-button").click()
 
-    seen, played_early, deadline = [], False, time.monotonic() + WAIT_FOR_DUB
+    seen, played_early, shot, deadline = [], False, None, time.monotonic() + WAIT_FOR_DUB
     while time.monotonic() < deadline:
         text = page_text(page)
         seen += [line for line in text.splitlines() if "frame" in line and " of " in line]
+        if not shot and any("generating, frame" in line for line in seen):
+            page.execute_script("window.scrollTo(0, 0)")
+            shot = keep_screenshot(page, "studio_progress.png")  # the README's picture of a running job
         if streaming and not video_source("#result-video")(page):
             played_early = played_early or page.execute_script(
                 "const v = document.querySelector('#stream-video video'); return !!v && v.currentTime > 0;")
@@ -254,7 +257,7 @@ def test_compare_refuses_a_duplicate_variant_and_the_history_keeps_every_result(
     wait_for(page, lambda d: len(table_rows(d, "#comparison-table")) == 2, WAIT_FOR_PAGE, "one row per variant")
 
     tab(page, "History").click()
-    wait_for(page, lambda d: any("compare" in row for row in table_rows(d, "#history")), WAIT_FOR_PAGE,
+    wait_for(page, lambda d: any("comparison" in row for row in table_rows(d, "#history")), WAIT_FOR_PAGE,
              "the comparison in the history")
     # The module's earlier dubs, made in other page loads, are not this session's.
     assert all("dub" not in row.split() for row in table_rows(page, "#history"))

@@ -336,8 +336,8 @@ def build_demo(services: Studio):
                         gr.Markdown("**Comparison** (the first variant's sound)")
                         grid_video = gr.Video(label="Comparison", show_label=False, interactive=False,
                                               elem_id="grid-video")
-                        comparison = gr.Dataframe(label="One row per variant", interactive=False,
-                                                  elem_id="comparison-table")
+                        comparison = gr.Dataframe(headers=studio_lib.COMPARISON_COLUMNS, label="One row per variant",
+                                                  interactive=False, elem_id="comparison-table")
                         variant_files = gr.File(label="Each variant's video", file_count="multiple",
                                                 interactive=False)
                     with gr.Tab("History", id="history"):

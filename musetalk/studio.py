@@ -227,8 +227,7 @@ class Comparison:
     audio_from: str  # label of the variant whose sound the grid carries
 
     def table_headers(self) -> list[str]:
-        return ["variant", "engine", "speech", "version", "mask", "extra margin", "face data", "frames",
-                "seconds of video", "job seconds", "frames per second"] + self._score_labels()
+        return COMPARISON_COLUMNS + self._score_labels()
 
     def _score_labels(self) -> list[str]:
         """Scores that at least one variant has a value for, in the metrics' own order."""
@@ -394,6 +393,9 @@ def watch(work: Callable[[Progress], object], stream_dir=None, poll_seconds: flo
 VARIANT_COLUMNS = ["label", "speech source", "voice", "version", "mask", "extra margin", "engine"]
 AUDIO_SOURCE_CELL = "audio"  # "speech source" cell for the uploaded or recorded audio
 OFFICIAL_MASK_CELL = "official"  # "mask" cell for the official code's mask of the variant's version
+# The comparison's table, before the scores that were measured.
+COMPARISON_COLUMNS = ["variant", "engine", "speech", "version", "mask", "extra margin", "face data", "frames",
+                      "seconds of video", "job seconds", "frames per second"]
 
 
 def variants_from_rows(rows: Sequence[Sequence], speech: Speech, options: RunOptions,

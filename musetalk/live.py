@@ -34,14 +34,16 @@ import os
 import queue
 import threading
 import time
+import wave
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from musetalk import audio as audio_lib
-from musetalk import blending, schedule, visemes
+from musetalk import blending, schedule, video_io, visemes
 from musetalk.avatar import FaceFrame
 from musetalk.config import RunOptions
 from musetalk.errors import InputError, LiveError
@@ -224,6 +226,11 @@ class LiveSession:
     def frame_samples(self, index: int) -> tuple[int, int]:
         """The stream's samples that play with frame ``index``."""
         return _frame_start(index, self.fps), _frame_start(index + 1, self.fps)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the frames."""
+        return self._sources[0].shape[:2]
 
     def source_index(self, index: int) -> int:
         """The source frame output frame ``index`` shows (the dub's schedule)."""
@@ -432,6 +439,53 @@ class LiveSession:
         self._gate.release(keep_from)
         history = max(0, self._played - self._gate.kept_from)
         self.stats.history_samples_max = max(self.stats.history_samples_max, history)
+
+
+class LiveRecorder:
+    """What a live face showed and said, saved as an mp4: the frames are encoded as they come, the
+    audio goes to a WAV beside them, and ``finish`` puts the two together (the sound is only known
+    at the end, and the encoder wants it at the start)."""
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float):
+        self.path = Path(path)
+        self._silent_video = self.path.with_name(f".{self.path.stem}.video.mp4")
+        self._wav_path = self.path.with_name(f".{self.path.stem}.wav")
+        self._writer = video_io.FrameWriter(self._silent_video, width, height, fps)
+        self._wav = wave.open(str(self._wav_path), "wb")
+        self._wav.setnchannels(1)
+        self._wav.setsampwidth(2)
+        self._wav.setframerate(SAMPLE_RATE)
+        self.frames = 0
+        self._lock = threading.Lock()
+        self._finished = False
+
+    def add(self, frame: LiveFrame) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._writer.write(frame.image)
+            self._wav.writeframes((np.clip(frame.audio, -1, 1) * 32767).astype("<i2").tobytes())
+            self.frames += 1
+
+    def finish(self) -> Path:
+        """Close the recording; returns the mp4 (LiveError when not one frame was recorded)."""
+        with self._lock:
+            if self._finished:
+                return self.path
+            self._finished = True
+            self._wav.close()
+            try:
+                if self.frames == 0:
+                    self._writer.abort()
+                    raise LiveError("the recording has no frames: nothing played while it ran")
+                self._writer.close()
+                video_io.run_ffmpeg(["-y", "-i", str(self._silent_video), "-i", str(self._wav_path), "-map", "0:v",
+                                     "-map", "1:a", "-c:v", "copy", "-c:a", "aac", "-b:a", "192k", "-shortest",
+                                     str(self.path)], "save the live recording")
+            finally:
+                self._silent_video.unlink(missing_ok=True)
+                self._wav_path.unlink(missing_ok=True)
+        return self.path
 
 
 # --------------------------------------------------------------------------- engine features, streamed

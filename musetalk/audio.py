@@ -503,7 +503,8 @@ class StreamingSpeechGate:
     judges 32 ms windows with its own state; a speech span starts ``speech_pad_s`` before the first
     speech window, ends ``STREAM_HOLD_S`` after the last one, and ramps in and out over ``fade_s``
     inside the span. A sample is final once the windows up to ``speech_pad_s + fade_s`` after it are
-    judged: that is the gate's lookahead (``lookahead_samples``), part of the stream's latency.
+    judged; with the window being filled, that is the gate's lookahead (``lookahead_samples``, 142 ms),
+    part of a stream's latency.
     Memory is bounded: what lies before ``release(before)`` is dropped.
     """
 
@@ -515,7 +516,9 @@ class StreamingSpeechGate:
         self.pad = int(round(speech_pad_s * SAMPLE_RATE))
         self.fade = int(round(fade_s * SAMPLE_RATE))
         self.hold = int(round(hold_s * SAMPLE_RATE))
-        self.lookahead_samples = self.pad + self.fade + 1
+        self._reach = self.pad + self.fade + 1  # judged samples a gated sample depends on, after it
+        # The latency the gate adds at worst: that reach, and a window still being filled.
+        self.lookahead_samples = self._reach + VAD_WINDOW
         self._model = model if model is not None else _new_vad_model()
         self._raw = np.zeros(0, np.float32)  # samples from self._offset on
         self._offset = 0
@@ -535,7 +538,7 @@ class StreamingSpeechGate:
         if self._closed_at is not None:
             return self._closed_at
         judged = (self._window_offset + self._flags.size) * VAD_WINDOW
-        return max(0, judged - self.lookahead_samples)
+        return max(0, judged - self._reach)
 
     def feed(self, samples: np.ndarray) -> None:
         """The next samples of the stream (16 kHz mono float)."""

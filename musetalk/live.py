@@ -285,7 +285,7 @@ class LiveSession:
                     self._gate.close()
                     total = _frames_covering(self._end, self.fps)
                     return list(range(position, min(position + self.batch_size, total)))
-                self._lock.wait(self._wait_for(last_needed + self._gate.lookahead_samples + audio_lib.VAD_WINDOW))
+                self._lock.wait(self._wait_for(last_needed + self._gate.lookahead_samples))
 
     def _wait_for(self, needed: int) -> float:
         if not self.paced:
@@ -505,8 +505,10 @@ class _PreviewFeatures:
     def __init__(self, fps: float):
         self.fps = fps
         self.hop = int(SAMPLE_RATE / visemes.RATE)
+        # The smoothing's radius and the interpolation between two steps, each step's half window, and a
+        # step for the rounding of the window's start to the grid.
         radius = math.ceil(3 * visemes._SMOOTH_S * visemes.RATE)
-        self.margin = (radius + 3) * self.hop + visemes._WINDOW
+        self.margin = (radius + 1) * self.hop + visemes._WINDOW // 2 + self.hop
         self.right_context = self.margin - _frame_start(1, fps) // 2
         self._levels: deque = deque(maxlen=int(self.HISTORY_S * visemes.RATE))
         self._levels_until = 0  # 10 ms steps whose level is in the history

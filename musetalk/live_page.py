@@ -135,7 +135,7 @@ def stop_recording(registry: LiveRegistry, token: str) -> tuple[str, str]:
 
 
 def build_live_tab(services, registry: LiveRegistry, default_video: str | None = None, user_errors=None,
-                   demo=None) -> None:
+                   demo=None, engine: str | None = None) -> None:
     """The live widgets and events, inside the current Blocks ``demo`` (a tab of the studio, or a page
     alone). ``user_errors``: how the app turns errors into messages (default: MuseTalkError as
     gr.Error). ``default_video`` is prepared as the page opens."""
@@ -143,7 +143,7 @@ def build_live_tab(services, registry: LiveRegistry, default_video: str | None =
 
     wrap = user_errors or _errors_for_people
     sources, voices, default_source, default_voice = _speech_menus()
-    default_engine = "musetalk" if services.default_engine() == "musetalk" else "preview"
+    default_engine = engine or ("musetalk" if services.default_engine() == "musetalk" else "preview")
     with gr.Row():
         with gr.Column(scale=2):
             face = gr.File(value=default_video, label="Face video or photo", file_types=["video", "image"],
@@ -181,13 +181,13 @@ def build_live_tab(services, registry: LiveRegistry, default_video: str | None =
                api_name="live_stop_recording")
 
 
-def build_live_page(services, registry: LiveRegistry, default_video: str | None = None):
+def build_live_page(services, registry: LiveRegistry, default_video: str | None = None, engine: str | None = None):
     """The live page alone (``musetalk live``)."""
     import gradio as gr
 
     with gr.Blocks(title="MuseTalk Live") as demo:
         gr.Markdown("# MuseTalk Live\nPrepare the face, press Start, and talk: the face answers.")
-        build_live_tab(services, registry, default_video, demo=demo)
+        build_live_tab(services, registry, default_video, demo=demo, engine=engine)
     return demo
 
 

@@ -59,7 +59,9 @@ async function start() {
   state.textContent = 'Connecting...';
   const pc = new RTCPeerConnection({iceServers: []});
   connection = pc;
-  const microphone = await navigator.mediaDevices.getUserMedia({audio: true});
+  // The voice as it is: echo cancelling, noise suppression and gain control reshape its loudness.
+  const microphone = await navigator.mediaDevices.getUserMedia({
+    audio: {echoCancellation: false, noiseSuppression: false, autoGainControl: false}});
   microphone.getTracks().forEach(track => pc.addTrack(track, microphone));
   const blank = blankPicture();
   blank.getVideoTracks().forEach(track => pc.addTrack(track, blank));

@@ -149,6 +149,17 @@ class LiveRegistry:
             self.close(token)
 
 
+def available() -> tuple[bool, str]:
+    """(True, "") when fastrtc and aiortc are installed; else (False, what to install)."""
+    import importlib.util
+
+    missing = [name for name in ("fastrtc", "aiortc") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return True, ""
+    return False, (f"{' and '.join(missing)} not installed: pip install 'musetalk-studio[live]' and then "
+                   "pip install --no-deps fastrtc (it declares gradio<6, but its server side works with Gradio 6)")
+
+
 def mount(app, registry: LiveRegistry, path: str = OFFER_PATH):
     """Add fastrtc's offer route for ``registry``'s faces to a FastAPI app; returns the fastrtc Stream."""
     from fastrtc import Stream

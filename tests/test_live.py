@@ -3,6 +3,7 @@ the same audio, at rest in silence, with bounded buffers, and skipping (said) wh
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -12,11 +13,12 @@ import numpy as np
 import pytest
 
 from musetalk import audio as audio_lib
-from musetalk import face, metrics, schedule, video_io
+from musetalk import cli, face, metrics, schedule, video_io
 from musetalk.config import RunOptions
 from musetalk.errors import InputError, LiveError
 from musetalk.live import LiveSession
 from musetalk.pipeline import LipSyncPipeline
+from musetalk.video_io import probe
 
 from conftest import EXAMPLES, ffmpeg
 
@@ -252,3 +254,36 @@ def test_wrong_audio_and_use_after_close_are_said(preview_pipeline, face_clip):
     session.stop()
     with pytest.raises(LiveError, match="closed"):
         session.push_audio(np.zeros(10, np.float32))
+
+
+# --------------------------------------------------------------------------- recording, command line, bench
+
+
+def test_a_recording_holds_the_frames_and_their_sound(preview_pipeline, face_clip, speech_clip, tmp_path):
+    from musetalk.live import LiveRecorder
+
+    session = LiveSession(preview_pipeline, face_clip, paced=False)
+    height, width = session.frame_size
+    recorder = LiveRecorder(tmp_path / "live.mp4", width, height, session.fps)
+    for frame in stream(session, audio_lib.load_audio(speech_clip)):
+        recorder.add(frame)
+    made = probe(recorder.finish())
+    assert made.num_frames == recorder.frames == 40
+    assert made.has_audio and made.duration == pytest.approx(1.6, abs=0.05)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.mp4"], "no leftovers beside it"
+
+
+def test_live_command_says_when_the_face_is_missing(tmp_path, capsys):
+    assert cli.main(["live", "--video", str(tmp_path / "nobody.mp4")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_live_reports_frames_skips_and_latency(face_clip, capsys):
+    assert cli.main(["bench", "--live", "--engine", "preview", "--seconds", "3", "--video", str(face_clip),
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["engine"] == "preview" and report["frame_size"] == [252, 216]
+    # Every frame of the stream came (a frame or two more: the clock runs from before the first push).
+    assert 0 <= report["frames"] - report["seconds"] * 25 <= 2
+    assert report["frames_skipped"] >= 0 and report["stated_latency_ms"] > 0
+    assert len(report["latency_ms"]) >= 1, "the spoken stretch opened the mouth, and was measured"

@@ -284,7 +284,7 @@ def build_demo(services: Studio):
                         with gr.Row():
                             version = gr.Dropdown(VERSION_CHOICES, value=defaults.version, label="Model version")
                             face = gr.Dropdown(FACE_CHOICES, value="largest", label="Face to dub")
-                        mask_mode = gr.Radio(MASK_CHOICES, value="official", label="Blend mask")
+                        mask_mode = gr.Radio(MASK_CHOICES, value="official", label="Blend mask", elem_id="mask-mode")
                         with gr.Row():
                             extra_margin = gr.Slider(0, 60, value=defaults.extra_margin, step=1, precision=0,
                                                      label="Extra margin below the chin (v1.5, px)")
@@ -340,21 +340,21 @@ def build_demo(services: Studio):
                                 f"Up to {services.config.max_variants} variants of this job on the same video. An "
                                 "empty cell keeps what is set on the left. *speech source*: `audio` for the audio "
                                 "above, or a source id (`espeak`, ...) to speak the text; *voice*: a voice id; "
-                                "*version*: `v15` or `v1`; *mask*: `jaw`, `raw` or `mouth`; *engine*: `musetalk`, "
+                                "*version*: `v15` or `v1`; *mask*: `official`, `jaw`, `raw` or `mouth`; *engine*: `musetalk`, "
                                 "`draft` or `preview`. The face data of the video is prepared once and reused by every variant.")
                             variants = gr.Dataframe(value=ENGINE_VARIANTS if default_engine == "musetalk" else MASK_VARIANTS,
                                                     headers=studio_lib.VARIANT_COLUMNS,
                                                     datatype="str", type="array", interactive=True,
                                                     label="Variants", elem_id="variants")
                             with gr.Row():
-                                add_variant = gr.Button("Add the current settings", size="sm")
-                                clear_variants = gr.Button("Clear", size="sm")
+                                add_variant = gr.Button("Add the current settings", size="sm", elem_id="add-variant")
+                                clear_variants = gr.Button("Clear", size="sm", elem_id="clear-variants")
                                 compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
                             gr.Markdown("**Comparison** (the first variant's sound)")
                             grid_video = gr.Video(label="Comparison", show_label=False, interactive=False,
                                                   elem_id="grid-video")
-                            comparison = gr.Dataframe(label="One row per variant", interactive=False,
-                                                      elem_id="comparison-table")
+                            comparison = gr.Dataframe(headers=studio_lib.COMPARISON_COLUMNS, label="One row per variant",
+                                                      interactive=False, elem_id="comparison-table")
                             variant_files = gr.File(label="Each variant's video", file_count="multiple",
                                                     interactive=False)
                         with gr.Tab("History", id="history"):
@@ -402,13 +402,19 @@ def build_demo(services: Studio):
             work = functools.partial(services.generate, video, speech, options, score=bool(measure), engine=engine,
                                      stream_dir=stream_dir)
             # The job runs in its own thread; this one shows its progress and plays its first segments.
-            for kind, value in studio_lib.watch(lambda report: work(progress=report), stream_dir):
-                if kind == "progress":
-                    progress(value[0], desc=value[1])
-                elif kind == "segment":
-                    yield value, *[gr.skip()] * 6
-                else:
-                    job = value
+            # Gradio has read each segment by the time the generator resumes, so the segments'
+            # folder goes when the job ends, however it ends (a failure, a client who left).
+            try:
+                for kind, value in studio_lib.watch(lambda report: work(progress=report), stream_dir):
+                    if kind == "progress":
+                        progress(value[0], desc=value[1])
+                    elif kind == "segment":
+                        yield value, *[gr.skip()] * 6
+                    else:
+                        job = value
+            finally:
+                if stream_dir is not None:
+                    services.jobs.discard(stream_dir)
             history = studio_lib.history_add(history, "dub", f"{job.result.engine}: {job.speech}",
                                              [job.output, job.side_by_side], job.summary())
             yield gr.skip(), job.output, job.side_by_side, job.summary(), job.timing_rows(), job.score_rows(), history
@@ -420,8 +426,8 @@ def build_demo(services: Studio):
                                "clear some rows first", print_exception=False)
             speech_cell = studio_lib.AUDIO_SOURCE_CELL if speech_from == "audio" else (source or "")
             voice_cell = (voice or "") if speech_from == "text" else ""
-            mask_cell = "" if mask_mode == "official" else mask_mode
-            cells = [speech_cell, voice_cell, version, mask_cell, str(int(extra_margin)), engine]
+            # Every cell written out: an empty one would follow the left column when it changes later.
+            cells = [speech_cell, voice_cell, version, mask_mode, str(int(extra_margin)), engine]
             for number, row in enumerate(rows, start=1):
                 if [str(cell or "").strip() for cell in list(row)[1:7]] == cells:
                     gr.Warning(f"Not added: row {number} ({row[0]}) already has these settings; change one first.")

@@ -227,8 +227,7 @@ class Comparison:
     audio_from: str  # label of the variant whose sound the grid carries
 
     def table_headers(self) -> list[str]:
-        return ["variant", "engine", "speech", "version", "mask", "extra margin", "face data", "frames",
-                "seconds of video", "job seconds", "frames per second"] + self._score_labels()
+        return COMPARISON_COLUMNS + self._score_labels()
 
     def _score_labels(self) -> list[str]:
         """Scores that at least one variant has a value for, in the metrics' own order."""
@@ -393,6 +392,10 @@ def watch(work: Callable[[Progress], object], stream_dir=None, poll_seconds: flo
 # The comparison table's columns; an empty cell keeps what the job itself is set to.
 VARIANT_COLUMNS = ["label", "speech source", "voice", "version", "mask", "extra margin", "engine"]
 AUDIO_SOURCE_CELL = "audio"  # "speech source" cell for the uploaded or recorded audio
+OFFICIAL_MASK_CELL = "official"  # "mask" cell for the official code's mask of the variant's version
+# The comparison's table, before the scores that were measured.
+COMPARISON_COLUMNS = ["variant", "engine", "speech", "version", "mask", "extra margin", "face data", "frames",
+                      "seconds of video", "job seconds", "frames per second"]
 
 
 def variants_from_rows(rows: Sequence[Sequence], speech: Speech, options: RunOptions,
@@ -416,7 +419,7 @@ def variants_from_rows(rows: Sequence[Sequence], speech: Speech, options: RunOpt
         if version:
             changes["version"] = version
         if mask:
-            changes["parsing_mode"] = mask
+            changes["parsing_mode"] = None if mask == OFFICIAL_MASK_CELL else mask
         if margin:
             try:
                 changes["extra_margin"] = int(float(margin))

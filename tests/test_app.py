@@ -273,3 +273,41 @@ def test_adding_the_current_settings_twice_is_refused_with_a_note(client):
     assert once["data"] == [["preview, en-us, mouth mask", "espeak", "en-us", "v15", "mouth", "10", "preview"]]
     twice = client.predict(variants=once, **settings)
     assert twice["data"] == once["data"], "the same settings are not added again"
+
+
+def readme_block(language: str, containing: str) -> str:
+    """The README's fenced ``language`` block that contains ``containing``."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    found = [block for block in blocks if containing in block]
+    assert len(found) == 1, f"one {language} block in the README with {containing!r}"
+    return found[0]
+
+
+@pytest.fixture
+def readme_inputs(tmp_path, face_clip, short_speech) -> Path:
+    """A folder holding the files the README's API examples name."""
+    (tmp_path / "talk.mp4").write_bytes(Path(face_clip).read_bytes())
+    (tmp_path / "new_voice.wav").write_bytes(Path(short_speech).read_bytes())
+    return tmp_path
+
+
+def test_the_readmes_gradio_client_example_runs_as_written(client, readme_inputs):
+    code = readme_block("python", "gradio_client").replace("http://127.0.0.1:7860/", client.src)
+    code += "\nprint(dub)\nprint(summary)\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=readme_inputs, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dub, summary = out.stdout.strip().splitlines()[-2:]
+    check_dub(dub, readme_inputs / "talk.mp4", 20)
+    assert "20 frames" in summary
+
+
+def test_the_readmes_rest_example_runs_as_written(client, readme_inputs):
+    """The curl form: upload, call, the event stream with the progress and the result, the download."""
+    script = readme_block("bash", "gradio_api/call/generate").replace("http://127.0.0.1:7860", client.src.rstrip("/"))
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=readme_inputs, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    events = re.findall(r"^event: (\w+)$", out.stdout, flags=re.M)
+    assert events[-1] == "complete" and "generating" in events, events
+    check_dub(readme_inputs / "dubbed.mp4", readme_inputs / "talk.mp4", 20)

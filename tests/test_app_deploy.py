@@ -47,7 +47,7 @@ def test_the_readme_commands_start_the_app_then_run_the_tests():
     blocks = re.findall(r"```\n(.*?)\n```", text, re.S)
     assert "app.py" in blocks[0] and '".[app]"' in blocks[0]
     assert "pytest" in blocks[1]
-    assert (ROOT / "docs" / "images" / "studio.png").is_file(), "the README shows the studio"
+    assert (ROOT / "docs" / "images" / "studio.jpg").is_file(), "the README shows the studio"
 
 
 def test_requirements_txt_is_the_projects_dependency_list():

@@ -74,6 +74,9 @@ def test_variants_from_table_rows():
         studio_lib.variants_from_rows([["a", "", "", "", "", "wide"]], text, base)
     with pytest.raises(InputError, match="variant row 1: engine must be one of musetalk, draft, preview, not 'dall'"):
         studio_lib.variants_from_rows([["a", "", "", "", "", "", "dall"]], text, base)
+    # "official" written out: the version's own mask, whatever the job's mask is set to.
+    official, = studio_lib.variants_from_rows([["", "", "", "", "official"]], text, base.replace(parsing_mode="mouth"))
+    assert official.options.parsing_mode is None and official.options.mask_mode() == "jaw"
     engines = studio_lib.variants_from_rows([["", "", "", "", "", "", "preview"], ["b"]], text, base, "musetalk")
     assert [variant.engine for variant in engines] == ["preview", "musetalk"] and engines[0].label == "preview"
 

@@ -177,10 +177,13 @@ def test_a_longer_job_shows_its_progress_and_plays_before_it_ends(page):
     streaming = element(page, "#stream-video").is_displayed() if page.find_elements(By.ID, "stream-video") else False
     element(page, "#generate-button").click()
 
-    seen, played_early, deadline = [], False, time.monotonic() + WAIT_FOR_DUB
+    seen, played_early, shot, deadline = [], False, None, time.monotonic() + WAIT_FOR_DUB
     while time.monotonic() < deadline:
         text = page_text(page)
         seen += [line for line in text.splitlines() if "frame" in line and " of " in line]
+        if not shot and any("generating, frame" in line for line in seen):
+            page.execute_script("window.scrollTo(0, 0)")
+            shot = keep_screenshot(page, "studio_progress.png")  # the README's picture of a running job
         if streaming and not video_source("#result-video")(page):
             played_early = played_early or page.execute_script(
                 "const v = document.querySelector('#stream-video video'); return !!v && v.currentTime > 0;")
@@ -195,3 +198,66 @@ def test_a_longer_job_shows_its_progress_and_plays_before_it_ends(page):
     assert any(" left" in line for line in seen), "a time left once the rate is known"
     if streaming:
         assert played_early, "the streamed dub did not start playing before the job ended"
+
+
+def tab(driver, name: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.XPATH, f"//button[@role='tab' and normalize-space()='{name}']")
+
+
+def table_rows(driver, selector: str) -> list[str]:
+    """The texts of a Gradio table's rows (its cells joined by " | "), read in one script: the table
+    is redrawn as it changes, so elements found one by one go stale."""
+    texts = driver.execute_script("""
+        const rows = {};
+        for (const cell of document.querySelectorAll(arguments[0] + ' [role=gridcell][data-row]')) {
+            (rows[cell.dataset.row] = rows[cell.dataset.row] || []).push(cell.innerText.trim());
+        }
+        return Object.keys(rows).sort((a, b) => a - b).map(row => rows[row]);""", selector)
+    return [" | ".join(cells) for cells in texts if any(cells)]  # an empty table shows one blank row
+
+
+def test_compare_refuses_a_duplicate_variant_and_the_history_keeps_every_result(page, face_clip):
+    """Compare: the current settings added once, refused the second time with a note naming the row,
+    a second variant (another mask), the grid; then the History tab lists this session's results."""
+    from selenium.webdriver.common.by import By
+
+    page.refresh()
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#video-upload input[type=file]"), WAIT_FOR_PAGE,
+             "the upload field")
+    element(page, "#video-upload input[type=file]").send_keys(str(face_clip))
+    wait_for(page, lambda d: face_clip.name in element(d, "#video-upload").text.replace("\n", ""), WAIT_FOR_PAGE,
+             "the uploaded file's name")
+    page.find_element(By.XPATH, "//*[@id='speech-from']//label[normalize-space()='Text']").click()
+    text_box = wait_for(page, lambda d: d.find_element(By.CSS_SELECTOR, "#speech-text textarea").is_displayed()
+                        and d.find_element(By.CSS_SELECTOR, "#speech-text textarea"), WAIT_FOR_PAGE, "the text box")
+    text_box.send_keys(SHORT_TEXT)
+    page.find_element(By.XPATH, "//*[@id='engine']//label[starts-with(normalize-space(), 'Preview')]").click()
+
+    tab(page, "Compare").click()
+    element(page, "#clear-variants").click()
+    wait_for(page, lambda d: not table_rows(d, "#variants"), WAIT_FOR_PAGE, "an empty variants table")
+    element(page, "#add-variant").click()
+    wait_for(page, lambda d: len(table_rows(d, "#variants")) == 1, WAIT_FOR_PAGE, "the first variant")
+    element(page, "#add-variant").click()
+    wait_for(page, lambda d: "already has these settings" in page_text(d), WAIT_FOR_PAGE, "the duplicate refused")
+    assert "Not added: row 1" in page_text(page)
+    assert len(table_rows(page, "#variants")) == 1
+
+    element(page, "#advanced-options").click()
+    wait_for(page, lambda d: d.find_element(By.ID, "mask-mode").is_displayed(), WAIT_FOR_PAGE, "the mask choice")
+    page.find_element(By.XPATH, "//*[@id='mask-mode']//label[starts-with(normalize-space(), 'Mouth')]").click()
+    element(page, "#add-variant").click()
+    wait_for(page, lambda d: len(table_rows(d, "#variants")) == 2, WAIT_FOR_PAGE, "the second variant")
+    assert "mouth" in table_rows(page, "#variants")[1]
+
+    element(page, "#compare-button").click()
+    wait_for(page, video_source("#grid-video"), WAIT_FOR_DUB, "the comparison grid")
+    wait_for(page, lambda d: len(table_rows(d, "#comparison-table")) == 2, WAIT_FOR_PAGE, "one row per variant")
+
+    tab(page, "History").click()
+    wait_for(page, lambda d: any("comparison" in row for row in table_rows(d, "#history")), WAIT_FOR_PAGE,
+             "the comparison in the history")
+    # The module's earlier dubs, made in other page loads, are not this session's.
+    assert all("dub" not in row.split() for row in table_rows(page, "#history"))

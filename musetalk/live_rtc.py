@@ -1,7 +1,7 @@
 """Live sessions over WebRTC: the browser's microphone in, the face's picture and voice out.
 
-The transport is fastrtc's server side (``fastrtc.Stream``, aiortc under it), mounted on the
-app's own web server at ``/live/webrtc/offer``. fastrtc's Gradio component is not used: its
+The transport is fastrtc's server side (``fastrtc.Stream``, aiortc under it), behind a route on
+the app's own web server, ``/live/webrtc/offer`` (fastrtc loads at the first offer). fastrtc's Gradio component is not used: its
 front end is built for Gradio 5 and does not load in Gradio 6 (the page stops at "Loading...":
 ``Cannot destructure property 'SvelteComponent' of window.__gradio__svelte__internal``), so the
 page (``musetalk.live_page``) carries a small WebRTC client of its own that speaks fastrtc's offer
@@ -160,14 +160,37 @@ def available() -> tuple[bool, str]:
                    "pip install --no-deps fastrtc (it declares gradio<6, but its server side works with Gradio 6)")
 
 
-def mount(app, registry: LiveRegistry, path: str = OFFER_PATH):
-    """Add fastrtc's offer route for ``registry``'s faces to a FastAPI app; returns the fastrtc Stream."""
-    from fastrtc import Stream
+def mount(app, registry: LiveRegistry, path: str = OFFER_PATH) -> None:
+    """Add the WebRTC offer route for ``registry``'s faces to a FastAPI app (``POST {path}/webrtc/offer``).
 
-    stream = Stream(handler_for(registry), modality="audio-video", mode="send-receive",
-                    concurrency_limit=MAX_SESSIONS, verbose=False)
-    stream.mount(app, path=path)
-    return stream
+    fastrtc (and aiortc, PyAV, librosa under it) loads at the first offer, not with the app: it takes
+    seconds to import, and a process that imported it was seen to grow about 0.5 GB more during
+    concurrent dubs (tests/test_load.py), so a studio nobody uses live from never loads it."""
+    import asyncio
+
+    from starlette.responses import JSONResponse, Response
+
+    streams: list = []
+    lock = threading.Lock()
+
+    def stream():
+        with lock:
+            if not streams:
+                from fastrtc import Stream
+
+                streams.append(Stream(handler_for(registry), modality="audio-video", mode="send-receive",
+                                      concurrency_limit=MAX_SESSIONS, verbose=False))
+            return streams[0]
+
+    async def offer(request):
+        from fastrtc.stream import Body
+
+        body = Body(**await request.json())
+        answer = await (await asyncio.to_thread(stream)).offer(body)
+        return answer if isinstance(answer, Response) else JSONResponse(answer)
+
+    # A plain Starlette route: the request as it came (fastrtc parses the body itself).
+    app.add_route(f"{path}/webrtc/offer", offer, methods=["POST"])
 
 
 def handler_for(registry: LiveRegistry):

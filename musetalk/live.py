@@ -16,10 +16,12 @@ Latency (``latency_s``, stated before the first frame): a frame is drawn once th
 features read is in (``context_s``: the engine's right context plus the silence gate's
 lookahead), and a batch of frames takes up to its own duration to draw; a frame is due
 ``context_s + 2 * batch / fps`` after the start of its audio. Paced sessions (the default) keep
-to that clock: audio that does not arrive is silence, a batch that would be late is skipped
-(each skipped frame repeats the last picture, with its own audio, so sound and picture stay
-together) and ``stats.frames_skipped`` says how many. Unpaced sessions (tests, benchmarks) make
-every frame as soon as its audio is in and never skip.
+to that clock: audio that does not arrive is silence, and frames the engine would deliver late
+are drawn by the preview engine instead (a MuseTalk session; ``stats.frames_stood_in``) or skipped
+(``on_late="skip"``, and the preview engine itself: each skipped frame repeats the last picture,
+with its own audio, so sound and picture stay together; ``stats.frames_skipped``); the log says so
+every few seconds. Unpaced sessions (tests, benchmarks) make every frame as soon as its audio is
+in and never fall behind.
 
 Nothing grows with the stream's length: pushed audio waits in a buffer of ``max_buffered_s`` (a
 push blocks while it is full), finished frames in a queue of two batches, and the audio
@@ -75,6 +77,7 @@ class LiveFrame:
     audio: np.ndarray  # float32 16 kHz samples of this frame's time
     speaking: bool  # the engine drew it from speech (False: the resting face, or a face-less frame)
     skipped: bool = False  # generation was late: this repeats the last picture
+    drawn_by: str = ""  # the engine that drew it from speech ("" for a resting, skipped or face-less frame)
     time: float = 0.0  # seconds of the stream at which this frame starts
 
 
@@ -84,6 +87,7 @@ class LiveStats:
     frames_spoken: int = 0  # drawn by the engine from speech
     frames_rest: int = 0  # the resting face of their source frame
     frames_skipped: int = 0  # repeats because generation was late
+    frames_stood_in: int = 0  # drawn by the preview engine because the session's engine was late
     batches: int = 0
     batch_seconds_max: float = 0.0
     buffered_samples_max: int = 0  # the most audio ever waiting ahead of the picture
@@ -97,7 +101,7 @@ class LiveSession:
 
     def __init__(self, pipeline: LipSyncPipeline, video: str | os.PathLike, options: RunOptions | None = None,
                  paced: bool = True, batch_size: int | None = None, max_buffered_s: float = MAX_BUFFERED_S,
-                 clock: Callable[[], float] = time.monotonic, progress=None):
+                 clock: Callable[[], float] = time.monotonic, progress=None, on_late: str = "auto"):
         self.options = (options or RunOptions()).validate()
         self.pipeline = pipeline
         self.engine = pipeline.engine
@@ -117,6 +121,7 @@ class LiveSession:
         self.latency_s = self.context_s + 2 * self.batch_size / self.fps + SCHEDULING_MARGIN_S
         self.max_buffered = int(max_buffered_s * SAMPLE_RATE)
         self.stats = LiveStats()
+        self._stand_in = _stand_in_for(self.engine, on_late, self.fps)
         self._masks = _MaskMemo(self.options)
         self._states = self._prepare_states()
         self._rest_faces: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -302,11 +307,15 @@ class LiveSession:
     def _emit_batch(self, positions: list[int]) -> None:
         started = time.perf_counter()
         late = [k for k in positions if self._is_late(k)] if self.paced else []
-        for k in late:
-            self._put(self._held_frame(k))
+        if late and self._stand_in is not None:
+            for frame in self._draw(late, self._stand_in):
+                self._put(frame)
+            self._report_late(len(late), "drawn by the preview engine")
+        elif late:
+            for k in late:
+                self._put(self._held_frame(k))
+            self._report_late(len(late), "skipped")
         drawn = positions[len(late):]
-        if late:
-            self._report_skips(len(late))
         if drawn:
             for frame in self._draw(drawn):
                 self._put(frame)
@@ -318,40 +327,48 @@ class LiveSession:
         """Paced: this frame could not be drawn before it is due (a batch's time is allowed for it)."""
         return self._clock() + self.batch_size / self.fps > self.due(index)
 
-    def _report_skips(self, count: int) -> None:
-        self.stats.frames_skipped += count
+    def _report_late(self, count: int, what: str) -> None:
+        if self._stand_in is not None:
+            self.stats.frames_stood_in += count
+        else:
+            self.stats.frames_skipped += count
         self._skipped_since_log += count
         now = time.monotonic()
         if now - self._last_skip_log >= SKIP_LOG_EVERY_S:
-            logger.warning("live: generation is behind the clock; %d frame(s) skipped (%d in all)",
-                           self._skipped_since_log, self.stats.frames_skipped)
+            logger.warning("live: the %s engine is behind the clock; %d frame(s) %s (%d in all)", self.engine.name,
+                           self._skipped_since_log, what, self.stats.frames_skipped + self.stats.frames_stood_in)
             self._last_skip_log, self._skipped_since_log = now, 0
 
     def _held_frame(self, index: int) -> LiveFrame:
         return self._frame(index, self._last_image, speaking=False, skipped=True)
 
-    def _frame(self, index: int, image: np.ndarray, speaking: bool, skipped: bool = False) -> LiveFrame:
+    def _frame(self, index: int, image: np.ndarray, speaking: bool, skipped: bool = False,
+               drawn_by: str = "") -> LiveFrame:
         start, stop = self.frame_samples(index)
-        frame = LiveFrame(index, image, self._gate.raw(start, stop), speaking, skipped, index / self.fps)
+        frame = LiveFrame(index, image, self._gate.raw(start, stop), speaking, skipped, drawn_by, index / self.fps)
         self._last_image = image
         return frame
 
-    def _draw(self, positions: list[int]) -> list[LiveFrame]:
-        """Each frame: the engine's face from speech, the resting face in silence, the source frame with no face."""
+    def _draw(self, positions: list[int], stand_in: _StandIn | None = None) -> list[LiveFrame]:
+        """Each frame: the engine's face from speech, the resting face in silence, the source frame with no face.
+        ``stand_in``: the preview engine draws them instead of the session's (which is late)."""
+        features = stand_in.features if stand_in else self._features
         items = [self._face_frame(k) for k in positions]
-        silent = [self._gate.is_silent(*self._features.influence(k)) for k in positions]
+        silent = [self._gate.is_silent(*features.influence(k)) for k in positions]
         spoken = [n for n, item in enumerate(items) if item.box is not None and not silent[n]]
-        new_faces = dict(zip(spoken, self._generate([positions[n] for n in spoken], [items[n] for n in spoken])))
+        new_faces = dict(zip(spoken, self._generate([positions[n] for n in spoken], [items[n] for n in spoken],
+                                                    stand_in)))
+        drawn_by = (stand_in.engine if stand_in else self.engine).name
         frames = []
         for n, (k, item) in enumerate(zip(positions, items)):
             if item.box is None:
                 frames.append(self._frame(k, item.frame, speaking=False))
                 continue
-            face = new_faces[n] if n in new_faces else self._rest_face(item)
+            face = new_faces[n] if n in new_faces else self._rest_face(item, stand_in)
             with self.timer.stage("blend"):
                 square, mask = self._masks.get(item)
                 image = blending.paste_face(item.frame, face, item.box, square, mask)
-            frames.append(self._frame(k, image, speaking=n in new_faces))
+            frames.append(self._frame(k, image, speaking=n in new_faces, drawn_by=drawn_by if n in new_faces else ""))
         self.stats.frames_spoken += len(new_faces)
         self.stats.frames_rest += sum(1 for n, item in enumerate(items) if item.box is not None and n not in new_faces)
         return frames
@@ -360,18 +377,29 @@ class LiveSession:
         source = self.source_index(index)
         return self.prepared.avatar.face_frame(source, self._sources[source])
 
-    def _generate(self, positions: list[int], items: list[FaceFrame]) -> list[np.ndarray]:
+    def _generate(self, positions: list[int], items: list[FaceFrame], stand_in: _StandIn | None = None
+                  ) -> list[np.ndarray]:
         if not items:
             return []
         import torch
 
         closed_at = self._gate.closed_at
+        if stand_in is not None:  # its states are the crops, cut now (a few ms): nothing is kept for it
+            frame_audio = stand_in.features.batch_audio(positions, self._gate, closed_at)
+            states = torch.stack(self._prepare(items, stand_in.engine))
+            return list(stand_in.engine.generate(states, frame_audio, self.timer))
         frame_audio = self._features.batch_audio(positions, self._gate, closed_at)
         states = torch.stack([self._state(item) for item in items])
         return list(self.engine.generate(states, frame_audio, self.timer))
 
-    def _rest_face(self, item: FaceFrame) -> np.ndarray:
-        """The source frame's face with the mouth at rest (what silence gives), made once and kept."""
+    def _rest_face(self, item: FaceFrame, stand_in: _StandIn | None = None) -> np.ndarray:
+        """The source frame's face with the mouth at rest (what silence gives), made once and kept; the
+        stand-in's, when the engine's is not made yet, is drawn now (the engine is late)."""
+        if stand_in is not None and item.index not in self._rest_faces:
+            import torch
+
+            state = torch.stack(self._prepare([item], stand_in.engine))
+            return stand_in.engine.generate(state, stand_in.features.rest_audio(), self.timer)[0]
         if item.index in self._rest_faces:
             self._rest_faces.move_to_end(item.index)
             return self._rest_faces[item.index]
@@ -395,11 +423,11 @@ class LiveSession:
     def _keeps_all_states(self) -> bool:
         return self.engine.cache_id is not None
 
-    def _prepare(self, items: list[FaceFrame]) -> list:
+    def _prepare(self, items: list[FaceFrame], engine=None) -> list:
         with self.timer.stage("crop"):
             crops = np.stack([blending.crop_face(item.frame, item.box) for item in items])
             landmarks = np.stack([_landmarks_in_crop(item.landmarks, item.box) for item in items])
-        return list(self.engine.prepare(crops, landmarks, self.timer).detach().to("cpu"))
+        return list((engine or self.engine).prepare(crops, landmarks, self.timer).detach().to("cpu"))
 
     def _prepare_states(self) -> dict:
         """Engine states of every source frame when the engine's are worth keeping (MuseTalk's latents:
@@ -507,8 +535,8 @@ class _PreviewFeatures:
         self.hop = int(SAMPLE_RATE / visemes.RATE)
         # The smoothing's radius and the interpolation between two steps, each step's half window, and a
         # step for the rounding of the window's start to the grid.
-        radius = math.ceil(3 * visemes._SMOOTH_S * visemes.RATE)
-        self.margin = (radius + 1) * self.hop + visemes._WINDOW // 2 + self.hop
+        radius = math.ceil(3 * visemes.SMOOTHING_S * visemes.RATE)
+        self.margin = (radius + 1) * self.hop + visemes.ANALYSIS_WINDOW // 2 + self.hop
         self.right_context = self.margin - _frame_start(1, fps) // 2
         self._levels: deque = deque(maxlen=int(self.HISTORY_S * visemes.RATE))
         self._levels_until = 0  # 10 ms steps whose level is in the history
@@ -533,7 +561,7 @@ class _PreviewFeatures:
 
     def _remember_levels(self, level_db: np.ndarray, start: int, stop: int) -> None:
         """Add the levels of the steps whose 25 ms window lies inside the audio read, each step once."""
-        half = visemes._WINDOW // 2
+        half = visemes.ANALYSIS_WINDOW // 2
         first_step = start // self.hop + (0 if start == 0 else -(-half // self.hop))
         last_step = (stop - half) // self.hop  # exclusive
         for step in range(max(first_step, self._levels_until), last_step):
@@ -623,6 +651,29 @@ class _WhisperFeatures:
             window = features[middle - self.width // 2: middle - self.width // 2 + self.width]
             self._rest = window.reshape(1, -1, features.shape[-1])
         return self._rest
+
+
+LATE_POLICIES = ("auto", "preview", "skip")
+
+
+@dataclass
+class _StandIn:
+    """The preview engine, drawing the frames a model engine would deliver too late."""
+
+    engine: object
+    features: _PreviewFeatures
+
+
+def _stand_in_for(engine, on_late: str, fps: float) -> _StandIn | None:
+    """``on_late``: "preview" (the preview engine draws late frames), "skip" (they repeat the last picture),
+    "auto" (preview for a model engine, skip for the preview engine itself)."""
+    if on_late not in LATE_POLICIES:
+        raise InputError(f"on_late must be one of {', '.join(LATE_POLICIES)}, not {on_late!r}")
+    if on_late == "skip" or engine.name == "preview":
+        return None
+    from musetalk.engines.preview import PreviewEngine
+
+    return _StandIn(PreviewEngine(), _PreviewFeatures(fps))
 
 
 def _features_for(engine, fps: float, options: RunOptions):

@@ -42,6 +42,7 @@ class LiveBenchReport:
     frames: int
     sustained_fps: float
     frames_skipped: int
+    frames_stood_in: int  # drawn by the preview engine because the session's engine was late
     latency_ms: list[float]  # one per spoken stretch: its first loud sound pushed -> the mouth shown open
     latency_ms_mean: float | None
     # Of that, what the frames themselves hold (as in a dub): the first loud sound's time in the stream to
@@ -129,6 +130,7 @@ def _report(pipeline, session, wav, onsets, pushed_at, shown, images, seconds) -
         frame_size=tuple(images[0].shape[:2]), fps_video=session.fps,
         stated_latency_ms=round(session.latency_s * 1000, 1), frames=len(shown),
         sustained_fps=round((len(shown) - 1) / span, 2), frames_skipped=session.stats.frames_skipped,
+        frames_stood_in=session.stats.frames_stood_in,
         latency_ms=latencies, latency_ms_mean=round(float(np.mean(latencies)), 1) if latencies else None,
         shape_delay_ms_mean=round(float(np.mean(shape_delays)), 1) if shape_delays else None,
         batch_size=session.batch_size,
@@ -141,7 +143,7 @@ def format_report(report: LiveBenchReport) -> list[str]:
         f"live bench: {report.engine} engine on {report.device}, {width}x{height} at {report.fps_video:g} fps, "
         f"{report.seconds:g} s of speech with pauses, batches of {report.batch_size}",
         f"  sustained: {report.sustained_fps:.2f} frames/s over {report.frames} frames, "
-        f"{report.frames_skipped} skipped",
+        f"{report.frames_skipped} skipped, {report.frames_stood_in} drawn by the preview engine instead",
         f"  stated latency: {report.stated_latency_ms:.0f} ms",
     ]
     if report.latency_ms:

@@ -29,7 +29,7 @@ import numpy as np
 
 from musetalk.config import RunOptions
 from musetalk.errors import InputError, LiveError
-from musetalk.live import LiveRecorder, LiveSession
+from musetalk.live import SAMPLE_RATE, LiveRecorder, LiveSession
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class LiveRegistry:
         seconds = 0.0
         for clip in clips:
             session.push_audio(clip)
-            seconds += len(clip) / 16000
+            seconds += len(clip) / SAMPLE_RATE
         return seconds
 
     def start_recording(self, token: str) -> None:

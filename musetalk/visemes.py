@@ -40,6 +40,10 @@ _LOUD_PERCENTILE = 95
 # Smoothing of every curve, as a Gaussian's sigma: short enough that a 60 ms /m/ still closes
 # the lips between two vowels, long enough that 10 ms noise in the analysis does not flicker.
 _SMOOTH_S = 0.02
+# What a stream must know to read exactly what the whole-file analysis reads (musetalk.live): each
+# step's analysis window in samples, and the smoothing's sigma.
+ANALYSIS_WINDOW = _WINDOW
+SMOOTHING_S = _SMOOTH_S
 # How far a loud vowel scales a phoneme's opening, and the least a quiet one keeps.
 _PHONEME_LOUDNESS_FLOOR = 0.65
 _LAST_PHONEME_S = 0.12  # the last phoneme of a clip has no successor to end it

@@ -287,3 +287,26 @@ def test_bench_live_reports_frames_skips_and_latency(face_clip, capsys):
     assert 0 <= report["frames"] - report["seconds"] * 25 <= 2
     assert report["frames_skipped"] >= 0 and report["stated_latency_ms"] > 0
     assert len(report["latency_ms"]) >= 1, "the spoken stretch opened the mouth, and was measured"
+
+
+def test_a_late_musetalk_session_lets_the_preview_engine_draw_and_says_so(musetalk_pipeline, face_clip, caplog,
+                                                                         monkeypatch):
+    session = LiveSession(musetalk_pipeline, face_clip)  # on_late="auto": the preview engine stands in
+    generate = session.engine.generate
+
+    def slow_generate(states, frame_audio, timer):
+        time.sleep(0.3)  # a GPU far too busy
+        return generate(states, frame_audio, timer)
+
+    monkeypatch.setattr(session.engine, "generate", slow_generate)
+    speech = audio_lib.load_audio(EXAMPLES / "speech.wav")[: 2 * SR]
+    with caplog.at_level(logging.WARNING, logger="musetalk.live"):
+        session.push_audio(speech)
+        session.close()
+        frames = list(session.frames())
+    assert [frame.index for frame in frames] == list(range(len(frames)))
+    by_preview = [frame for frame in frames if frame.drawn_by == "preview"]
+    assert by_preview and session.stats.frames_stood_in >= len(by_preview)
+    assert session.stats.frames_skipped == 0 and not any(frame.skipped for frame in frames)
+    assert all(frame.drawn_by in ("musetalk", "preview") for frame in frames if frame.speaking)
+    assert "drawn by the preview engine" in caplog.text

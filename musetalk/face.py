@@ -140,16 +140,20 @@ class FaceAnalyzer:
 
     ``face_index`` None picks the largest face in each frame; N picks the N-th face counted
     from the left (0-based); a frame with fewer faces counts as a frame with no face.
+    ``follow``: for ``landmarks_near`` on the frames of one video in order, where each crop holds the
+    same face in about the same place: the mesh runs in MediaPipe's video mode, which follows the face
+    from the previous frame's points instead of finding it again (a third off the mesh's cost), one face.
     Use as a context manager, or call ``close()`` to release the models.
     """
 
-    def __init__(self, face_index: int | None = None, min_confidence: float = 0.5):
+    def __init__(self, face_index: int | None = None, min_confidence: float = 0.5, follow: bool = False):
         if face_index is not None and face_index < 0:
             raise InputError(f"face_index must be 0 or more (0 = the leftmost face), got {face_index}")
         if not 0.0 < min_confidence < 1.0:
             raise InputError(f"min_confidence must be between 0 and 1, got {min_confidence}")
         self.face_index = face_index
         self.min_confidence = min_confidence
+        self.follow = follow
         self._detector: Any = None
         self._mesh: Any = None
 
@@ -176,8 +180,10 @@ class FaceAnalyzer:
             # static_image_mode: every crop is a new image (crops move from frame to frame, so
             # the mesh's own frame-to-frame tracking would follow the wrong coordinates).
             # Up to 3 faces so that a neighbour inside the crop cannot hide the one we want.
+            # Following (crops that hold the face in place): one face, or the video mode would look
+            # for more with its detector on every frame.
             self._mesh = mp.solutions.face_mesh.FaceMesh(
-                static_image_mode=True, max_num_faces=3, refine_landmarks=False,
+                static_image_mode=not self.follow, max_num_faces=1 if self.follow else 3, refine_landmarks=False,
                 min_detection_confidence=self.min_confidence,
             )
         return self._detector, self._mesh
@@ -235,6 +241,14 @@ class FaceAnalyzer:
             return None
         return self._mesh_in_box(frame_rgb, box)
 
+    def landmarks_near(self, frame_rgb: np.ndarray, near: np.ndarray) -> np.ndarray | None:
+        """The landmarks of the face that was at ``near`` ([468, 2] frame pixels), or None: the mesh alone,
+        in the box of those points, as analysis follows a face the detector missed. For a frame where
+        the face is known to be (a dub's output frame: the face its source frame had), at the mesh's
+        cost only (on one core, 4.9 ms a frame of the example face against 12 with a detection; 3.4 ms
+        with ``follow``)."""
+        return self._mesh_in_box(_check_frame(frame_rgb), _landmark_box(near))
+
     def _detect_and_mesh(self, frame_rgb: np.ndarray, previous: np.ndarray | None
                          ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(landmarks, the box the mesh ran in) of the chosen face, or (None, None). Like ``landmarks``,
@@ -264,7 +278,12 @@ class FaceAnalyzer:
         if right - left < 8 or bottom - top < 8:
             return None
         scale = _CROP_SIDE / max(right - left, bottom - top)
-        crop = _resize(frame_rgb[top:bottom, left:right], scale)
+        if self.follow and scale < 1:
+            # Following, the mesh cuts the face's region out and resizes it to its input itself: shrinking
+            # the crop first only costs time (0.8 ms a frame of the example face, a fifth of the mesh).
+            scale = 1.0
+        region = frame_rgb[top:bottom, left:right]
+        crop = np.ascontiguousarray(region) if scale == 1.0 else _resize(region, scale)
         result = mesh.process(crop)
         if not result.multi_face_landmarks:
             return None

@@ -3,7 +3,9 @@
 Everything is computed offline from the output file (plus, optionally, the source video and
 the audio) with what the project already has: MediaPipe landmarks, the voice-activity
 detector and the waveform. ``score_video`` returns a ``Scores``; every field is a float or
-None when it cannot be computed, and ``Scores.reasons`` says why for each None.
+None when it cannot be computed, and ``Scores.reasons`` says why for each None. ``FrameScorer``
+takes the same measures during a job, from the frames it encodes and the faces it found (the
+studio's way: no second pass over the files).
 
 The scores (``SCORE_INFO`` holds the same text the tables show):
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,7 +49,7 @@ import numpy as np
 
 from musetalk import audio as audio_lib
 from musetalk import face as face_lib
-from musetalk import schedule, video_io
+from musetalk import schedule, stages, video_io
 from musetalk.config import LOOP_MODES
 from musetalk.errors import InputError
 
@@ -367,18 +370,32 @@ def identity_scores(video: str, source_info: video_io.MediaInfo, track: face_lib
     def open_reader(start: int, count: int) -> Iterator[np.ndarray]:
         return video_io.read_frames(source, info=source_info, fps=rate, start_frame=start, max_frames=count)
 
+    def compared() -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, int, int, int] | None]]:
+        outputs = video_io.read_frames(video, max_frames=len(track))
+        for index, (output, original) in enumerate(zip(outputs, schedule.scheduled_frames(order, open_reader))):
+            if track.has_face[index]:
+                box = upper_face_box(track.landmarks[index], track.width, track.height)
+                if box is not None:
+                    x1, y1, x2, y2 = box
+                    yield output[y1:y2, x1:x2], original[y1:y2, x1:x2], box
+            else:
+                yield output, original, None
+            if progress is not None:
+                progress(index + 1, len(track))
+
+    return _identity_of(compared())
+
+
+def _identity_of(compared) -> dict[str, tuple[float | None, str]]:
+    """The identity scores from (output, source, upper-face box) pairs: upper faces where the box is
+    given, whole frames without a face where it is None."""
     face_psnr, face_ssim, empty_psnr = [], [], []
-    outputs = video_io.read_frames(video, max_frames=len(track))
-    for index, (output, original) in enumerate(zip(outputs, schedule.scheduled_frames(order, open_reader))):
-        box = upper_face_box(track.landmarks[index], track.width, track.height) if track.has_face[index] else None
+    for output, original, box in compared:
         if box is not None:
-            x1, y1, x2, y2 = box
-            face_psnr.append(psnr(output[y1:y2, x1:x2], original[y1:y2, x1:x2]))
-            face_ssim.append(ssim(output[y1:y2, x1:x2], original[y1:y2, x1:x2]))
-        elif not track.has_face[index]:
+            face_psnr.append(psnr(output, original))
+            face_ssim.append(ssim(output, original))
+        else:
             empty_psnr.append(psnr(output, original))
-        if progress is not None:
-            progress(index + 1, len(track))
     no_face = "no frame with a face" if not face_psnr else ""
     return {
         "identity_psnr": (float(np.mean(face_psnr)) if face_psnr else None, no_face),
@@ -543,6 +560,121 @@ def score_video(video: str | os.PathLike, source: str | os.PathLike | None = Non
     return scores
 
 
+# --------------------------------------------------------------------------- in the job's own pass
+
+# Output frames compared with their source for the identity scores, at most, evenly spaced: the output
+# file is read back for these frames only, and their source crops are what memory holds, however long
+# the dub (a mean over 50 frames is within a few tenths of a dB of one over all).
+IDENTITY_SAMPLES = 50
+# Of those, whole frames without a face kept for passthrough_psnr, at most (a 1080p frame is 6 MB).
+PASSTHROUGH_SAMPLES = 12
+FRAMES_QUEUED = 8  # output frames waiting for the scorer's thread
+
+
+class FrameScorer:
+    """``score_video``'s scores of a dub, measured from the job's own frames as they are encoded (a
+    ``pipeline.FrameSink``): no second face analysis of the output and no second decode of the source.
+
+    On its own thread, the face mesh runs on each output frame where the job found the face, in that
+    face's box (``FaceAnalyzer.landmarks_near``: no detector), and the mouth, sync, silence and stability
+    scores come from those landmarks through the same functions as score_video's. The identity scores
+    compare the output as encoded (read back for ``IDENTITY_SAMPLES`` frames) with the source frame the
+    job showed there. How close it comes to score_video is stated and tested in tests/test_frame_sinks.py
+    (TOLERANCES). ``close(output)`` after the job gives the Scores; ``abort()`` after a failure."""
+
+    def __init__(self, models_dir: str | os.PathLike | None = None, device: str = "auto", syncnet_stride: int = 1):
+        self.models_dir, self.device, self.syncnet_stride = models_dir, device, syncnet_stride
+        self.seconds = 0.0  # spent measuring, on the scorer's thread and in close()
+        self._plan = None
+
+    def start(self, plan) -> None:
+        """Called by the pipeline before the first frame (``plan``: its OutputPlan)."""
+        self._plan = plan
+        self._rows: list[np.ndarray | None] = [None] * plan.num_frames
+        self._every = max(1, math.ceil(plan.num_frames / IDENTITY_SAMPLES))
+        self._samples: dict[int, tuple[tuple[int, int, int, int] | None, np.ndarray]] = {}
+        self._whole_frames = 0
+        self._analyzer = face_lib.FaceAnalyzer(follow=True)  # its mesh only: the job chose the face
+        self._worker = stages.Worker(self._measure, FRAMES_QUEUED, "scores")
+
+    def add(self, position: int, source, frame: np.ndarray) -> None:
+        self._worker.put((position, source, frame))
+
+    def _measure(self, item) -> None:
+        started = time.perf_counter()
+        position, source, frame = item
+        found = None if source.landmarks is None else self._analyzer.landmarks_near(frame, source.landmarks)
+        self._rows[position] = found
+        if position % self._every == 0:
+            self._keep_sample(position, source.frame, found)
+        self.seconds += time.perf_counter() - started
+
+    def _keep_sample(self, position: int, original: np.ndarray, found: np.ndarray | None) -> None:
+        """What identity compares this output frame with once it is encoded: the source's upper face, or
+        the whole source frame where the output has no face (as score_video pairs them)."""
+        if found is None:
+            if self._whole_frames < PASSTHROUGH_SAMPLES:
+                self._samples[position] = (None, original)
+                self._whole_frames += 1
+            return
+        box = upper_face_box(found, self._plan.width, self._plan.height)
+        if box is not None:
+            x1, y1, x2, y2 = box
+            self._samples[position] = (box, original[y1:y2, x1:x2].copy())
+
+    def close(self, output: str | os.PathLike, progress: ProgressCallback | None = None,
+              speech: audio_lib.SpeechSegments | None = None) -> Scores:
+        """The scores, once the job wrote ``output`` (its identity frames are read back from it).
+        ``speech``: what the job's silence gate found in its audio (None: detected here again)."""
+        if self._plan is None:
+            raise InputError("the scorer saw no frames: it scores a job it was given to as a sink")
+        self._worker.finish()
+        started = time.perf_counter()
+        try:
+            scores = self._scores(os.fspath(output), progress or (lambda stage, done, total: None), speech)
+        finally:
+            self._analyzer.close()
+        self.seconds += time.perf_counter() - started
+        return scores
+
+    def abort(self) -> None:
+        if self._plan is not None:
+            self._worker.abort()
+            self._analyzer.close()
+
+    def _scores(self, output: str, progress: ProgressCallback, speech) -> Scores:
+        plan = self._plan
+        # The output is read back (ffmpeg decodes it) while the audio scores are computed here.
+        identity = stages.BackgroundCall(self._identity, output)
+        track = face_lib.FaceTrack.from_rows(self._rows, plan.width, plan.height)
+        mouth = mouth_track(track, plan.fps)
+        scores = Scores()
+        scores._set("face_coverage", float(mouth.has_face.mean()) if len(mouth) else None, "no frames")
+        wav = audio_lib.load_audio(plan.audio_path)
+        _audio_scores(scores, track, mouth, wav, "", speech)
+        for name, (value, reason) in identity.result().items():
+            scores._set(name, value, reason)
+        _syncnet(scores, output, track, plan.fps, wav, "", self.models_dir, self.device, self.syncnet_stride,
+                 progress)
+        return scores
+
+    def _identity(self, output: str) -> dict[str, tuple[float | None, str]]:
+        return _identity_of(self._compared(output))
+
+    def _compared(self, output: str) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, int, int, int] | None]]:
+        """(encoded output, source, box) for the kept frames, the output read back at those frames only."""
+        for index, encoded in enumerate(video_io.read_frames(output, every=self._every)):
+            sample = self._samples.get(index * self._every)
+            if sample is None:
+                continue  # not kept: a face without an upper face to compare, or whole frames enough
+            box, original = sample
+            if box is None:
+                yield encoded, original, None
+            else:
+                x1, y1, x2, y2 = box
+                yield encoded[y1:y2, x1:x2], original, box
+
+
 def _existing(path: str | os.PathLike, role: str) -> str:
     if not Path(path).is_file():
         raise InputError(f"the {role} {path} does not exist; check the path")
@@ -565,7 +697,9 @@ def _load_audio(video: str, info: video_io.MediaInfo, audio) -> tuple[np.ndarray
     return audio_lib.load_audio(video), ""
 
 
-def _audio_scores(scores: Scores, track, mouth: MouthTrack, wav, no_audio: str) -> None:
+def _audio_scores(scores: Scores, track, mouth: MouthTrack, wav, no_audio: str,
+                  speech: audio_lib.SpeechSegments | None = None) -> None:
+    """``speech``: what the voice-activity detector found in ``wav``, when that is known (None: detect it)."""
     scores._set("box_jitter", box_jitter(track, mouth), "fewer than 5 consecutive frames with a face")
     if wav is None:
         for name in ("sync_correlation", "sync_lag_ms", "silence_mouth_open", "speech_mouth_open",
@@ -577,7 +711,7 @@ def _audio_scores(scores: Scores, track, mouth: MouthTrack, wav, no_audio: str) 
     correlation, lag_ms, reason = sync_scores(mouth, envelope)
     scores._set("sync_correlation", correlation, reason)
     scores._set("sync_lag_ms", lag_ms, reason)
-    speech = audio_lib.detect_speech(wav).frame_mask(len(mouth), mouth.fps)
+    speech = (speech or audio_lib.detect_speech(wav)).frame_mask(len(mouth), mouth.fps)
     for name, (value, why) in silence_scores(mouth, speech).items():
         scores._set(name, value, why)
     # The loudness the mouth should follow, as power, at the measured lag (0 when unknown).

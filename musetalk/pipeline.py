@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -79,6 +80,32 @@ class PreparedVideo:
     info: video_io.MediaInfo
     fps: float
     avatar: Avatar
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What a job's output will be, known before its first frame is made: what a frame sink opens with."""
+
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+    audio_path: str  # the speech the output carries
+    audio_offset_s: float  # > 0 delays the speech, < 0 skips its start (RunOptions.av_offset_ms)
+
+
+class FrameSink(Protocol):
+    """A consumer of a job's output frames beside the encoder (the studio's side-by-side video and scores,
+    made from the frames in hand instead of decoding the output again).
+
+    ``start`` is called once before the first frame; ``add`` with every output frame in order, from the
+    thread that encodes, with the source frame and the face the job found in it (``source.landmarks`` and
+    ``source.box`` None where it found none). ``add`` must return quickly: a slow sink holds the encoder
+    back (heavy work goes to the sink's own thread). Finishing and aborting belong to whoever made it."""
+
+    def start(self, plan: OutputPlan) -> None: ...
+
+    def add(self, position: int, source: FaceFrame, frame: np.ndarray) -> None: ...
 
 
 class LipSyncPipeline:
@@ -151,10 +178,12 @@ class LipSyncPipeline:
 
     def __call__(self, video: str | os.PathLike, audio, output: str | os.PathLike,
                  options: RunOptions | None = None, progress: ProgressCallback | None = None,
-                 stream_dir: str | os.PathLike | None = None) -> LipSyncResult:
+                 stream_dir: str | os.PathLike | None = None, sinks: Sequence[FrameSink] = ()) -> LipSyncResult:
         """``audio``: a file, or an ``AudioClip`` from a speech source (its phoneme timings, when it
         has them, drive the preview engine's mouth shapes). ``stream_dir``: an existing folder where
-        the output is also cut into short HLS segments as it is encoded (video_io.FrameWriter)."""
+        the output is also cut into short HLS segments as it is encoded (video_io.FrameWriter).
+        ``sinks``: FrameSinks handed every output frame as it is encoded (the output file is the same
+        with or without them)."""
         progress = progress or (lambda stage, done, total: None)
         audio, events = (audio.path, tuple(audio.events)) if hasattr(audio, "events") else (audio, ())
         timer = StageTimer(self._synchronize)
@@ -196,7 +225,7 @@ class LipSyncPipeline:
             with video_io.folders_for(output):  # new output folders go again if the job fails
                 redrawn, batch_size, states, states_before, avatar = self._dub(
                     output, video_info, audio_info, fps, num_frames, faces, features, options, timer, progress,
-                    stream_dir)
+                    stream_dir, sinks)
         except BaseException:
             if isinstance(faces, FaceStream):
                 faces.close()
@@ -219,7 +248,8 @@ class LipSyncPipeline:
         )
 
     def _dub(self, output, video_info, audio_info, fps: float, num_frames: int, faces, features,
-             options: RunOptions, timer: StageTimer, progress: ProgressCallback, stream_dir=None):
+             options: RunOptions, timer: StageTimer, progress: ProgressCallback, stream_dir=None,
+             sinks: Sequence[FrameSink] = ()):
         """Step 5: the frames through the engine into the output file, which exists only when all went well."""
         writer = video_io.FrameWriter(
             output, video_info.width, video_info.height, fps, audio_path=audio_info.path, crf=options.crf,
@@ -229,8 +259,12 @@ class LipSyncPipeline:
         states = faces.states if isinstance(faces, Avatar) else {}  # engine states by source frame
         states_before = len(states)
         try:
+            plan = OutputPlan(num_frames, fps, video_info.width, video_info.height, audio_info.path,
+                              options.av_offset_ms / 1000.0)
+            for sink in sinks:
+                sink.start(plan)
             redrawn, batch_size = self._generate(video_info, fps, num_frames, faces, states, features, options,
-                                                 writer, timer, progress)
+                                                 writer, timer, progress, sinks)
             avatar = faces.result() if isinstance(faces, FaceStream) else faces
             stopping.check()  # the last moment a stop leaves nothing: the file is moved into place next
             with timer.stage("encode"):
@@ -406,20 +440,22 @@ class LipSyncPipeline:
             yield faces.face_frame(int(source), frame)
 
     def _generate(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict, features,
-                  options: RunOptions, writer, timer: StageTimer, progress: ProgressCallback) -> tuple[int, int]:
+                  options: RunOptions, writer, timer: StageTimer, progress: ProgressCallback,
+                  sinks: Sequence[FrameSink] = ()) -> tuple[int, int]:
         """Stream output frames through the engine in batches; returns how many had a face, and the
         batch size at the end.
 
         Three threads beside the face analysis: one brings source frames in output order, this one
-        runs the model, one blends and encodes; bounded queues between them keep memory flat. Crops
-        and blending run on a pool of ``cpu_workers`` threads, so no one core limits them."""
+        runs the model, one blends and encodes (and hands each frame to the sinks); bounded queues
+        between them keep memory flat. Crops and blending run on a pool of ``cpu_workers`` threads, so
+        no one core limits them."""
         with thread_pool(self.worker_count(), "frames") as pool:
             return self._generate_on(info, fps, num_frames, faces, states, features, options, writer, timer,
-                                     progress, pool)
+                                     progress, pool, sinks)
 
     def _generate_on(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict, features,
                      options: RunOptions, writer, timer: StageTimer, progress: ProgressCallback,
-                     pool) -> tuple[int, int]:
+                     pool, sinks: Sequence[FrameSink] = ()) -> tuple[int, int]:
         """``_generate`` with crops and blending spread over ``pool`` (None: one thread each)."""
 
         masks = _MaskMemo(options)
@@ -435,9 +471,13 @@ class LipSyncPipeline:
         def blend_and_write(batch) -> None:
             last_position, items, new_faces = batch
             pairs = [(item, new_faces.get(k)) for k, item in enumerate(items)]
-            for frame in ordered_map(blend, pairs, pool, len(pairs)):
+            first_position = last_position + 1 - len(items)
+            for position, item, frame in zip(itertools.count(first_position), items,
+                                             ordered_map(blend, pairs, pool, len(pairs))):
                 with timer.stage("encode"):
                     writer.write(frame)
+                for sink in sinks:
+                    sink.add(position, item, frame)
             progress("generate", last_position + 1, num_frames)
 
         batch_size = BatchSize(options.batch_size, self.device)

@@ -811,18 +811,8 @@ class Studio:
         span = _Span(progress or _no_progress)
         folder = self.jobs.new("generate")
         try:
-            job = self._dub(video, speech, options, engine, folder, "Dubbed", "dubbed", span.part(0.0, 0.93),
-                            score, stream_dir)
-            span(0.94, "side-by-side video")
-            started = time.perf_counter()
-            composition = compare.side_by_side(
-                video, job.output, folder / "side_by_side.mp4",
-                original_schedule=compare.dub_schedule(video, job.result.num_frames, job.result.fps, options.loop),
-                fps=job.result.fps,
-            )
-            job.side_by_side = composition.path
-            job.timings["side_by_side"] = round(time.perf_counter() - started, 4)
-            job.timings["total"] = round(job.timings.get("total", 0.0) + job.timings["side_by_side"], 4)
+            job = self._dub(video, speech, options, engine, folder, "Dubbed", "dubbed", span.part(0.0, 0.99),
+                            score, stream_dir, side_by_side=True)
             span(1.0, "done")
             return job
         except BaseException:
@@ -830,8 +820,9 @@ class Studio:
             raise
 
     def _dub(self, video, speech: Speech, options: RunOptions, engine: str, folder: Path, label: str, name: str,
-             span: _Span, score: bool, stream_dir=None) -> JobResult:
-        """Speech to audio, then the pipeline: ``name``.mp4 in ``folder``."""
+             span: _Span, score: bool, stream_dir=None, side_by_side: bool = False) -> JobResult:
+        """Speech to audio, then the pipeline: ``name``.mp4 in ``folder``. Its scores (``score``) and the
+        original beside it (``side_by_side``) are made from the job's frames as they are encoded."""
         started = time.perf_counter()
         pipeline = self.pipeline(options.version, span.part(0.0, 0.05), engine)
         speech_started = time.perf_counter()
@@ -839,23 +830,33 @@ class Studio:
         audio = getattr(spoken, "path", spoken)
         speech_seconds = time.perf_counter() - speech_started
         output = folder / f"{name}.mp4"
-        with self._one_job_at_a_time(span, label):
-            result = pipeline(video, spoken, output, options,
-                              progress=pipeline_progress(span.part(0.1, 0.9 if score else 1.0), label),
-                              stream_dir=stream_dir)
+        beside = compare.SideBySideWriter(folder / "side_by_side.mp4", protect=[video, audio]) if side_by_side else None
+        scorer = metrics.FrameScorer() if score else None
+        sinks = [sink for sink in (beside, scorer) if sink is not None]
+        try:
+            with self._one_job_at_a_time(span, label):
+                result = pipeline(video, spoken, output, options,
+                                  progress=pipeline_progress(span.part(0.1, 0.95), label),
+                                  stream_dir=stream_dir, sinks=sinks)
+            if sinks:
+                span(0.96, f"{label}: finishing the " + " and ".join(
+                    what for what, sink in (("side-by-side video", beside), ("scores", scorer)) if sink))
+            composed = beside.close() if beside else None
+            scores = scorer.close(output, _scoring_progress(span.part(0.96, 1.0), label),
+                                  _speech_found(result, options)) if scorer else None
+        except BaseException:
+            for sink in sinks:
+                sink.abort()
+            raise
         timings = dict(result.timings)
         if speech.is_text:
             timings["speech"] = round(speech_seconds, 4)
-        scores = None
-        if score:
-            span(0.92, f"{label}: measuring lip-sync, silence and identity")
-            scoring_started = time.perf_counter()
-            scores = metrics.score_video(output, source=video, audio=audio, loop=options.loop,
-                                         progress=_scoring_progress(span.part(0.9, 1.0), label))
-            timings["scores"] = round(time.perf_counter() - scoring_started, 4)
+        for stage, sink in (("side_by_side", beside), ("scores", scorer)):
+            if sink is not None:
+                timings[stage] = round(sink.seconds, 4)  # on their own threads, beside the encoder
         timings["total"] = round(time.perf_counter() - started, 4)
         return JobResult(label=label, speech=speech.describe(), options=options, result=result, audio_path=audio,
-                         side_by_side=None, timings=timings, scores=scores)
+                         side_by_side=composed.path if composed else None, timings=timings, scores=scores)
 
     @contextmanager
     def _one_job_at_a_time(self, span: _Span, label: str) -> Iterator[None]:
@@ -910,6 +911,14 @@ class Studio:
         except BaseException:
             self.jobs.discard(folder)
             raise
+
+
+def _speech_found(result, options: RunOptions):
+    """What the job's silence gate found in its audio (the voice-activity detector the scores run too), or
+    None when the gate was off."""
+    from musetalk.audio import SpeechSegments
+
+    return SpeechSegments(list(result.speech_spans), result.duration) if options.silence_gate else None
 
 
 # The scoring's stages, in the order they run, and the share of the bar each one takes.

@@ -755,14 +755,16 @@ class FrameReader:
     frames are repeated or dropped, never blended). start_frame counts frames at the output rate and
     seeks instead of decoding from the beginning; max_frames stops early. A still picture yields one
     frame whatever start_frame is (every frame of a still is the same). An info made by
-    MediaInfo.resized() makes ffmpeg scale every frame to its width x height.
+    MediaInfo.resized() makes ffmpeg scale every frame to its width x height. every=N yields frames 0, N,
+    2N ... only (of those start_frame and fps give): ffmpeg still decodes each frame, but converts and
+    pipes only the ones kept, a fraction of the work of reading them all.
 
     Use as a context manager or iterate to the end; close() kills and reaps ffmpeg either way.
     ffmpeg is stopped (FFmpegError) when it delivers no frame for STALL_TIMEOUT_S seconds.
     """
 
     def __init__(self, path, info: MediaInfo | None = None, fps: float | None = None,
-                 start_frame: int = 0, max_frames: int | None = None) -> None:
+                 start_frame: int = 0, max_frames: int | None = None, every: int = 1) -> None:
         self.path = os.fspath(path)
         self.info = info if info is not None else probe(self.path)
         if not self.info.has_video:
@@ -773,6 +775,9 @@ class FrameReader:
             raise InputError(f"start_frame must be 0 or more, got {start_frame}")
         if max_frames is not None and max_frames < 0:
             raise InputError(f"max_frames must be 0 or more, got {max_frames}")
+        if every < 1:
+            raise InputError(f"every must be 1 or more (1 = every frame), got {every}")
+        self.every = int(every)
         self.width, self.height = self.info.width, self.info.height
         self.start_frame, self.max_frames = start_frame, max_frames
         self._resample = not self.info.is_image and (
@@ -797,10 +802,14 @@ class FrameReader:
         if self.info.is_image:
             limit = 1 if limit is None else min(limit, 1)
             return cmd + _file_input(self.path) + self._output_args(limit, self._scale_filter())
-        chain = ",".join(f for f in (self._video_filter(), self._scale_filter()) if f)
+        chain = ",".join(f for f in (self._video_filter(), self._sample_filter(), self._scale_filter()) if f)
         if self.info.retimed_from is not None:  # no seeking: the file's timestamps mean nothing here
             return cmd + _file_input(self.path) + self._output_args(limit, chain or None)
         return cmd + self._seeking_input() + self._output_args(limit, chain or None)
+
+    def _sample_filter(self) -> str | None:
+        # After the frame choice of start_frame and fps (their own filters come first): n counts what they kept.
+        return f"select=not(mod(n\\,{self.every}))" if self.every > 1 else None
 
     def _scale_filter(self) -> str | None:
         if self.info.native_size is None or self.info.native_size == (self.width, self.height):

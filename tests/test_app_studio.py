@@ -189,6 +189,34 @@ def test_a_failed_request_leaves_no_folder(tmp_path, face_clip):
     assert list(made.work_dir.iterdir()) == []
 
 
+def test_a_dub_brings_its_side_by_side_and_scores_made_in_its_own_pass(tmp_path, face_clip, speech_clip):
+    made = Studio(StudioConfig(work_dir=str(tmp_path / "work")))
+    reports = []
+    job = made.generate(face_clip, Speech(audio=str(speech_clip)), RunOptions(), engine="preview",
+                        progress=lambda fraction, text: reports.append(text))
+    beside = probe(job.side_by_side)
+    assert beside.num_frames == job.result.num_frames == 40 and beside.has_audio
+    assert beside.width == 2 * 216 + 4  # the original and the dub, as compare.side_by_side lays them out
+    assert job.scores.face_coverage == 1.0 and job.scores.identity_psnr > 30
+    assert {"side_by_side", "scores"} <= set(job.timings)
+    assert "Dubbed: finishing the side-by-side video and scores" in reports
+    made.close()
+
+
+def test_a_dub_whose_scoring_fails_leaves_no_folder(tmp_path, face_clip, speech_clip, monkeypatch):
+    from musetalk import metrics
+
+    def broken(self, item):
+        raise InputError("the scorer broke")
+
+    monkeypatch.setattr(metrics.FrameScorer, "_measure", broken)
+    made = Studio(StudioConfig(work_dir=str(tmp_path / "work")))
+    with pytest.raises(InputError, match="the scorer broke"):
+        made.generate(face_clip, Speech(audio=str(speech_clip)), RunOptions(), engine="preview")
+    assert list(made.work_dir.iterdir()) == []
+    made.close()
+
+
 def test_the_scores_progress_moves_forward_through_their_stages():
     seen = []
     report = studio_lib._scoring_progress(studio_lib._Span(lambda f, text: seen.append((f, text)), 0.9, 1.0), "Dubbed")

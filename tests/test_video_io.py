@@ -275,6 +275,15 @@ def test_resampled_seek_matches_a_read_from_the_start(media, source, fps):
         assert part == full[start : start + 2], f"start_frame={start}"
 
 
+@pytest.mark.parametrize("source,fps", [("indexed", None), ("indexed", 30.0), ("vfr", None), ("indexed_ts", None)])
+def test_every_nth_frame_is_what_a_full_read_has_there(media, source, fps):
+    full = [frame_index(f) for f in read_frames(media[source], fps=fps)]
+    assert [frame_index(f) for f in read_frames(media[source], fps=fps, every=4)] == full[::4]
+    assert [frame_index(f) for f in read_frames(media[source], fps=fps, every=3, start_frame=5)] == full[5::3]
+    with pytest.raises(InputError, match="every must be 1 or more"):
+        FrameReader(media[source], every=0)
+
+
 def test_reader_closed_early_leaves_no_process(media):
     reader = FrameReader(media["indexed"])
     iterator = iter(reader)

@@ -222,6 +222,22 @@ def status_text(services: Studio) -> str:
 # --------------------------------------------------------------------------- the page
 
 
+def live_tab(services: Studio, demo) -> None:
+    """The Live tab: the live page's widgets (``musetalk.live_page``, the same as ``musetalk live``), or what
+    to install for them."""
+    import gradio as gr
+
+    from musetalk import live_rtc
+
+    ready, reason = live_rtc.available()
+    if not ready:
+        gr.Markdown(f"**Live is not available here**: {reason}", elem_id="live-missing")
+        return
+    from musetalk.live_page import build_live_tab
+
+    build_live_tab(services, services.live_registry, user_errors=user_errors, demo=demo)
+
+
 def build_demo(services: Studio):
     """The Blocks app around ``services`` (a Studio whose models are loaded, or load on first use)."""
     import gradio as gr
@@ -241,110 +257,113 @@ def build_demo(services: Studio):
             with gr.Column(scale=0, min_width=200):
                 download = gr.Button("Download weights", size="sm")
 
-        with gr.Row():
-            with gr.Column(scale=5):
-                video = gr.File(label="Face video or photo", file_types=["video", "image"], type="filepath",
-                                elem_id="video-upload")
-                speech_from = gr.Radio(SPEECH_FROM, value="audio", label="New speech from", elem_id="speech-from")
-                with gr.Group(visible=True) as audio_group:
-                    audio = gr.Audio(label="Speech: upload a file or record", sources=["upload", "microphone"],
-                                     type="filepath", elem_id="speech-audio")
-                with gr.Group(visible=False) as text_group:
-                    text = gr.Textbox("", label="Text to speak", lines=3, max_lines=12, elem_id="speech-text",
-                                      placeholder="Type what the face should say.",
-                                      max_length=services.config.max_text_chars)
-                    with gr.Row():
-                        # Custom values pass: the API may name any installed source or voice, and the
-                        # library's own message says what is wrong with one that does not exist.
-                        source = gr.Dropdown([(s.label, s.id) for s in sources.values()], value=default_source,
-                                             label="Speech source", elem_id="speech-source", allow_custom_value=True)
-                        voice = gr.Dropdown(voices, value=default_voice, label="Voice", elem_id="speech-voice",
-                                            allow_custom_value=True)
-                    clone_voice = gr.Checkbox(label="Clone the voice from the video", value=False,
-                                              visible=bool(default_source and sources[default_source].can_clone))
-                engine = gr.Radio(ENGINE_CHOICES, value=default_engine, label="Engine", elem_id="engine")
-                with gr.Accordion("Advanced options", open=False, elem_id="advanced-options"):
-                    with gr.Row():
-                        version = gr.Dropdown(VERSION_CHOICES, value=defaults.version, label="Model version")
-                        face = gr.Dropdown(FACE_CHOICES, value="largest", label="Face to dub")
-                    mask_mode = gr.Radio(MASK_CHOICES, value="official", label="Blend mask", elem_id="mask-mode")
-                    with gr.Row():
-                        extra_margin = gr.Slider(0, 60, value=defaults.extra_margin, step=1, precision=0,
-                                                 label="Extra margin below the chin (v1.5, px)")
-                        bbox_shift = gr.Slider(-40, 40, value=defaults.bbox_shift, step=1, precision=0,
-                                               label="Box shift (v1.0; + opens the mouth more)")
-                    with gr.Row():
-                        left_cheek_width = gr.Slider(0, 256, value=defaults.left_cheek_width, step=1, precision=0,
-                                                     label="Left cheek width (jaw mask)")
-                        right_cheek_width = gr.Slider(0, 256, value=defaults.right_cheek_width, step=1, precision=0,
-                                                      label="Right cheek width (jaw mask)")
-                    with gr.Row():
-                        length = gr.Radio(LENGTH_CHOICES, value=defaults.length, label="Output length")
-                        loop = gr.Radio(LOOP_CHOICES, value=defaults.loop, label="Audio longer than the video")
-                    with gr.Row():
-                        silence_gate = gr.Checkbox(value=defaults.silence_gate,
-                                                   label="Silence gate: mouth rests in pauses")
-                        smoothing = gr.Slider(0, 1, value=defaults.smoothing, step=0.05,
-                                              label="Face tracking smoothing")
-                    with gr.Row():
-                        batch_size = gr.Slider(0, 64, value=defaults.batch_size or 0, step=1, precision=0,
-                                               label="Batch size (frames per model call; 0: what the GPU holds)")
-                        quality = gr.Slider(0, 51, value=defaults.crf, step=1, precision=0,
-                                            label="Output quality (CRF: 0 best, 18 visually lossless, 51 worst)")
-                    measure = gr.Checkbox(value=True, label="Measure the results (lip-sync, silence, identity)",
-                                          elem_id="measure")
-                with gr.Row():
-                    preview_button = gr.Button("Preview crop and mask", elem_id="preview-button")
-                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
-
-            with gr.Column(scale=7):
-                with gr.Tabs():
-                    with gr.Tab("Result", id="result"):
-                        preview_image = gr.Image(label="Preview: crop box (yellow), paste-back square (blue), "
-                                                       "redrawn area (green)", type="numpy", interactive=False,
-                                                 height=300, elem_id="preview-image")
-                        preview_note = gr.Markdown()
-                        stream_video = gr.Video(label="The dub, playing while it is made", streaming=True,
-                                                autoplay=True, interactive=False, height=VIDEO_HEIGHT,
-                                                visible=streaming, elem_id="stream-video")
-                        result_video = gr.Video(label="Dubbed video", interactive=False, height=VIDEO_HEIGHT,
-                                                elem_id="result-video")
-                        # The composed videos carry their own labels: Gradio's would cover them.
-                        gr.Markdown("**Side by side with the original** (the dub's sound)")
-                        side_video = gr.Video(label="Side by side", show_label=False, interactive=False,
-                                              elem_id="side-by-side-video")
-                        summary = gr.Markdown(label="Summary", elem_id="result-summary")
-                        timings = gr.Dataframe(headers=["stage", "seconds", "frames per second"], interactive=False,
-                                               label="What the run took", elem_id="timings")
-                        scores = gr.Dataframe(headers=["score", "value", "good"], interactive=False,
-                                              label="Scores of the result", elem_id="scores")
-                    with gr.Tab("Compare", id="compare"):
-                        gr.Markdown(
-                            f"Up to {services.config.max_variants} variants of this job on the same video. An "
-                            "empty cell keeps what is set on the left. *speech source*: `audio` for the audio "
-                            "above, or a source id (`espeak`, ...) to speak the text; *voice*: a voice id; "
-                            "*version*: `v15` or `v1`; *mask*: `official`, `jaw`, `raw` or `mouth`; *engine*: `musetalk`, "
-                            "`draft` or `preview`. The face data of the video is prepared once and reused by every variant.")
-                        variants = gr.Dataframe(value=ENGINE_VARIANTS if default_engine == "musetalk" else MASK_VARIANTS,
-                                                headers=studio_lib.VARIANT_COLUMNS,
-                                                datatype="str", type="array", interactive=True,
-                                                label="Variants", elem_id="variants")
+        with gr.Tab("Studio", id="studio"):
+            with gr.Row():
+                with gr.Column(scale=5):
+                    video = gr.File(label="Face video or photo", file_types=["video", "image"], type="filepath",
+                                    elem_id="video-upload")
+                    speech_from = gr.Radio(SPEECH_FROM, value="audio", label="New speech from", elem_id="speech-from")
+                    with gr.Group(visible=True) as audio_group:
+                        audio = gr.Audio(label="Speech: upload a file or record", sources=["upload", "microphone"],
+                                         type="filepath", elem_id="speech-audio")
+                    with gr.Group(visible=False) as text_group:
+                        text = gr.Textbox("", label="Text to speak", lines=3, max_lines=12, elem_id="speech-text",
+                                          placeholder="Type what the face should say.",
+                                          max_length=services.config.max_text_chars)
                         with gr.Row():
-                            add_variant = gr.Button("Add the current settings", size="sm", elem_id="add-variant")
-                            clear_variants = gr.Button("Clear", size="sm", elem_id="clear-variants")
-                            compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
-                        gr.Markdown("**Comparison** (the first variant's sound)")
-                        grid_video = gr.Video(label="Comparison", show_label=False, interactive=False,
-                                              elem_id="grid-video")
-                        comparison = gr.Dataframe(headers=studio_lib.COMPARISON_COLUMNS, label="One row per variant",
-                                                  interactive=False, elem_id="comparison-table")
-                        variant_files = gr.File(label="Each variant's video", file_count="multiple",
-                                                interactive=False)
-                    with gr.Tab("History", id="history"):
-                        history_table = gr.Dataframe(headers=["time", "kind", "label", "summary"], interactive=False,
-                                                     label="Results of this browser session", elem_id="history")
-                        history_downloads = gr.File(label="Their files", file_count="multiple", interactive=False)
-                        refresh_history = gr.Button("Refresh", size="sm", elem_id="refresh-history")
+                            # Custom values pass: the API may name any installed source or voice, and the
+                            # library's own message says what is wrong with one that does not exist.
+                            source = gr.Dropdown([(s.label, s.id) for s in sources.values()], value=default_source,
+                                                 label="Speech source", elem_id="speech-source", allow_custom_value=True)
+                            voice = gr.Dropdown(voices, value=default_voice, label="Voice", elem_id="speech-voice",
+                                                allow_custom_value=True)
+                        clone_voice = gr.Checkbox(label="Clone the voice from the video", value=False,
+                                                  visible=bool(default_source and sources[default_source].can_clone))
+                    engine = gr.Radio(ENGINE_CHOICES, value=default_engine, label="Engine", elem_id="engine")
+                    with gr.Accordion("Advanced options", open=False, elem_id="advanced-options"):
+                        with gr.Row():
+                            version = gr.Dropdown(VERSION_CHOICES, value=defaults.version, label="Model version")
+                            face = gr.Dropdown(FACE_CHOICES, value="largest", label="Face to dub")
+                        mask_mode = gr.Radio(MASK_CHOICES, value="official", label="Blend mask", elem_id="mask-mode")
+                        with gr.Row():
+                            extra_margin = gr.Slider(0, 60, value=defaults.extra_margin, step=1, precision=0,
+                                                     label="Extra margin below the chin (v1.5, px)")
+                            bbox_shift = gr.Slider(-40, 40, value=defaults.bbox_shift, step=1, precision=0,
+                                                   label="Box shift (v1.0; + opens the mouth more)")
+                        with gr.Row():
+                            left_cheek_width = gr.Slider(0, 256, value=defaults.left_cheek_width, step=1, precision=0,
+                                                         label="Left cheek width (jaw mask)")
+                            right_cheek_width = gr.Slider(0, 256, value=defaults.right_cheek_width, step=1, precision=0,
+                                                          label="Right cheek width (jaw mask)")
+                        with gr.Row():
+                            length = gr.Radio(LENGTH_CHOICES, value=defaults.length, label="Output length")
+                            loop = gr.Radio(LOOP_CHOICES, value=defaults.loop, label="Audio longer than the video")
+                        with gr.Row():
+                            silence_gate = gr.Checkbox(value=defaults.silence_gate,
+                                                       label="Silence gate: mouth rests in pauses")
+                            smoothing = gr.Slider(0, 1, value=defaults.smoothing, step=0.05,
+                                                  label="Face tracking smoothing")
+                        with gr.Row():
+                            batch_size = gr.Slider(0, 64, value=defaults.batch_size or 0, step=1, precision=0,
+                                                   label="Batch size (frames per model call; 0: what the GPU holds)")
+                            quality = gr.Slider(0, 51, value=defaults.crf, step=1, precision=0,
+                                                label="Output quality (CRF: 0 best, 18 visually lossless, 51 worst)")
+                        measure = gr.Checkbox(value=True, label="Measure the results (lip-sync, silence, identity)",
+                                              elem_id="measure")
+                    with gr.Row():
+                        preview_button = gr.Button("Preview crop and mask", elem_id="preview-button")
+                        generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+
+                with gr.Column(scale=7):
+                    with gr.Tabs():
+                        with gr.Tab("Result", id="result"):
+                            preview_image = gr.Image(label="Preview: crop box (yellow), paste-back square (blue), "
+                                                           "redrawn area (green)", type="numpy", interactive=False,
+                                                     height=300, elem_id="preview-image")
+                            preview_note = gr.Markdown()
+                            stream_video = gr.Video(label="The dub, playing while it is made", streaming=True,
+                                                    autoplay=True, interactive=False, height=VIDEO_HEIGHT,
+                                                    visible=streaming, elem_id="stream-video")
+                            result_video = gr.Video(label="Dubbed video", interactive=False, height=VIDEO_HEIGHT,
+                                                    elem_id="result-video")
+                            # The composed videos carry their own labels: Gradio's would cover them.
+                            gr.Markdown("**Side by side with the original** (the dub's sound)")
+                            side_video = gr.Video(label="Side by side", show_label=False, interactive=False,
+                                                  elem_id="side-by-side-video")
+                            summary = gr.Markdown(label="Summary", elem_id="result-summary")
+                            timings = gr.Dataframe(headers=["stage", "seconds", "frames per second"], interactive=False,
+                                                   label="What the run took", elem_id="timings")
+                            scores = gr.Dataframe(headers=["score", "value", "good"], interactive=False,
+                                                  label="Scores of the result", elem_id="scores")
+                        with gr.Tab("Compare", id="compare"):
+                            gr.Markdown(
+                                f"Up to {services.config.max_variants} variants of this job on the same video. An "
+                                "empty cell keeps what is set on the left. *speech source*: `audio` for the audio "
+                                "above, or a source id (`espeak`, ...) to speak the text; *voice*: a voice id; "
+                                "*version*: `v15` or `v1`; *mask*: `official`, `jaw`, `raw` or `mouth`; *engine*: `musetalk`, "
+                                "`draft` or `preview`. The face data of the video is prepared once and reused by every variant.")
+                            variants = gr.Dataframe(value=ENGINE_VARIANTS if default_engine == "musetalk" else MASK_VARIANTS,
+                                                    headers=studio_lib.VARIANT_COLUMNS,
+                                                    datatype="str", type="array", interactive=True,
+                                                    label="Variants", elem_id="variants")
+                            with gr.Row():
+                                add_variant = gr.Button("Add the current settings", size="sm", elem_id="add-variant")
+                                clear_variants = gr.Button("Clear", size="sm", elem_id="clear-variants")
+                                compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
+                            gr.Markdown("**Comparison** (the first variant's sound)")
+                            grid_video = gr.Video(label="Comparison", show_label=False, interactive=False,
+                                                  elem_id="grid-video")
+                            comparison = gr.Dataframe(headers=studio_lib.COMPARISON_COLUMNS, label="One row per variant",
+                                                      interactive=False, elem_id="comparison-table")
+                            variant_files = gr.File(label="Each variant's video", file_count="multiple",
+                                                    interactive=False)
+                        with gr.Tab("History", id="history"):
+                            history_table = gr.Dataframe(headers=["time", "kind", "label", "summary"], interactive=False,
+                                                         label="Results of this browser session", elem_id="history")
+                            history_downloads = gr.File(label="Their files", file_count="multiple", interactive=False)
+                            refresh_history = gr.Button("Refresh", size="sm", elem_id="refresh-history")
+        with gr.Tab("Live", id="live"):
+            live_tab(services, demo)
 
         option_inputs = [version, extra_margin, bbox_shift, mask_mode, left_cheek_width, right_cheek_width, face,
                          smoothing, length, loop, silence_gate, batch_size, quality]
@@ -518,14 +537,21 @@ def serve(demo, services: Studio, host: str | None = None, port: int | None = No
     """Queue (one model job at a time, a bounded line) and launch; returns what launch returns."""
     import gradio as gr
 
+    from musetalk import live_rtc
+
     demo.queue(default_concurrency_limit=1, max_size=services.config.queue_size)
-    return demo.launch(
+    settings = dict(
         server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock, quiet=quiet,
         max_file_size=f"{services.config.max_upload_mb}mb",
         # Results are copied from the request folders into Gradio's cache; nothing else is served.
         allowed_paths=[str(services.work_dir)],
         theme=gr.themes.Soft(), css=CSS, footer_links=["api", "gradio", "settings"],
     )
+    if not live_rtc.available()[0]:
+        return demo.launch(**settings)
+    from musetalk.live_page import launch_with_live
+
+    return launch_with_live(demo, services.live_registry, **settings)  # the Live tab's WebRTC route too
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -481,3 +481,193 @@ def frame_features(features: np.ndarray, indices: np.ndarray) -> np.ndarray:
         gathered = features[np.clip(indices, 0, None)]  # fancy indexing copies, so zeroing is safe
     gathered[indices < 0] = 0
     return gathered.reshape(indices.shape[0], indices.shape[1] * layers, width)
+
+
+# --------------------------------------------------------------------------- streaming silence gate
+
+VAD_WINDOW = 512  # samples silero-vad judges at a time at 16 kHz (32 ms)
+# A window stays speech while its probability is above the threshold less this (silero's own hysteresis).
+VAD_HYSTERESIS = 0.15
+# After the last speech window a stream stays ungated this long: short gaps inside a word do not
+# shut the lips. The whole-file gate holds gaps up to 0.25 s, but it sees the future; a stream would
+# have to wait a quarter of a second to know, and that is latency.
+STREAM_HOLD_S = 0.15
+
+
+class StreamingSpeechGate:
+    """The silence gate for audio that arrives in pieces: ``feed`` samples in order, then ``gated(a, b)``
+    gives samples ``a .. b`` (absolute indices) with non-speech set to zero, once they are final
+    (``b <= final_end``).
+
+    The rules are the whole-file gate's (``detect_speech`` + ``gate_silence``), made causal: silero-vad
+    judges 32 ms windows with its own state; a speech span starts ``speech_pad_s`` before the first
+    speech window, ends ``STREAM_HOLD_S`` after the last one, and ramps in and out over ``fade_s``
+    inside the span. A sample is final once the windows up to ``speech_pad_s + fade_s`` after it are
+    judged; with the window being filled, that is the gate's lookahead (``lookahead_samples``, 142 ms),
+    part of a stream's latency.
+    Memory is bounded: what lies before ``release(before)`` is dropped.
+    """
+
+    def __init__(self, threshold: float = 0.5, speech_pad_s: float = 0.08, fade_s: float = 0.03,
+                 hold_s: float = STREAM_HOLD_S, model: Any = None):
+        if not 0.0 < threshold < 1.0:
+            raise InputError(f"speech threshold must be between 0 and 1, got {threshold}")
+        self.threshold = threshold
+        self.pad = int(round(speech_pad_s * SAMPLE_RATE))
+        self.fade = int(round(fade_s * SAMPLE_RATE))
+        self.hold = int(round(hold_s * SAMPLE_RATE))
+        self._reach = self.pad + self.fade + 1  # judged samples a gated sample depends on, after it
+        # The latency the gate adds at worst: that reach, and a window still being filled.
+        self.lookahead_samples = self._reach + VAD_WINDOW
+        self._model = model if model is not None else _new_vad_model()
+        self._raw = np.zeros(0, np.float32)  # samples from self._offset on
+        self._offset = 0
+        self._flags = np.zeros(0, bool)  # speech per VAD window, windows from self._window_offset on
+        self._window_offset = 0
+        self._triggered = False
+        self._closed_at: int | None = None  # the stream's end, once closed
+
+    @property
+    def end(self) -> int:
+        """Samples fed so far."""
+        return self._offset + self._raw.size
+
+    @property
+    def final_end(self) -> int:
+        """Samples before this are gated for good."""
+        if self._closed_at is not None:
+            return self._closed_at
+        judged = (self._window_offset + self._flags.size) * VAD_WINDOW
+        return max(0, judged - self._reach)
+
+    def feed(self, samples: np.ndarray) -> None:
+        """The next samples of the stream (16 kHz mono float)."""
+        self._raw = np.concatenate([self._raw, _as_waveform(samples, "samples")])
+        self._judge_whole_windows()
+
+    def close(self) -> None:
+        """The stream ended: every sample fed is final (the last partial window is judged as it is)."""
+        if self._closed_at is None:
+            self._judge_whole_windows(final=True)
+            self._closed_at = self.end
+
+    def _judge_whole_windows(self, final: bool = False) -> None:
+        import torch
+
+        first = (self._window_offset + self._flags.size) * VAD_WINDOW  # the next window's first sample
+        new_flags = []
+        while first + VAD_WINDOW <= self.end or (final and first < self.end):
+            window = self._raw[first - self._offset: first - self._offset + VAD_WINDOW]
+            window = np.pad(window, (0, VAD_WINDOW - window.size))
+            new_flags.append(self._is_speech(window, torch))
+            first += VAD_WINDOW
+        if new_flags:
+            self._flags = np.concatenate([self._flags, np.array(new_flags, bool)])
+
+    def _is_speech(self, window: np.ndarray, torch) -> bool:
+        if float(np.max(np.abs(window))) < DIGITAL_SILENCE_PEAK:
+            probability = 0.0  # the model is not asked about digital silence (as detect_speech)
+        else:
+            with torch.inference_mode(), _torch_threads(1):
+                probability = float(self._model(torch.from_numpy(np.ascontiguousarray(window)), SAMPLE_RATE))
+        limit = self.threshold - VAD_HYSTERESIS if self._triggered else self.threshold
+        self._triggered = probability >= limit
+        return self._triggered
+
+    @property
+    def closed_at(self) -> int | None:
+        """The stream's length once it is closed, else None."""
+        return self._closed_at
+
+    @property
+    def kept_from(self) -> int:
+        """The first sample still held (what ``release`` dropped lies before it)."""
+        return self._offset
+
+    def raw(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``start .. stop`` as fed (zeros before 0 and past the end)."""
+        if max(start, 0) < self._offset and stop > self._offset:
+            raise InputError(f"samples from {start} were released (kept from {self._offset})")
+        out = np.zeros(max(0, stop - start), np.float32)
+        low, high = max(start, self._offset), min(stop, self.end)
+        if high > low:
+            out[low - start: high - start] = self._raw[low - self._offset: high - self._offset]
+        return out
+
+    def gated(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``start .. stop`` with non-speech zeroed; zeros before 0 and past a closed stream's end.
+        ``stop`` may not pass ``final_end`` while the stream is open."""
+        if self._closed_at is None and stop > self.final_end:
+            raise InputError(f"samples up to {stop} are not final yet (final up to {self.final_end})")
+        return self.raw(start, stop) * self._gain(start, stop)
+
+    def speech_at(self, samples: np.ndarray) -> np.ndarray:
+        """True where a (final) sample index lies in a speech span."""
+        samples = np.asarray(samples, dtype=np.int64)
+        if samples.size == 0:
+            return np.zeros(0, bool)
+        low, high = int(samples.min()), int(samples.max()) + 1
+        return self._speech_mask(low, high)[samples - low]
+
+    def is_silent(self, start: int, stop: int) -> bool:
+        """No speech passes the gate in samples ``start .. stop`` (final ones)."""
+        return not np.any(self.gated(start, stop))
+
+    def _gain(self, start: int, stop: int) -> np.ndarray:
+        """Per sample 0 .. 1: inside a speech span, ramped over ``fade`` samples at its ends."""
+        reach = self.fade + 1
+        low, high = start - reach, stop + reach
+        speech = self._speech_mask(low, high)
+        # Distance of each sample to the nearest non-speech sample, capped at ``reach``.
+        gain = np.zeros(high - low, np.float32)
+        for run_start, run_stop in _runs_of_true(speech):
+            positions = np.arange(run_start, run_stop)
+            from_start = positions - run_start + 1 if run_start > 0 else np.full(positions.size, reach)
+            to_stop = run_stop - positions if run_stop < speech.size else np.full(positions.size, reach)
+            gain[run_start:run_stop] = np.minimum(np.minimum(from_start, to_stop), reach) / reach
+        return gain[reach: reach + stop - start]
+
+    def _speech_mask(self, low: int, high: int) -> np.ndarray:
+        """True for samples ``low .. high`` within ``pad`` before or ``hold`` after a speech window."""
+        mask = np.zeros(high - low, bool)
+        first_window = max(self._window_offset, (low - self.hold) // VAD_WINDOW - 1)
+        last_window = min(self._window_offset + self._flags.size, (high + self.pad) // VAD_WINDOW + 2)
+        for window in range(first_window, last_window):
+            if self._flags[window - self._window_offset]:
+                begin = window * VAD_WINDOW - self.pad
+                finish = (window + 1) * VAD_WINDOW + self.hold
+                mask[max(begin - low, 0): max(finish - low, 0)] = True
+        if self._closed_at is not None:
+            mask[max(self._closed_at - low, 0):] = False
+        return mask
+
+    def release(self, before: int) -> None:
+        """Samples (and window judgements) before ``before`` will not be asked for again."""
+        drop = min(max(0, before - self.hold - self.pad - 2 * VAD_WINDOW) - self._offset, self._raw.size)
+        if drop > 0:
+            self._raw = self._raw[drop:]
+            self._offset += drop
+        windows = min(self._offset // VAD_WINDOW - 1 - self._window_offset, self._flags.size)
+        if windows > 0:
+            self._flags = self._flags[windows:]
+            self._window_offset += windows
+
+
+def _runs_of_true(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
+def _new_vad_model() -> Any:
+    """A silero-vad model of its own: the model keeps state between windows, so a stream cannot share
+    the whole-file gate's (``load_vad_model``)."""
+    import torch
+
+    load_vad_model()  # imports silero_vad once, keeping torch's thread count
+    import silero_vad
+
+    threads = torch.get_num_threads()
+    model = silero_vad.load_silero_vad(onnx=False)
+    torch.set_num_threads(threads)
+    return model

@@ -176,8 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "nothing: a new cluster on this machine, with all its CPUs)")
     bench.add_argument("--jobs", type=int, default=8, help="with --ray: jobs in the batch (default 8)")
     bench.add_argument("--worker-cpus", type=int, default=1, help="with --ray: CPUs per worker (default 1)")
+    bench.add_argument("--live", action="store_true",
+                       help="a live session fed like a microphone (speech with pauses, --seconds long, on --video or "
+                            "the example face): sustained frames/s, skipped frames, mouth-to-speech latency")
     _add_model_arguments(bench)
     bench.set_defaults(handler=_bench)
+
+    live = commands.add_parser("live", help="serve the live page: a prepared face speaks as you talk or type")
+    live.add_argument("--video", required=True, help="the face video or photo")
+    live.add_argument("--engine", choices=("musetalk", "preview"),
+                      help="default: MuseTalk on a GPU with its weights here, else the preview engine")
+    live.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    live.add_argument("--port", type=int, default=7861, help="port (default 7861)")
+    _add_model_arguments(live)
+    live.set_defaults(handler=_live)
 
     cache = commands.add_parser("cache", help="show or clear the prepared-avatar cache")
     cache.add_argument("action", choices=("list", "clear"), nargs="?", default="list")
@@ -477,6 +489,8 @@ def _bench(args: argparse.Namespace) -> int:
     batch_size = None if args.batch_size == "auto" else args.batch_size
     if args.ray is not None:
         return _bench_cluster(args)
+    if args.live:
+        return _bench_live(args)
     if args.variants:
         variants = model_bench.time_variants(args.model, args.device, args.dtype, batch_size or CPU_BATCH,
                                              with_compile=args.compile,
@@ -492,6 +506,58 @@ def _bench(args: argparse.Namespace) -> int:
                                  engine=args.engine, compile=args.compile, cpu_workers=args.cpu_workers)
     for line in ([report.as_json()] if args.json else bench.format_report(report)):
         _say(line)
+    return 0
+
+
+def _bench_live(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from musetalk import live_bench
+    from musetalk.audio import load_audio
+    from musetalk.pipeline import LipSyncPipeline
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    video = args.video or str(examples / "face.mp4")
+    if not Path(video).is_file():
+        raise InputError(f"the face video {video} does not exist; give one with --video")
+    speech = load_audio(video if args.video and _has_audio(video) else examples / "speech.wav")
+    if args.engine == "preview":
+        pipeline = LipSyncPipeline.from_pretrained(engine="preview", cache_dir=False)
+    else:
+        pipeline = LipSyncPipeline.from_pretrained(args.models_dir, device=args.device, dtype=args.dtype,
+                                                   engine=args.engine, cache_dir=False)
+    report = live_bench.run_live_bench(pipeline, video, speech, args.seconds)
+    for line in ([report.as_json()] if args.json else live_bench.format_report(report)):
+        _say(line)
+    return 0
+
+
+def _has_audio(path: str) -> bool:
+    from musetalk.video_io import probe
+
+    return probe(path).has_audio
+
+
+def _live(args: argparse.Namespace) -> int:
+    from musetalk import live_page
+    from musetalk.live_rtc import LiveRegistry
+    from musetalk.studio import Studio, StudioConfig
+
+    video = os.path.abspath(args.video)
+    if not os.path.isfile(video):
+        raise InputError(f"the face video {args.video} does not exist; check the path")
+    config = StudioConfig.from_env(models_dir=args.models_dir, device=args.device, dtype=args.dtype)
+    services = Studio(config)
+    registry = LiveRegistry(services.work_dir / "live")
+    try:
+        demo = live_page.build_live_page(services, registry, video, engine=args.engine)
+        demo.queue(default_concurrency_limit=2)
+        _say(f"musetalk live: http://{args.host}:{args.port} (Ctrl-C stops)", stream=sys.stderr)
+        live_page.launch_with_live(demo, registry, server_name=args.host, server_port=args.port,
+                                   allowed_paths=[os.path.dirname(video)], quiet=True)
+    finally:
+        registry.close_all()
+        services.close()
     return 0
 
 

@@ -38,3 +38,7 @@ class GPUMemoryError(MuseTalkError, MemoryError):
 
 class ClusterError(MuseTalkError):
     """A batch on a Ray cluster cannot run: Ray is missing, the cluster is unreachable or has no room for a worker."""
+
+
+class LiveError(MuseTalkError):
+    """A live session was used wrongly (audio after close, a full buffer) or its generation failed."""

@@ -73,6 +73,15 @@ class LipSyncResult:
     notes: list[str] = field(default_factory=list)  # what the job changed of its own accord (the frame rate)
 
 
+@dataclass
+class PreparedVideo:
+    """A video ready to be dubbed or streamed: what was probed, the rate it is dubbed at, its avatar."""
+
+    info: video_io.MediaInfo
+    fps: float
+    avatar: Avatar
+
+
 @dataclass(frozen=True)
 class OutputPlan:
     """What a job's output will be, known before its first frame is made: what a frame sink opens with."""
@@ -264,6 +273,37 @@ class LipSyncPipeline:
             writer.abort()  # no partial output, no temp file
             raise
         return redrawn, batch_size, states, states_before, avatar
+
+    def prepare(self, video: str | os.PathLike, options: RunOptions | None = None,
+                progress: ProgressCallback | None = None) -> PreparedVideo:
+        """The video's prepared avatar (face track, crop boxes, cached engine states) without dubbing it:
+        what a live session (``musetalk.live``) starts from. Found in the avatar cache, or analysed and
+        saved there; the engine states are left to the caller."""
+        options = (options or RunOptions()).validate()
+        if options.version != self.version:
+            raise InputError(f"this pipeline was loaded with the {self.version} weights, not {options.version}")
+        info = video_io.probe(_existing_file(video, "video"))
+        if not info.has_video:
+            raise InputError(f"{video} has no video stream; give a video or a photo of a face")
+        info = _with_believable_timing(_within_pixel_limit(info, options))
+        fps = _output_fps(info, options)
+        timer = StageTimer(self._synchronize)
+        faces = self._faces(info, fps, options, timer, progress or (lambda stage, done, total: None))
+        cached = isinstance(faces, Avatar)
+        avatar = faces if cached else faces.result()
+        if self.avatar_cache is not None and not cached:
+            self.avatar_cache.save(avatar, self.engine.cache_id, info.path)
+        return PreparedVideo(info, fps, avatar)
+
+    def save_states(self, prepared: PreparedVideo) -> None:
+        """Keep the engine states a caller added to ``prepared.avatar.states`` in the avatar cache."""
+        if self.avatar_cache is not None and self.engine.cache_id is not None:
+            prepared.avatar.states_changed = True
+            self.avatar_cache.save(prepared.avatar, self.engine.cache_id, prepared.info.path)
+
+    def source_frames(self, prepared: PreparedVideo, limit: int | None = None) -> Iterator[np.ndarray]:
+        """The video's frames at the rate it is dubbed at (a photo: its one frame), up to ``limit``."""
+        yield from self._open_reader(prepared.info, prepared.fps, 0, limit)
 
     def check_inputs(self, video, audio, output, options: RunOptions):
         """Probe both inputs and check the output path; InputError says what is wrong and what to do."""

@@ -21,11 +21,17 @@ OpenReader = Callable[[int, int], Iterable[np.ndarray]]  # (start_frame, count) 
 
 def frame_schedule(num_frames: int, num_source: int, loop: str = "pingpong") -> np.ndarray:
     """Source frame index of each of ``num_frames`` output frames, int64."""
+    return source_frames(np.arange(num_frames, dtype=np.int64), num_source, loop)
+
+
+def source_frames(positions: np.ndarray, num_source: int, loop: str = "pingpong") -> np.ndarray:
+    """Source frame index of output frames ``positions`` (any, in any order: a live stream asks
+    batch by batch), int64."""
     if loop not in LOOP_MODES:
         raise ValueError(f"loop must be one of {', '.join(LOOP_MODES)}, not {loop!r}")
     if num_source < 1:
         raise ValueError("a video needs at least one frame")
-    positions = np.arange(num_frames, dtype=np.int64)
+    positions = np.asarray(positions, dtype=np.int64)
     if loop == "loop":
         return positions % num_source
     if loop == "freeze":

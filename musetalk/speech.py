@@ -31,7 +31,7 @@ import re
 import shutil
 import tempfile
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -362,6 +362,25 @@ def synthesize_text(
     if out_path is not None:
         result = _copy_to(result, out_path)
     return result
+
+
+def speak_sentences(text: str, source: str = "espeak", voice: str | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> Iterator[np.ndarray]:
+    """``text`` spoken piece by piece (sentences, parts of long ones), each yielded as 16 kHz mono samples
+    with its pause after it as soon as it is synthesized: a live face says the first sentence while the
+    next one is made. Pieces are cached as ``synthesize_text``'s are."""
+    from musetalk.audio import load_audio
+
+    pieces = split_text(text)
+    audio_source = usable_source(source)
+    voice = resolve_voice(audio_source, voice)
+    options = resolve_options(audio_source, None)
+    cache = SpeechCache(cache_dir)
+    key_parts = {"source": audio_source.id, "voice": voice, "options": options, "reference": None}
+    for piece in pieces:
+        clip = _speak_pieces(audio_source, [piece], voice, options, None, key_parts, cache, None)[0]
+        pause = PAUSE_AFTER[piece.ends] if piece.ends != "end" else TAIL_S
+        yield np.concatenate([load_audio(clip.path), np.zeros(int(pause * 16000), np.float32)])
 
 
 def usable_source(source_id: str) -> AudioSource:

@@ -542,6 +542,7 @@ class Studio:
         self._lock = threading.Lock()
         self._model_job = threading.Lock()  # held while a pipeline runs: one job at a time
         self._seconds_per_frame: float | None = None  # MuseTalk's speed here, once calibrated
+        self._live_registry = None  # the Live tab's faces, made on first use
         self._owns_work_dir = self.config.work_dir is None
         root = Path(self.config.work_dir) if self.config.work_dir else Path(tempfile.mkdtemp(prefix="musetalk-studio-"))
         self.jobs = JobFolders(root, self.config.keep_minutes * 60)
@@ -550,8 +551,20 @@ class Studio:
     def work_dir(self) -> Path:
         return self.jobs.root
 
+    @property
+    def live_registry(self):
+        """The live faces of this studio's pages (``musetalk.live_rtc``), made on first use."""
+        with self._lock:
+            if self._live_registry is None:
+                from musetalk.live_rtc import LiveRegistry
+
+                self._live_registry = LiveRegistry(self.work_dir / "live")
+            return self._live_registry
+
     def close(self) -> None:
-        """Remove the work folder if the studio made it."""
+        """End the live sessions; remove the work folder if the studio made it."""
+        if self._live_registry is not None:
+            self._live_registry.close_all()
         if self._owns_work_dir:
             shutil.rmtree(self.jobs.root, ignore_errors=True)
 

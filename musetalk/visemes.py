@@ -40,6 +40,10 @@ _LOUD_PERCENTILE = 95
 # Smoothing of every curve, as a Gaussian's sigma: short enough that a 60 ms /m/ still closes
 # the lips between two vowels, long enough that 10 ms noise in the analysis does not flicker.
 _SMOOTH_S = 0.02
+# What a stream must know to read exactly what the whole-file analysis reads (musetalk.live): each
+# step's analysis window in samples, and the smoothing's sigma.
+ANALYSIS_WINDOW = _WINDOW
+SMOOTHING_S = _SMOOTH_S
 # How far a loud vowel scales a phoneme's opening, and the least a quiet one keeps.
 _PHONEME_LOUDNESS_FLOOR = 0.65
 _LAST_PHONEME_S = 0.12  # the last phoneme of a clip has no successor to end it
@@ -100,29 +104,61 @@ def loudness_curve(wav: np.ndarray) -> np.ndarray:
     return _normalised_level(level)
 
 
-def _normalised_level(level: np.ndarray) -> np.ndarray:
-    sounding = level > -100.0  # a gated (zeroed) stretch reads -120 dB
-    if not sounding.any():
+def _normalised_level(level: np.ndarray, loud_db: float | None = None) -> np.ndarray:
+    """Levels (dB) mapped to 0 .. 1 under ``loud_db``: the given loud level, else the speech's own."""
+    loud = loud_level_db(level) if loud_db is None else loud_db
+    if loud is None:
         return np.zeros_like(level)
-    loud = np.percentile(level[sounding], _LOUD_PERCENTILE)
     return np.clip((level - (loud - _LOUDNESS_SPAN_DB)) / _LOUDNESS_SPAN_DB, 0.0, 1.0)
 
 
-def targets_from_audio(wav: np.ndarray, speech: SpeechSegments | None = None) -> MouthTargets:
-    """Mouth targets from a 16 kHz waveform (ideally already silence-gated)."""
+def loud_level_db(level: np.ndarray) -> float | None:
+    """The speech's loud level: ``_LOUD_PERCENTILE`` of the voiced-band levels (dB) with sound in them;
+    None when nothing sounds (a gated, zeroed stretch reads -120 dB)."""
+    sounding = level[level > -100.0]
+    return float(np.percentile(sounding, _LOUD_PERCENTILE)) if sounding.size else None
+
+
+@dataclass(frozen=True)
+class VoiceMeasures:
+    """What the mouth shapes are made from, per 10 ms (``k / RATE`` seconds): the voiced band's level
+    in dB, the vowel height (share of 500..1200 Hz in 200..1200 Hz) and the front-vowel energy
+    (1.8..3.2 kHz against the voiced band). Each depends only on the 25 ms of audio around it, so a
+    stream can measure as it goes (``musetalk.live``)."""
+
+    level_db: np.ndarray
+    height: np.ndarray
+    front: np.ndarray
+
+
+def voice_measures(wav: np.ndarray) -> VoiceMeasures:
     power = _power_spectrogram(_checked(wav))
     voiced = _band(power, 200, 3000) + 1e-12
-    loudness = _normalised_level(10 * np.log10(voiced))
     # Vowel height: an open vowel (a, aw, u in "sun") has its first formant above 500 Hz, a
     # close one (ee, oo) below; the share of 500..1200 Hz in 200..1200 Hz tells them apart.
     height = _band(power, 500, 1200) / (_band(power, 200, 1200) + 1e-12)
     # Front vowels (ee, i) put their second and third formants at 1.8..3.2 kHz; back ones do not.
     front = _band(power, 1800, 3200) / voiced
+    return VoiceMeasures(10 * np.log10(voiced), height, front)
+
+
+def targets_from_measures(measures: VoiceMeasures, loud_db: float | None = None,
+                          gate: np.ndarray | None = None) -> MouthTargets:
+    """Mouth targets from voice measures, loudness relative to ``loud_db`` (None: the measures' own loud
+    level); ``gate``: per 10 ms step, True where the silence detector found speech (None: no gate)."""
+    loudness = _normalised_level(measures.level_db, loud_db)
+    height, front = measures.height, measures.front
     # Louder opens wider; a power above 1 keeps weak consonants nearly closed.
     opening = loudness**1.2 * (0.55 + 0.45 * height)
     spreading = np.clip((front - 0.10) / 0.15, 0.0, 1.0) * loudness
     roundness = np.clip((0.35 - height) / 0.3, 0.0, 1.0) * np.clip((0.12 - front) / 0.06, 0.0, 1.0) * loudness
-    return _finish(opening, spreading - 0.8 * roundness, roundness, speech, "audio")
+    return _finish(opening, spreading - 0.8 * roundness, roundness, gate, "audio")
+
+
+def targets_from_audio(wav: np.ndarray, speech: SpeechSegments | None = None) -> MouthTargets:
+    """Mouth targets from a 16 kHz waveform (ideally already silence-gated)."""
+    measures = voice_measures(wav)
+    return targets_from_measures(measures, gate=_gate_mask(speech, len(measures.level_db)))
 
 
 # --------------------------------------------------------------------------- from phoneme timings
@@ -201,16 +237,22 @@ def targets_from_phonemes(events: Iterable, wav: np.ndarray,
         shapes[middle:b] = last
     loudness = loudness_curve(wav)
     scale = _PHONEME_LOUDNESS_FLOOR + (1 - _PHONEME_LOUDNESS_FLOOR) * _gaussian(loudness, 0.04)
-    return _finish(shapes[:, 0] * scale * _PHONEME_GAIN, shapes[:, 1], shapes[:, 2], speech, "phonemes")
+    return _finish(shapes[:, 0] * scale * _PHONEME_GAIN, shapes[:, 1], shapes[:, 2], _gate_mask(speech, steps),
+                   "phonemes")
 
 
 # --------------------------------------------------------------------------- shared
 
 
-def _finish(opening, spread, roundness, speech: SpeechSegments | None, source: str) -> MouthTargets:
-    """Closed outside speech, then smoothed without lag."""
-    if speech is not None:
-        gate = speech.speech_mask(np.arange(len(opening)) / RATE).astype(np.float64)
+def _gate_mask(speech: SpeechSegments | None, steps: int) -> np.ndarray | None:
+    """Per 10 ms step, True inside the silence detector's speech spans; None without a detector."""
+    return None if speech is None else speech.speech_mask(np.arange(steps) / RATE)
+
+
+def _finish(opening, spread, roundness, gate: np.ndarray | None, source: str) -> MouthTargets:
+    """Closed outside speech (``gate`` False), then smoothed without lag."""
+    if gate is not None:
+        gate = gate.astype(np.float64)
         opening, spread, roundness = opening * gate, spread * gate, roundness * gate
     curves = [np.clip(_gaussian(curve, _SMOOTH_S), low, 1.0).astype(np.float32)
               for curve, low in ((opening, 0.0), (spread, -1.0), (roundness, 0.0))]

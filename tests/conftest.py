@@ -75,13 +75,17 @@ def ffmpeg(*args: str) -> None:
     assert completed.returncode == 0, completed.stderr
 
 
+def example_face(path: Path, seconds: float) -> Path:
+    """The first ``seconds`` of the example face at 216x252 (25 fps), with no audio, written to ``path``."""
+    ffmpeg("-i", str(EXAMPLES / "face.mp4"), "-t", str(seconds), "-vf", "scale=216:252", "-an",
+           "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def face_clip(tmp_path_factory) -> Path:
     """1.2 s (30 frames, 25 fps) of the example face at 216x252, with no audio."""
-    path = tmp_path_factory.mktemp("media") / "face.mp4"
-    ffmpeg("-i", str(EXAMPLES / "face.mp4"), "-t", "1.2", "-vf", "scale=216:252", "-an",
-           "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", str(path))
-    return path
+    return example_face(tmp_path_factory.mktemp("media") / "face.mp4", 1.2)
 
 
 @pytest.fixture(scope="session")

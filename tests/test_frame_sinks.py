@@ -14,7 +14,7 @@ from musetalk.config import RunOptions
 from musetalk.errors import InputError
 from musetalk.pipeline import LipSyncPipeline
 
-from conftest import EXAMPLES, ffmpeg
+from conftest import EXAMPLES, example_face, ffmpeg
 
 # How far the scores measured in the pass may be from score_video's on the same dub. The pass runs the
 # face mesh in the box of the job's own landmarks, following the face from frame to frame, where
@@ -43,10 +43,7 @@ def pipeline():
 @pytest.fixture(scope="module")
 def face_2s(tmp_path_factory) -> Path:
     """2 s (50 frames at 25 fps) of the example face at 216x252, no sound."""
-    path = tmp_path_factory.mktemp("sink-media") / "face.mp4"
-    ffmpeg("-i", str(EXAMPLES / "face.mp4"), "-t", "2", "-vf", "scale=216:252", "-an",
-           "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", str(path))
-    return path
+    return example_face(tmp_path_factory.mktemp("sink-media") / "face.mp4", 2)
 
 
 @pytest.fixture(scope="module")

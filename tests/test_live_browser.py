@@ -27,7 +27,7 @@ from musetalk.video_io import probe
 
 from conftest import EXAMPLES
 from test_app import free_port, launched_app, services  # noqa: F401  (services: the studio, preview on this CPU)
-from test_browser import CHROMEDRIVER, CHROMIUM, WAIT_FOR_PAGE, keep_screenshot, wait_for
+from test_browser import CHROMEDRIVER, CHROMIUM, WAIT_FOR_PAGE, chromium, keep_screenshot, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,22 +66,11 @@ def microphone_wav(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def live_browser(microphone_wav, tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1600",
-                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
-                 "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={microphone_wav[0]}",
-                 "--disable-background-networking", "--no-first-run",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-live-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    # Chromium's fake microphone plays the WAV file, and the page may use it without asking.
+    with chromium(tmp_path_factory.mktemp("chromium-live-profile"), "--use-fake-ui-for-media-stream",
+                  "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={microphone_wav[0]}",
+                  height=1600) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 CAPTURE_JS = """

@@ -88,12 +88,16 @@ def face_clip(tmp_path_factory) -> Path:
     return example_face(tmp_path_factory.mktemp("media") / "face.mp4", 1.2)
 
 
+def example_speech(path: Path, seconds: float) -> Path:
+    """The first ``seconds`` of the example speech, written to ``path``."""
+    ffmpeg("-i", str(EXAMPLES / "speech.wav"), "-t", str(seconds), str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def speech_clip(tmp_path_factory) -> Path:
     """The first 1.6 s of the example speech (40 frames at 25 fps)."""
-    path = tmp_path_factory.mktemp("media") / "speech.wav"
-    ffmpeg("-i", str(EXAMPLES / "speech.wav"), "-t", "1.6", str(path))
-    return path
+    return example_speech(tmp_path_factory.mktemp("media") / "speech.wav", 1.6)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from musetalk.config import RunOptions
 from musetalk.errors import InputError
 from musetalk.pipeline import LipSyncPipeline
 
-from conftest import EXAMPLES, example_face, ffmpeg
+from conftest import example_face, example_speech
 
 # How far the scores measured in the pass may be from score_video's on the same dub. The pass runs the
 # face mesh in the box of the job's own landmarks, following the face from frame to frame, where
@@ -49,9 +49,7 @@ def face_2s(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def speech_3s(tmp_path_factory) -> Path:
     """The first 3 s of the example speech (75 frames: the 50 video frames played forward, then back)."""
-    path = tmp_path_factory.mktemp("sink-media") / "speech.wav"
-    ffmpeg("-i", str(EXAMPLES / "speech.wav"), "-t", "3", str(path))
-    return path
+    return example_speech(tmp_path_factory.mktemp("sink-media") / "speech.wav", 3)
 
 
 class Recorder:

@@ -189,7 +189,7 @@ def test_a_longer_job_shows_its_progress_and_plays_before_it_ends(page):
     while time.monotonic() < deadline:
         text = page_text(page)
         seen += [line for line in text.splitlines() if "frame" in line and " of " in line]
-        if not shot and any("generating, frame" in line for line in seen):
+        if not shot and any("generating, frame" in line and " left" in line for line in seen):
             page.execute_script("window.scrollTo(0, 0)")
             shot = keep_screenshot(page, "studio_progress.png")  # the README's picture of a running job
         if streaming and not video_source("#result-video")(page):

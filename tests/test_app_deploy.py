@@ -45,7 +45,7 @@ def test_readme_opens_with_the_spaces_front_matter():
 def test_the_readme_commands_start_the_app_then_run_the_tests():
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```\n(.*?)\n```", text, re.S)
-    assert "app.py" in blocks[0] and '".[app]"' in blocks[0]
+    assert "app.py" in blocks[0] and '".[app,live]"' in blocks[0] and "--no-deps fastrtc" in blocks[0]
     assert "pytest" in blocks[1]
     assert (ROOT / "docs" / "images" / "studio.jpg").is_file(), "the README shows the studio"
 

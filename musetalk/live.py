@@ -288,7 +288,7 @@ class LiveSession:
                     return list(range(position, position + self.batch_size))
                 if self._closed:
                     self._gate.close()
-                    total = _frames_covering(self._end, self.fps)
+                    total = schedule.frames_to_carry(self._end / SAMPLE_RATE, self.fps)
                     return list(range(position, min(position + self.batch_size, total)))
                 self._lock.wait(self._wait_for(last_needed + self._gate.lookahead_samples))
 
@@ -766,12 +766,6 @@ def _default_batch_size(engine) -> int:
 
 def _frame_start(index: int, fps: float) -> int:
     return int(round(index * SAMPLE_RATE / fps))
-
-
-def _frames_covering(samples: int, fps: float) -> int:
-    """Frames that carry ``samples`` of audio (rounded up, as a dub's length)."""
-    frames = samples / SAMPLE_RATE * fps
-    return max(0, math.ceil(frames - 1e-6))
 
 
 def _as_samples(chunk) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import threading
 import time
@@ -403,7 +402,7 @@ class LipSyncPipeline:
             raise InputError(
                 f"the audio lasts {audio_seconds:.3f} s, shorter than one frame at {fps:g} fps; give a longer audio"
             )
-        return max(1, math.ceil(frames - 1e-6))  # the tolerance: float seconds of an exact frame count
+        return max(1, schedule.frames_to_carry(audio_seconds, fps))
 
     def _frames_to_dub(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict,
                        options: RunOptions, timer: StageTimer, pool) -> Iterator[FaceFrame]:

@@ -7,6 +7,7 @@ start ("loop"), or the last frame held ("freeze").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -17,6 +18,12 @@ from musetalk.config import LOOP_MODES
 BACKWARD_CHUNK = 32
 
 OpenReader = Callable[[int, int], Iterable[np.ndarray]]  # (start_frame, count) -> frames
+
+
+def frames_to_carry(seconds: float, fps: float) -> int:
+    """Frames that carry ``seconds`` of audio, rounded up (the official code rounds down and drops up
+    to a frame of speech); the tolerance absorbs float seconds of an exact frame count."""
+    return max(0, math.ceil(seconds * fps - 1e-6))
 
 
 def frame_schedule(num_frames: int, num_source: int, loop: str = "pingpong") -> np.ndarray:

@@ -163,7 +163,7 @@ def test_the_studio_has_the_live_tab_and_its_api(services, face_clip, monkeypatc
         assert len(token) == 24 and status.startswith("The face is ready (preview engine)")
         with pytest.raises(Exception, match="not connected yet"):
             client.predict(token, "Hello.", "espeak", "", api_name="/live_say")
-        assert "fastrtc" not in sys.modules, "the WebRTC stack loads at the first connection, not with the app"
+        assert "aiortc" not in sys.modules, "the WebRTC stack loads at the first connection, not with the app"
 
 
 @needs_chromium

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -231,3 +232,74 @@ def test_the_face_answers_the_microphone_text_and_the_api_over_webrtc(live_serve
     shutil.copy(recording, Path(keep_screenshot(driver, "live-after.png")).with_name("live-recording.mp4"))
 
     driver.find_element(By.ID, "live-stop").click()
+
+
+def server_status(url: str) -> dict:
+    import json
+
+    with urllib.request.urlopen(url + "live/webrtc/status", timeout=5) as response:
+        return json.load(response)
+
+
+def post_offer(url: str, body: bytes) -> tuple[int, dict]:
+    import json
+
+    request = urllib.request.Request(url + "live/webrtc/offer", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+# Threads that come and stay as the server works, idle between uses: thread pools' workers.
+POOL_THREADS = ("asyncio_", "AnyIO worker thread", "ThreadPoolExecutor")
+
+
+@needs_chromium
+def test_closing_the_page_ends_its_connection_and_session(live_server, live_browser):
+    from selenium.webdriver.common.by import By
+
+    driver = live_browser
+    driver.get(live_server)
+    token_box = "#live-token textarea, #live-token input"
+    wait_for(driver, lambda d: d.execute_script(f"return document.querySelector('{token_box}')?.value"),
+             WAIT_FOR_PAGE, "the face prepared")
+    before = server_status(live_server)
+    driver.find_element(By.ID, "live-start").click()
+    wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
+             WAIT_FOR_PAGE, "the face over WebRTC")
+    during = server_status(live_server)
+    assert during["connections"] == 1 and during["sessions"] == 1 and during["webrtc_tasks"] > 0
+    assert "live" in during["threads"], "the session's generation thread runs"
+
+    driver.get("about:blank")  # the page goes away without pressing Stop
+    deadline = time.monotonic() + 5.0
+    while (after := server_status(live_server))["connections"] or after["sessions"] or after["webrtc_tasks"]:
+        assert time.monotonic() < deadline, f"the server still holds the closed page's connection: {after}"
+        time.sleep(0.2)
+    left = [name for name in after["threads"] if not name.startswith(POOL_THREADS)]
+    kept = [name for name in before["threads"] if not name.startswith(POOL_THREADS)]
+    assert sorted(left) == sorted(kept), "no thread of the connection or its session is left"
+
+
+def test_a_bad_offer_is_refused_with_a_reason(live_server, face_clip):
+    import json
+
+    from gradio_client import Client, handle_file
+
+    status, answer = post_offer(live_server, b"not json")
+    assert status == 400 and "not JSON" in answer["error"]
+    status, answer = post_offer(live_server, json.dumps({"type": "offer", "token": "abc"}).encode())
+    assert status == 400 and "lacks sdp" in answer["error"]
+    status, answer = post_offer(live_server, json.dumps({"sdp": "v=0", "type": "offer", "token": "abc"}).encode())
+    assert status == 404 and "no longer prepared" in answer["error"]
+
+    # A real token with an SDP that is not a browser's offer: refused, and no session is left open.
+    token, _ = Client(live_server, verbose=False).predict(handle_file(str(face_clip)), "preview", api_name="/live_prepare")
+    status, answer = post_offer(live_server, json.dumps({"sdp": "garbage", "type": "offer", "token": token}).encode())
+    assert status == 400 and "audio and a video" in answer["error"]
+    status, answer = post_offer(live_server, json.dumps({"sdp": "x", "type": "answer", "token": token}).encode())
+    assert status == 400 and "must be 'offer'" in answer["error"]
+    assert server_status(live_server)["sessions"] == 0

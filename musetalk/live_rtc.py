@@ -6,7 +6,8 @@ and gets the answer, ``{sdp, type}``; a refused offer gets a 4xx with ``{error}`
 Each page has one peer connection (``musetalk.live_peer``, loaded at the first offer): its
 microphone, resampled to 16 kHz mono, goes into the token's ``LiveSession``; the session's frames
 come back as a video track and their audio as an audio track, together. When the connection
-closes or fails (the page was closed), the session is closed; when the server stops, every
+closes (the page closes it as it goes away) or fails (a page that vanished without closing: ICE's
+consent checks give up after about 30 s), the session is closed; when the server stops, every
 connection is closed. ``GET /live/webrtc/status`` says what the server holds.
 
 A page first asks for a face (``LiveRegistry.prepare``: the avatar is prepared and cached) and

@@ -191,8 +191,7 @@ class LiveConnections:
     """The WebRTC side of a registry's faces: one peer connection per token, on the server's event loop.
 
     aiortc (``musetalk.live_peer``) loads at the first offer, not with the app: it takes seconds to
-    import, and a process that imported the WebRTC stack was seen to grow about 0.5 GB more during
-    concurrent dubs (tests/test_load.py), so a studio nobody uses live from never loads it."""
+    import, so a studio nobody uses live from never loads it."""
 
     def __init__(self, registry: LiveRegistry):
         self.registry = registry

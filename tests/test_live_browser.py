@@ -10,6 +10,7 @@ is the same page, checked here through its API.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import subprocess
@@ -127,15 +128,14 @@ def best_alignment(opening: np.ndarray, speech_mask: np.ndarray) -> tuple[float,
     return best
 
 
-@pytest.fixture(scope="module")
-def live_server(face_clip, tmp_path_factory):
-    """``musetalk live --video <face> --engine preview`` in its own process; yields its URL."""
+@contextlib.contextmanager
+def running_live_server(face_clip: Path, log: Path, *options: str):
+    """``musetalk [options] live --video <face> --engine preview`` in its own process; yields (URL, process)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("live-server") / "server.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "wb") as output:
-        server = subprocess.Popen([sys.executable, "-m", "musetalk", "live", "--video", str(face_clip), "--engine",
-                                   "preview", "--port", str(port)], cwd=ROOT, env=env, stdout=output,
+        server = subprocess.Popen([sys.executable, "-m", "musetalk", *options, "live", "--video", str(face_clip),
+                                   "--engine", "preview", "--port", str(port)], cwd=ROOT, env=env, stdout=output,
                                   stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -148,10 +148,17 @@ def live_server(face_clip, tmp_path_factory):
             except OSError:
                 assert time.monotonic() < deadline, f"musetalk live did not answer: {log.read_text()[-2000:]}"
                 time.sleep(0.5)
-        yield url
+        yield url, server
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.fixture(scope="module")
+def live_server(face_clip, tmp_path_factory):
+    """The live page's server for this module's tests; yields its URL."""
+    with running_live_server(face_clip, tmp_path_factory.mktemp("live-server") / "server.log") as (url, _):
+        yield url
 
 
 def test_the_studio_has_the_live_tab_and_its_api(services, face_clip, monkeypatch):  # noqa: F811
@@ -303,3 +310,24 @@ def test_a_bad_offer_is_refused_with_a_reason(live_server, face_clip):
     status, answer = post_offer(live_server, json.dumps({"sdp": "x", "type": "answer", "token": token}).encode())
     assert status == 400 and "must be 'offer'" in answer["error"]
     assert server_status(live_server)["sessions"] == 0
+
+
+@needs_chromium
+def test_stopping_the_server_closes_its_connections(face_clip, live_browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    log = tmp_path / "server.log"
+    with running_live_server(face_clip, log, "--verbose") as (url, server):
+        driver = live_browser
+        driver.get(url)
+        token_box = "#live-token textarea, #live-token input"
+        wait_for(driver, lambda d: d.execute_script(f"return document.querySelector('{token_box}')?.value"),
+                 WAIT_FOR_PAGE, "the face prepared")
+        driver.find_element(By.ID, "live-start").click()
+        wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
+                 WAIT_FOR_PAGE, "the face over WebRTC")
+        server.terminate()  # SIGTERM, as `docker stop` or a supervisor sends it
+        server.wait(30)
+    text = log.read_text()
+    assert "live: closing 1 connection(s)" in text and "live: disconnected" in text, text[-3000:]
+    driver.get("about:blank")

@@ -162,7 +162,7 @@ class LivePeer:
 
     async def _on_state(self) -> None:
         state = self.pc.connectionState
-        logger.info("live: connection %s", state)
+        logger.info("live: connection %s (%s)", state, self.token[:6])
         if state in ("failed", "closed"):
             await self.close()
 

@@ -304,7 +304,8 @@ def test_a_bad_offer_is_refused_with_a_reason(live_server, face_clip):
     assert status == 404 and "no longer prepared" in answer["error"]
 
     # A real token with an SDP that is not a browser's offer: refused, and no session is left open.
-    token, _ = Client(live_server, verbose=False).predict(handle_file(str(face_clip)), "preview", api_name="/live_prepare")
+    client = Client(live_server, verbose=False)
+    token, _ = client.predict(handle_file(str(face_clip)), "preview", api_name="/live_prepare")
     status, answer = post_offer(live_server, json.dumps({"sdp": "garbage", "type": "offer", "token": token}).encode())
     assert status == 400 and "audio and a video" in answer["error"]
     status, answer = post_offer(live_server, json.dumps({"sdp": "x", "type": "answer", "token": token}).encode())

@@ -152,9 +152,11 @@ class LiveSession:
                 self._thread.start()
         return self
 
-    def push_audio(self, chunk, timeout: float | None = None) -> None:
+    def push_audio(self, chunk, timeout: float | None = None) -> int:
         """The next samples (16 kHz mono, float in [-1, 1] or int16). Blocks while ``max_buffered_s`` of
-        audio already waits ahead of the picture; LiveError after ``timeout`` seconds of that, or after close."""
+        audio already waits ahead of the picture; LiveError after ``timeout`` seconds of that, or after close.
+        Returns the stream's sample at which the chunk starts (after any silence the clock filled in because
+        the chunk came late): its frames are due ``latency_s`` after that sample's time."""
         samples = _as_samples(chunk)
         self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -169,10 +171,12 @@ class LiveSession:
                 self._lock.wait(_POLL_S if remaining is None else min(_POLL_S, remaining))
                 self._fill_silence()
             self._check_open()
+            position = self._end
             self._incoming.append(samples)
             self._end += samples.size
             self.stats.buffered_samples_max = max(self.stats.buffered_samples_max, self._end - self._played)
             self._lock.notify_all()
+        return position
 
     def pull(self, timeout: float | None = None) -> LiveFrame | None:
         """The next frame, when it is due (paced) or ready; None once the session has ended, or after

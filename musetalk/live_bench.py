@@ -49,6 +49,9 @@ class LiveBenchReport:
     # the middle of the first open frame. The mouth takes a while to open; the rest is the pipeline's delay.
     shape_delay_ms_mean: float | None
     batch_size: int
+    # Silence the session's clock put between pieces that came late (the microphone's thread woke late):
+    # the stream cannot take it back, so every later frame is that much later.
+    late_audio_ms: float = 0.0
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -82,15 +85,15 @@ def _first_loud_step(wav: np.ndarray) -> int | None:
 def run_live_bench(pipeline, video: str | Path, speech: np.ndarray, seconds: float = 20.0) -> LiveBenchReport:
     wav, onsets = speech_with_pauses(speech, seconds)
     session = LiveSession(pipeline, video).start()
-    pushed_at: dict[int, float] = {}
+    pushed_at: dict[int, tuple[float, int]] = {}  # piece's first sample -> (when pushed, where in the stream)
 
     def microphone():
         piece = int(PIECE_S * SR)
         started = time.monotonic()
         for number, first in enumerate(range(0, wav.size, piece)):
             time.sleep(max(0.0, started + number * PIECE_S - time.monotonic()))
-            pushed_at[first] = time.monotonic()
-            session.push_audio(wav[first: first + piece])
+            moment = time.monotonic()
+            pushed_at[first] = (moment, session.push_audio(wav[first: first + piece]))
         session.close()
 
     feeder = threading.Thread(target=microphone, name="bench-microphone")
@@ -114,15 +117,18 @@ def _report(pipeline, session, wav, onsets, pushed_at, shown, images, seconds) -
     speaking = float(np.nanpercentile(opening, 75))
     threshold = rest + OPEN_SHARE * (speaking - rest)
     for onset in onsets:
-        pushed = pushed_at.get(onset // piece * piece)
-        if pushed is None:
+        first = onset // piece * piece
+        if first not in pushed_at:
             continue
+        pushed, position = pushed_at[first]
         after = [k for k, moment in enumerate(shown) if moment >= pushed and opening[k] > threshold]
         if after:
             latencies.append(round((shown[after[0]] - pushed) * 1000, 1))
-        in_stream = [k for k in range(len(shown)) if (k + 1) / session.fps > onset / SR and opening[k] > threshold]
+        # On the stream's timeline, where the piece landed (after any silence the clock put before it).
+        in_stream_s = (position + onset - first) / SR
+        in_stream = [k for k in range(len(shown)) if (k + 1) / session.fps > in_stream_s and opening[k] > threshold]
         if in_stream:
-            shape_delays.append(((in_stream[0] + 0.5) / session.fps - onset / SR) * 1000)
+            shape_delays.append(((in_stream[0] + 0.5) / session.fps - in_stream_s) * 1000)
     span = shown[-1] - shown[0] if len(shown) > 1 else float("nan")
     device = getattr(getattr(pipeline.engine, "device", None), "type", "cpu")
     return LiveBenchReport(
@@ -133,8 +139,17 @@ def _report(pipeline, session, wav, onsets, pushed_at, shown, images, seconds) -
         frames_stood_in=session.stats.frames_stood_in,
         latency_ms=latencies, latency_ms_mean=round(float(np.mean(latencies)), 1) if latencies else None,
         shape_delay_ms_mean=round(float(np.mean(shape_delays)), 1) if shape_delays else None,
-        batch_size=session.batch_size,
+        batch_size=session.batch_size, late_audio_ms=round(_late_audio_s(pushed_at) * 1000, 1),
     )
+
+
+def _late_audio_s(pushed_at: dict[int, tuple[float, int]]) -> float:
+    """The silence the clock put between the pieces (the first piece's own offset from the clock's start is
+    no delay: the stream begins with it)."""
+    if not pushed_at:
+        return 0.0
+    first, last = min(pushed_at), max(pushed_at)
+    return ((pushed_at[last][1] - last) - (pushed_at[first][1] - first)) / SR
 
 
 def format_report(report: LiveBenchReport) -> list[str]:
@@ -144,6 +159,7 @@ def format_report(report: LiveBenchReport) -> list[str]:
         f"{report.seconds:g} s of speech with pauses, batches of {report.batch_size}",
         f"  sustained: {report.sustained_fps:.2f} frames/s over {report.frames} frames, "
         f"{report.frames_skipped} skipped, {report.frames_stood_in} drawn by the preview engine instead",
+        f"  audio that came late: {report.late_audio_ms:.0f} ms of silence put between the microphone's pieces",
         f"  stated latency: {report.stated_latency_ms:.0f} ms",
     ]
     if report.latency_ms:

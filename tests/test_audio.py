@@ -282,6 +282,22 @@ def test_vad_loads_offline_and_keeps_torch_threads():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_the_streaming_gates_warmed_up_model_judges_as_a_fresh_one():
+    """The stream's VAD model is warmed up (TorchScript optimises on its first calls) and reset: what it
+    then says of real speech is what a model that never heard the warm-up says."""
+    import torch
+
+    wav = _read_pcm16_wav(REPO_ROOT / "examples" / "speech.wav")
+    windows = torch.from_numpy(wav[: 60 * audio.VAD_WINDOW].reshape(60, audio.VAD_WINDOW).copy())
+    fresh, warmed = audio._new_vad_model(), audio._new_vad_model()
+    audio._warm_up(warmed)
+    with torch.inference_mode():
+        expected = [float(fresh(window, SR)) for window in windows]
+        judged = [float(warmed(window, SR)) for window in windows]
+    assert max(expected) > 0.9 and min(expected) < 0.1, "speech and a pause in the windows"
+    np.testing.assert_allclose(judged, expected, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- per-frame windows
 
 

@@ -160,6 +160,9 @@ def load_vad_model() -> Any:
     return model
 
 
+# Speech spans start and end this much beyond what silero-vad calls speech, so consonants are not cut.
+SPEECH_PAD_S = 0.08
+
 # The model keeps recurrent state between windows; one caller at a time.
 _VAD_LOCK = threading.Lock()
 
@@ -169,7 +172,7 @@ def detect_speech(
     sr: int = SAMPLE_RATE,
     threshold: float = 0.5,
     min_silence_s: float = 0.25,
-    speech_pad_s: float = 0.08,
+    speech_pad_s: float = SPEECH_PAD_S,
     min_speech_s: float = 0.15,
 ) -> SpeechSegments:
     """Find speech with silero-vad (offline).
@@ -508,7 +511,7 @@ class StreamingSpeechGate:
     Memory is bounded: what lies before ``release(before)`` is dropped.
     """
 
-    def __init__(self, threshold: float = 0.5, speech_pad_s: float = 0.08, fade_s: float = 0.03,
+    def __init__(self, threshold: float = 0.5, speech_pad_s: float = SPEECH_PAD_S, fade_s: float = 0.03,
                  hold_s: float = STREAM_HOLD_S, model: Any = None):
         if not 0.0 < threshold < 1.0:
             raise InputError(f"speech threshold must be between 0 and 1, got {threshold}")

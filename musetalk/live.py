@@ -62,7 +62,12 @@ MAX_BUFFERED_S = 30.0
 BATCHES_QUEUED = 2  # finished batches waiting for the consumer
 REST_FACES_KEPT = 512  # silent faces kept per source frame (196 KB each)
 STATES_KEPT = 64  # engine states kept when the engine's are not worth caching (the preview's crops)
-SCHEDULING_MARGIN_S = 0.04  # the clock's slack: thread wake-ups and the blending of a batch
+# Audio may come this late and still land in its place (a thread or a network packet late by a few ms): the
+# clock fills in silence only after it. Audio later than that follows the silence, and every frame after it
+# is that much later, for good (a stream cannot take silence back).
+LATE_AUDIO_S = 0.02
+# The clock's slack: audio up to LATE_AUDIO_S late, thread wake-ups, a batch that draws a little slow.
+SCHEDULING_MARGIN_S = 0.04
 SKIP_LOG_EVERY_S = 2.0  # how often skipped frames are reported in the log
 _POLL_S = 0.05
 _DONE = object()
@@ -116,7 +121,8 @@ class LiveSession:
         if self.batch_size < 1:
             raise InputError(f"batch_size must be at least 1, not {batch_size}")
         self._features = _features_for(self.engine, self.fps, self.options)
-        self._gate = audio_lib.StreamingSpeechGate() if self.options.silence_gate else _NoGate()
+        self._gate = (audio_lib.StreamingSpeechGate(speech_pad_s=self._features.speech_pad_s)
+                      if self.options.silence_gate else _NoGate())
         self.context_s = (self._features.right_context + self._gate.lookahead_samples) / SAMPLE_RATE
         self.latency_s = self.context_s + 2 * self.batch_size / self.fps + SCHEDULING_MARGIN_S
         self.max_buffered = int(max_buffered_s * SAMPLE_RATE)
@@ -257,10 +263,10 @@ class LiveSession:
             raise LiveError("the live session is closed; start a new one to speak again")
 
     def _fill_silence(self) -> None:
-        """Paced: audio that did not arrive by now is silence (the lock is held)."""
+        """Paced: audio that did not arrive ``LATE_AUDIO_S`` after its time is silence (the lock is held)."""
         if not self.paced or self._closed:
             return
-        now = int((self._clock() - self._start) * SAMPLE_RATE)
+        now = int((self._clock() - self._start - LATE_AUDIO_S) * SAMPLE_RATE)
         if now > self._end:
             self._incoming.append(np.zeros(now - self._end, np.float32))
             self._end = now
@@ -287,31 +293,38 @@ class LiveSession:
         """Frames from ``position`` whose audio is in, up to a batch; waits for it (or the clock's silence).
         Empty when the stream is closed and every frame is made."""
         last_needed = self._features.influence(position + self.batch_size - 1)[1]
-        with self._lock:
-            while True:
-                if self._stopped.is_set():
-                    return []
+        while not self._stopped.is_set():
+            with self._lock:
                 self._fill_silence()
-                self._feed_gate()
-                if self._gate.final_end >= last_needed:
-                    return list(range(position, position + self.batch_size))
-                if self._closed:
-                    self._gate.close()
-                    total = schedule.frames_to_carry(self._end / SAMPLE_RATE, self.fps)
-                    return list(range(position, min(position + self.batch_size, total)))
-                self._lock.wait(self._wait_for(last_needed + self._gate.lookahead_samples))
+                incoming, closed = self._take_incoming(), self._closed
+            # The gate (silero-vad) judges the new audio outside the lock, so a push never waits for it: a
+            # push kept waiting would come late, and the clock would put silence before it.
+            if incoming is not None:
+                self._gate.feed(incoming)
+            if self._gate.final_end >= last_needed:
+                return list(range(position, position + self.batch_size))
+            if closed:
+                self._gate.close()
+                total = schedule.frames_to_carry(self._end / SAMPLE_RATE, self.fps)
+                return list(range(position, min(position + self.batch_size, total)))
+            with self._lock:
+                if not self._incoming and not self._closed:  # nothing came while the gate judged
+                    self._lock.wait(self._wait_for(last_needed + self._gate.lookahead_samples))
+        return []
 
     def _wait_for(self, needed: int) -> float:
         if not self.paced:
             return _POLL_S
-        arrives = self._start + needed / SAMPLE_RATE - self._clock()  # when the clock makes it silence
+        arrives = self._start + needed / SAMPLE_RATE + LATE_AUDIO_S - self._clock()  # when the clock makes it silence
         return max(0.001, min(_POLL_S, arrives))
 
-    def _feed_gate(self) -> None:
-        """Hand the pushed audio to the silence gate (the lock is held)."""
-        if self._incoming:
-            self._gate.feed(np.concatenate(self._incoming))
-            self._incoming.clear()
+    def _take_incoming(self) -> np.ndarray | None:
+        """The audio pushed (or filled in) since the last call, for the gate (the lock is held)."""
+        if not self._incoming:
+            return None
+        samples = np.concatenate(self._incoming)
+        self._incoming.clear()
+        return samples
 
     def _emit_batch(self, positions: list[int]) -> None:
         started = time.perf_counter()
@@ -538,6 +551,12 @@ class _PreviewFeatures:
     """
 
     HISTORY_S = 20.0
+    # The gate's pre-roll: speech spans start this long before silero-vad first hears speech. The dub's is 80
+    # ms, so that a consonant's start is not cut; the preview's mouth opens with the voiced band's loudness,
+    # and the quiet start of a consonant opens it next to nothing. One VAD window instead takes 48 ms off the
+    # latency (the gate cannot call a sample final before it has judged the pre-roll after it); the mouth
+    # opens about 10 ms later at onsets that silero hears late (``musetalk bench --live``).
+    speech_pad_s = 0.032
 
     def __init__(self, fps: float):
         self.fps = fps
@@ -598,6 +617,7 @@ class _WhisperFeatures:
     BLOCK_STEPS = audio_lib.WHISPER_WINDOW_SECONDS * audio_lib.WHISPER_STEPS_PER_SECOND
     # Samples around a step that its features read: the 25 ms mel window and two 3-tap convolutions.
     EDGE = 720
+    speech_pad_s = audio_lib.SPEECH_PAD_S  # the dub's pre-roll: the model shapes the lips for consonants
 
     def __init__(self, engine, fps: float, options: RunOptions):
         self.encoder = engine.audio_encoder

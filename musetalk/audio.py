@@ -544,6 +544,11 @@ class StreamingSpeechGate:
         judged = (self._window_offset + self._flags.size) * VAD_WINDOW
         return max(0, judged - self._reach)
 
+    def samples_needed(self, final: int) -> int:
+        """The samples to feed before the first ``final`` are final: the pre-roll and fade after them, to the
+        end of the VAD window that holds them."""
+        return -(-(final + self._reach) // VAD_WINDOW) * VAD_WINDOW
+
     def feed(self, samples: np.ndarray) -> None:
         """The next samples of the stream (16 kHz mono float)."""
         self._raw = np.concatenate([self._raw, _as_waveform(samples, "samples")])

@@ -261,7 +261,7 @@ class LiveSession:
         """Paced: audio that did not arrive ``LATE_AUDIO_S`` after its time is silence (the lock is held)."""
         if not self.paced or self._closed:
             return
-        now = int((self._clock() - self._start - LATE_AUDIO_S) * SAMPLE_RATE)
+        now = round((self._clock() - self._start - LATE_AUDIO_S) * SAMPLE_RATE)
         if now > self._end:
             self._incoming.append(np.zeros(now - self._end, np.float32))
             self._end = now
@@ -304,7 +304,7 @@ class LiveSession:
                 return list(range(position, min(position + self.batch_size, total)))
             with self._lock:
                 if not self._incoming and not self._closed:  # nothing came while the gate judged
-                    self._lock.wait(self._wait_for(last_needed + self._gate.lookahead_samples))
+                    self._lock.wait(self._wait_for(self._gate.samples_needed(last_needed)))
         return []
 
     def _wait_for(self, needed: int) -> float:
@@ -729,6 +729,9 @@ class _NoGate:
     @property
     def kept_from(self) -> int:
         return self._offset
+
+    def samples_needed(self, final: int) -> int:
+        return final
 
     def feed(self, samples: np.ndarray) -> None:
         self._raw = np.concatenate([self._raw, samples])

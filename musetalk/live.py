@@ -15,7 +15,13 @@ once per source frame and kept: idling costs only the blending).
 Latency (``latency_s``, stated before the first frame): a frame is drawn once the audio its
 features read is in (``context_s``: the engine's right context plus the silence gate's
 lookahead), and a batch of frames takes up to its own duration to draw; a frame is due
-``context_s + 2 * batch / fps`` after the start of its audio. Paced sessions (the default) keep
+``context_s + 2 * batch / fps + SCHEDULING_MARGIN_S`` after the start of its audio. For the
+preview engine (batches of one frame at 25 fps) that is 287 ms: 72 ms of right context (its mouth
+shapes are smoothed over +-60 ms and each reads 25 ms of audio), 94 ms of gate lookahead (speech
+spans start one 32 ms VAD window before silero-vad hears speech, the dub's 80 ms pre-roll being
+what MuseTalk streams keep, and fade in over 30 ms; the window being filled takes up to 32 ms),
+a frame to gather and one to draw (80 ms) and 40 ms of slack (audio up to ``LATE_AUDIO_S``, 20 ms,
+late still lands in its place; thread wake-ups). Paced sessions (the default) keep
 to that clock: audio that does not arrive is silence, and frames the engine would deliver late
 are drawn by the preview engine instead (a MuseTalk session; ``stats.frames_stood_in``) or skipped
 (``on_late="skip"``, and the preview engine itself: each skipped frame repeats the last picture,

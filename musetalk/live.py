@@ -340,7 +340,12 @@ class LiveSession:
             self._report_late(len(late), "skipped")
         drawn = positions[len(late):]
         if drawn:
-            for frame in self._draw(drawn):
+            # The engine may be drawing a dub's batch now (a shared pipeline): this batch goes next, and the
+            # frames go to the consumer after the turn (a put may wait for it). The stand-in above is an
+            # engine of its own, and never waits.
+            with self.pipeline.turns.take(clocked=True):
+                frames = self._draw(drawn)
+            for frame in frames:
                 self._put(frame)
         seconds = time.perf_counter() - started
         self.stats.batches += 1
@@ -463,7 +468,8 @@ class LiveSession:
         missing = [s for s in range(self._num_sources) if avatar.usable[s] and s not in states]
         for first in range(0, len(missing), 8):
             chunk = [avatar.face_frame(s, self._sources[s]) for s in missing[first:first + 8]]
-            states.update(zip(missing[first:first + 8], self._prepare(chunk)))
+            with self.pipeline.turns.take():  # no clock runs yet: a dub's batches need not wait for these
+                states.update(zip(missing[first:first + 8], self._prepare(chunk)))
         if missing:
             avatar.states = states
             self.pipeline.save_states(self.prepared)

@@ -25,11 +25,11 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import numpy as np
 
@@ -376,8 +376,9 @@ class WhisperAudioEncoder:
         del model  # the decoder is never used; let it go
         return cls(encoder, feature_extractor, device=device, dtype=dtype)
 
-    def encode(self, wav: np.ndarray) -> np.ndarray:
-        """Float32 features ``[floor(seconds * 50), L, D]`` of a 16 kHz mono waveform."""
+    def encode(self, wav: np.ndarray, turn: Callable[[], ContextManager] = nullcontext) -> np.ndarray:
+        """Float32 features ``[floor(seconds * 50), L, D]`` of a 16 kHz mono waveform; each batch of windows
+        runs inside a ``turn()`` (the pipeline's ``EngineTurns``: the encoder may be shared)."""
         wav = _as_waveform(wav)
         total_steps = num_whisper_steps(wav.size)
         features = np.zeros((total_steps, self.num_hidden_states, self.d_model), dtype=np.float32)
@@ -385,7 +386,8 @@ class WhisperAudioEncoder:
         starts = list(range(0, wav.size, window))
         for first in range(0, len(starts), self.windows_per_batch):
             batch_starts = starts[first : first + self.windows_per_batch]
-            hidden = self._encode_windows([wav[start : start + window] for start in batch_starts])
+            with turn():
+                hidden = self._encode_windows([wav[start : start + window] for start in batch_starts])
             for row, start in enumerate(batch_starts):
                 step0 = start // window * self.window_steps
                 keep = min(self.window_steps, total_steps - step0)
@@ -543,6 +545,11 @@ class StreamingSpeechGate:
             return self._closed_at
         judged = (self._window_offset + self._flags.size) * VAD_WINDOW
         return max(0, judged - self._reach)
+
+    def samples_needed(self, final: int) -> int:
+        """The samples to feed before the first ``final`` are final: the pre-roll and fade after them, to the
+        end of the VAD window that holds them."""
+        return -(-(final + self._reach) // VAD_WINDOW) * VAD_WINDOW
 
     def feed(self, samples: np.ndarray) -> None:
         """The next samples of the stream (16 kHz mono float)."""

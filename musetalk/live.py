@@ -15,7 +15,13 @@ once per source frame and kept: idling costs only the blending).
 Latency (``latency_s``, stated before the first frame): a frame is drawn once the audio its
 features read is in (``context_s``: the engine's right context plus the silence gate's
 lookahead), and a batch of frames takes up to its own duration to draw; a frame is due
-``context_s + 2 * batch / fps`` after the start of its audio. Paced sessions (the default) keep
+``context_s + 2 * batch / fps + SCHEDULING_MARGIN_S`` after the start of its audio. For the
+preview engine (batches of one frame at 25 fps) that is 287 ms: 72 ms of right context (its mouth
+shapes are smoothed over +-60 ms and each reads 25 ms of audio), 94 ms of gate lookahead (speech
+spans start one 32 ms VAD window before silero-vad hears speech, the dub's 80 ms pre-roll being
+what MuseTalk streams keep, and fade in over 30 ms; the window being filled takes up to 32 ms),
+a frame to gather and one to draw (80 ms) and 40 ms of slack (audio up to ``LATE_AUDIO_S``, 20 ms,
+late still lands in its place; thread wake-ups). Paced sessions (the default) keep
 to that clock: audio that does not arrive is silence, and frames the engine would deliver late
 are drawn by the preview engine instead (a MuseTalk session; ``stats.frames_stood_in``) or skipped
 (``on_late="skip"``, and the preview engine itself: each skipped frame repeats the last picture,
@@ -266,7 +272,7 @@ class LiveSession:
         """Paced: audio that did not arrive ``LATE_AUDIO_S`` after its time is silence (the lock is held)."""
         if not self.paced or self._closed:
             return
-        now = int((self._clock() - self._start - LATE_AUDIO_S) * SAMPLE_RATE)
+        now = round((self._clock() - self._start - LATE_AUDIO_S) * SAMPLE_RATE)
         if now > self._end:
             self._incoming.append(np.zeros(now - self._end, np.float32))
             self._end = now
@@ -309,7 +315,7 @@ class LiveSession:
                 return list(range(position, min(position + self.batch_size, total)))
             with self._lock:
                 if not self._incoming and not self._closed:  # nothing came while the gate judged
-                    self._lock.wait(self._wait_for(last_needed + self._gate.lookahead_samples))
+                    self._lock.wait(self._wait_for(self._gate.samples_needed(last_needed)))
         return []
 
     def _wait_for(self, needed: int) -> float:
@@ -339,7 +345,12 @@ class LiveSession:
             self._report_late(len(late), "skipped")
         drawn = positions[len(late):]
         if drawn:
-            for frame in self._draw(drawn):
+            # The engine may be drawing a dub's batch now (a shared pipeline): this batch goes next, and the
+            # frames go to the consumer after the turn (a put may wait for it). The stand-in above is an
+            # engine of its own, and never waits.
+            with self.pipeline.turns.take(clocked=True):
+                frames = self._draw(drawn)
+            for frame in frames:
                 self._put(frame)
         seconds = time.perf_counter() - started
         self.stats.batches += 1
@@ -462,7 +473,8 @@ class LiveSession:
         missing = [s for s in range(self._num_sources) if avatar.usable[s] and s not in states]
         for first in range(0, len(missing), 8):
             chunk = [avatar.face_frame(s, self._sources[s]) for s in missing[first:first + 8]]
-            states.update(zip(missing[first:first + 8], self._prepare(chunk)))
+            with self.pipeline.turns.take():  # no clock runs yet: a dub's batches need not wait for these
+                states.update(zip(missing[first:first + 8], self._prepare(chunk)))
         if missing:
             avatar.states = states
             self.pipeline.save_states(self.prepared)
@@ -734,6 +746,9 @@ class _NoGate:
     @property
     def kept_from(self) -> int:
         return self._offset
+
+    def samples_needed(self, final: int) -> int:
+        return final
 
     def feed(self, samples: np.ndarray) -> None:
         self._raw = np.concatenate([self._raw, samples])

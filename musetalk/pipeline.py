@@ -3,6 +3,15 @@
 ``__call__`` reads as the job's steps. Frames stream from the decoder through the model to
 the encoder; what is kept per source frame is small (landmarks, a crop box, the engine's
 latents while they will be used again), so memory stays flat in the video's length.
+
+One pipeline serves a dub and live sessions (``musetalk.live``) at the same time, from their own
+threads (the studio and ``musetalk live`` share it). Its engine runs one batch at a time: every
+call into it (a dub's batch: the face states and the new faces; one encoder batch of its Whisper
+features; a live session's batch of frames) takes a turn of the pipeline's ``EngineTurns``, and
+the turns go to live sessions first. A live batch has a clock and waits for at most the one batch
+being drawn; a dub's batch waits while a live one is waiting. A live frame that the wait makes late
+is drawn by the preview engine or skipped, as when the engine itself is slow (``musetalk.live``).
+Pipelines made by ``with_draft_decoder`` share the models, and so the turns.
 """
 
 from __future__ import annotations
@@ -107,10 +116,44 @@ class FrameSink(Protocol):
     def add(self, position: int, source: FaceFrame, frame: np.ndarray) -> None: ...
 
 
+class EngineTurns:
+    """Calls into one engine, one at a time, those with a clock first (the module docstring).
+
+    ``with turns.take(clocked=True):`` for a live session's batch, ``with turns.take():`` for the rest:
+    a clocked call waits only for the call running now; the others also wait while a clocked one waits.
+    A turn is not taken again inside itself (that would wait for itself: it raises instead)."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._holder: int | None = None  # the thread whose call runs now
+        self._clocked_waiting = 0
+
+    @contextmanager
+    def take(self, clocked: bool = False) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._changed:
+            if self._holder == me:
+                raise RuntimeError("this thread already has the engine's turn; a turn is not taken inside itself")
+            self._clocked_waiting += clocked
+            try:
+                while self._holder is not None or (not clocked and self._clocked_waiting):
+                    self._changed.wait()
+            finally:
+                self._clocked_waiting -= clocked
+            self._holder = me
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._holder = None
+                self._changed.notify_all()
+
+
 class LipSyncPipeline:
     def __init__(self, engine: Engine, version: str = "v15", device=None, avatar_cache: AvatarCache | None = None,
-                 overlap: bool = True, cpu_workers: int | None = None):
+                 overlap: bool = True, cpu_workers: int | None = None, turns: EngineTurns | None = None):
         self.engine = engine
+        self.turns = turns or EngineTurns()  # the engine's calls take turns: a dub's and live sessions' (above)
         self.version = version
         self.device = device
         self.avatar_cache = avatar_cache  # None: every run analyses the faces again
@@ -171,7 +214,7 @@ class LipSyncPipeline:
             raise InputError(f"the draft engine is built on a MuseTalk pipeline, not a {self.engine.name} one")
         decoder = _load_draft_decoder(models_dir, self.engine.device, self.engine.dtype)
         return LipSyncPipeline(self.engine.with_draft_decoder(decoder), self.version, self.device, self.avatar_cache,
-                               self.overlap, self.cpu_workers)
+                               self.overlap, self.cpu_workers, self.turns)
 
     # ------------------------------------------------------------------ the job
 
@@ -390,7 +433,7 @@ class LipSyncPipeline:
                 speech = audio_lib.detect_speech(wav)
                 wav = audio_lib.gate_silence(wav, speech)
         _check_not_abandoned(abandoned)
-        return seconds, self.engine.audio_features(wav, speech, events, timer), speech
+        return seconds, self.engine.audio_features(wav, speech, events, timer, turn=self.turns.take), speech
 
     def _output_length(self, audio_seconds: float, fps: float, faces, video_info, options) -> int:
         """Frames of the output: as many as the video has, or enough to carry the whole audio (rounded
@@ -518,7 +561,8 @@ class LipSyncPipeline:
         import torch
 
         try:
-            return self._redraw(items, audio_batch, states, timer)
+            with self.turns.take():
+                return self._redraw(items, audio_batch, states, timer)
         except torch.OutOfMemoryError as error:
             if len(items) <= 1:
                 raise GPUMemoryError(

@@ -627,9 +627,10 @@ class Studio:
         if self._seconds_per_frame is None:
             from musetalk.timing import StageTimer
 
-            engine = self.pipeline(self.config.version).engine
+            pipeline = self.pipeline(self.config.version)
+            engine = pipeline.engine
             crops = np.zeros((1, 256, 256, 3), dtype=np.uint8)
-            with self._model_job:
+            with self._model_job, pipeline.turns.take():  # a live session may share the engine
                 started = time.perf_counter()
                 states = engine.prepare(crops, None, StageTimer())
                 audio = np.zeros((1, 50, engine.unet.config.cross_attention_dim), dtype=np.float32)

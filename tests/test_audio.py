@@ -19,6 +19,7 @@ from musetalk import audio
 from musetalk.audio import (
     SAMPLE_RATE,
     SpeechSegments,
+    StreamingSpeechGate,
     chunk_indices,
     detect_speech,
     fit_length,
@@ -296,6 +297,19 @@ def test_the_streaming_gates_warmed_up_model_judges_as_a_fresh_one():
         judged = [float(warmed(window, SR)) for window in windows]
     assert max(expected) > 0.9 and min(expected) < 0.1, "speech and a pause in the windows"
     np.testing.assert_allclose(judged, expected, atol=1e-5)
+
+
+def test_the_streaming_gate_says_how_much_audio_makes_a_sample_final():
+    """A live session waits for exactly that much (the pre-roll and fade after the sample, to the end of its
+    VAD window), not for the worst case."""
+    noise = np.random.default_rng(1).standard_normal(SR).astype(np.float32) * 0.1
+    for final in (1, 3000, 4000):
+        needed = StreamingSpeechGate().samples_needed(final)
+        short, enough = StreamingSpeechGate(), StreamingSpeechGate()
+        short.feed(noise[: needed - 1])
+        enough.feed(noise[:needed])
+        assert short.final_end < final <= enough.final_end, final
+        assert needed - final <= short.lookahead_samples
 
 
 # --------------------------------------------------------------------------- per-frame windows

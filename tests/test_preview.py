@@ -240,7 +240,7 @@ def test_an_audio_clip_brings_its_phoneme_timings(tmp_path, monkeypatch):
     pipeline = LipSyncPipeline.from_pretrained(cache_dir=False, engine="preview")
     made = []
     real = pipeline.engine.audio_features
-    monkeypatch.setattr(pipeline.engine, "audio_features", lambda *args: made.append(real(*args)) or made[-1])
+    monkeypatch.setattr(pipeline.engine, "audio_features", lambda *args, **kwargs: made.append(real(*args, **kwargs)) or made[-1])
     result = pipeline(PHOTO, clip, tmp_path / "mama.mp4", RunOptions())
     assert made[0].source == "phonemes"
     assert result.num_frames == math.ceil(probe(clip.path).duration * 25 - 1e-6)  # the whole speech

@@ -4,10 +4,12 @@ The pipeline owns files, faces, audio (decoding and the silence gate), masks, sc
 blending. An engine turns the speech into its own audio features, and 256x256 face crops
 plus per-frame audio features into new 256x256 face crops:
 
-- ``audio_features(wav, speech, events, timer)``: features of the whole (silence-gated)
+- ``audio_features(wav, speech, events, timer, turn)``: features of the whole (silence-gated)
   16 kHz waveform, computed once beside the face analysis (MuseTalk: Whisper hidden states;
   the preview: mouth-shape curves). ``speech`` is what the silence gate kept (None when the
-  gate is off); ``events`` are the word / phoneme timings of a speech source, when it gave any.
+  gate is off); ``events`` are the word / phoneme timings of a speech source, when it gave any;
+  ``turn()`` is a context each call into a model shared with other jobs runs inside (the
+  pipeline's ``EngineTurns``: live sessions share the engine, and go first).
 - ``frame_audio(features, positions, fps, options)``: the features of output frames
   ``positions`` as one batch (MuseTalk: each frame's window of Whisper steps).
 - ``prepare(crops, landmarks, timer)``: per source frame state as a tensor ``[B, ...]``
@@ -18,8 +20,9 @@ plus per-frame audio features into new 256x256 face crops:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 
 import numpy as np
 
@@ -45,7 +48,7 @@ class Engine(Protocol):
     cache_id: str | None
 
     def audio_features(self, wav: np.ndarray, speech: SpeechSegments | None, events: Sequence,
-                       timer: StageTimer) -> Any: ...
+                       timer: StageTimer, turn: Callable[[], ContextManager] = nullcontext) -> Any: ...
 
     def frame_audio(self, features: Any, positions: np.ndarray, fps: float, options: RunOptions) -> np.ndarray: ...
 

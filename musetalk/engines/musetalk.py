@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -73,10 +74,12 @@ class MuseTalkEngine:
         extra = (1 << count.bit_length()) - count
         return self._torch.cat([tensor, tensor[-1:].expand(extra, *tensor.shape[1:])])
 
-    def audio_features(self, wav: np.ndarray, speech, events=(), timer: StageTimer | None = None) -> np.ndarray:
-        """Whisper hidden states [T, L, D] of the (silence-gated) waveform; timings are not used."""
+    def audio_features(self, wav: np.ndarray, speech, events=(), timer: StageTimer | None = None,
+                       turn=nullcontext) -> np.ndarray:
+        """Whisper hidden states [T, L, D] of the (silence-gated) waveform; timings are not used. Each encoder
+        batch runs in a ``turn()`` (a long audio is many batches: a live session's go between them)."""
         with (timer or StageTimer()).stage("whisper", device=True):
-            return self.audio_encoder.encode(wav)
+            return self.audio_encoder.encode(wav, turn)
 
     def frame_audio(self, features: np.ndarray, positions: np.ndarray, fps: float, options) -> np.ndarray:
         """Each output frame's window of Whisper steps: [B, W * L, D] (facts section 3)."""

@@ -101,8 +101,9 @@ class PreviewEngine:
     # ------------------------------------------------------------------ audio
 
     def audio_features(self, wav: np.ndarray, speech: SpeechSegments | None, events: Sequence = (),
-                       timer: StageTimer | None = None) -> visemes.MouthTargets:
-        """Mouth targets for the whole audio: visemes when phoneme timings came with it."""
+                       timer: StageTimer | None = None, turn=None) -> visemes.MouthTargets:
+        """Mouth targets for the whole audio: visemes when phoneme timings came with it. No model and nothing
+        shared is used (arithmetic on the audio alone), so no ``turn`` is taken: other jobs never wait for it."""
         timer = timer or StageTimer()
         with timer.stage("mouth_shapes"):
             if any(getattr(event, "kind", "") == "phoneme" for event in events or ()):

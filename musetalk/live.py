@@ -240,6 +240,11 @@ class LiveSession:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
+    @property
+    def ended(self) -> bool:
+        """No more frames will be made (the stream was played out, stopped, or its generation failed)."""
+        return self._thread.ident is not None and not self._thread.is_alive()
+
     def due(self, index: int) -> float:
         """When (on the session's clock) frame ``index`` is shown in a paced session."""
         return (self._start or 0.0) + self.latency_s + index / self.fps

@@ -2,11 +2,11 @@
 
 Used twice, the same code: as the studio's "Live" tab (app.py) and alone by ``musetalk live``. It is
 UI code in the package because the command line serves it too; nothing here loads at import
-(Gradio and fastrtc load in the functions).
+(Gradio and the WebRTC stack load in the functions).
 
-The page's player is a small WebRTC client (``CLIENT_JS``): the microphone and a blank picture go
-out (fastrtc's audio-video protocol wants a picture both ways), the face's picture and voice come
-back, on loopback without any ICE server. Every event has an ``api_name``: ``live_prepare`` (a face,
+The page's player is a small WebRTC client (``CLIENT_JS``): the microphone goes out, the face's
+picture and voice come back (``musetalk.live_rtc`` serves the other end), on loopback without any
+ICE server. Every event has an ``api_name``: ``live_prepare`` (a face,
 an engine -> a token), ``live_say`` (a token and text -> spoken into the connected face),
 ``live_microphone``, ``live_record`` and ``live_stop_recording`` (-> the mp4).
 """
@@ -17,7 +17,7 @@ import functools
 import logging
 
 from musetalk.errors import InputError, MuseTalkError
-from musetalk.live_rtc import OFFER_PATH, LiveRegistry, mount
+from musetalk.live_rtc import OFFER_PATH, LiveConnections, LiveRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -34,61 +34,56 @@ PLAYER_HTML = """
 </div>
 """
 
-# The WebRTC client: fastrtc's offer protocol (POST {sdp, type, webrtc_id}; a data channel the server
-# waits for), the page's token as the connection's id.
+# The WebRTC client: the offer, with its candidates (the server takes no trickled ones), is posted as
+# {sdp, type, token}; the answer is {sdp, type}, a refusal {error}.
 CLIENT_JS = """
 const video = element.querySelector('#live-video');
 const state = element.querySelector('#live-state');
 let connection = null;
-let painter = null;
+let microphone = null;
 function token() {
   const box = document.querySelector('#live-token textarea, #live-token input');
   return box ? box.value.trim() : '';
 }
-function blankPicture() {
-  const canvas = document.createElement('canvas');
-  canvas.width = 64; canvas.height = 64;
-  const context = canvas.getContext('2d');
-  painter = setInterval(() => { context.fillStyle = '#000'; context.fillRect(0, 0, 64, 64); }, 200);
-  return canvas.captureStream(5);
-}
-async function start() {
-  const id = token();
-  if (!id) { state.textContent = 'Prepare a face first.'; return; }
-  if (connection) { connection.close(); }
-  state.textContent = 'Connecting...';
-  const pc = new RTCPeerConnection({iceServers: []});
-  connection = pc;
-  // The voice as it is: echo cancelling, noise suppression and gain control reshape its loudness.
-  const microphone = await navigator.mediaDevices.getUserMedia({
-    audio: {echoCancellation: false, noiseSuppression: false, autoGainControl: false}});
-  microphone.getTracks().forEach(track => pc.addTrack(track, microphone));
-  const blank = blankPicture();
-  blank.getVideoTracks().forEach(track => pc.addTrack(track, blank));
-  pc.createDataChannel('text');
-  const remote = new MediaStream();
-  pc.ontrack = event => { remote.addTrack(event.track); video.srcObject = remote; video.play().catch(() => {}); };
-  pc.onconnectionstatechange = () => { state.textContent = 'Connection: ' + pc.connectionState; };
-  await pc.setLocalDescription(await pc.createOffer());
-  await new Promise(resolve => {
+function gathered(pc) {
+  return new Promise(resolve => {
     if (pc.iceGatheringState === 'complete') { resolve(); return; }
     pc.addEventListener('icegatheringstatechange', () => { if (pc.iceGatheringState === 'complete') resolve(); });
     setTimeout(resolve, 3000);
   });
+}
+async function start() {
+  const id = token();
+  if (!id) { state.textContent = 'Prepare a face first.'; return; }
+  stop();
+  state.textContent = 'Connecting...';
+  const pc = new RTCPeerConnection({iceServers: []});
+  connection = pc;
+  // The voice as it is: echo cancelling, noise suppression and gain control reshape its loudness.
+  microphone = await navigator.mediaDevices.getUserMedia({
+    audio: {echoCancellation: false, noiseSuppression: false, autoGainControl: false}});
+  microphone.getTracks().forEach(track => pc.addTrack(track, microphone));  // the face's voice comes back on it
+  pc.addTransceiver('video', {direction: 'recvonly'});
+  const remote = new MediaStream();
+  pc.ontrack = event => { remote.addTrack(event.track); video.srcObject = remote; video.play().catch(() => {}); };
+  pc.onconnectionstatechange = () => { state.textContent = 'Connection: ' + pc.connectionState; };
+  await pc.setLocalDescription(await pc.createOffer());
+  await gathered(pc);
   const base = window.location.pathname.replace(/\\/$/, '');
   const response = await fetch(base + '""" + OFFER_PATH + """/webrtc/offer', {
     method: 'POST', headers: {'Content-Type': 'application/json'},
-    body: JSON.stringify({sdp: pc.localDescription.sdp, type: pc.localDescription.type, webrtc_id: id}),
+    body: JSON.stringify({sdp: pc.localDescription.sdp, type: pc.localDescription.type, token: id}),
   });
   const answer = await response.json();
-  if (answer.status === 'failed') { state.textContent = 'Refused: ' + JSON.stringify(answer.meta); pc.close(); return; }
+  if (!response.ok) { stop(); state.textContent = 'Refused: ' + answer.error; return; }
   await pc.setRemoteDescription(answer);
 }
 function stop() {
   if (connection) { connection.close(); connection = null; }
-  if (painter) { clearInterval(painter); painter = null; }
+  if (microphone) { microphone.getTracks().forEach(track => track.stop()); microphone = null; }
   state.textContent = 'Not connected.';
 }
+window.addEventListener('pagehide', stop);  // the server hears the close at once, not after ICE times out
 element.querySelector('#live-start').addEventListener('click', () => start().catch(error => {
   state.textContent = 'Could not start: ' + error;
 }));
@@ -194,10 +189,13 @@ def build_live_page(services, registry: LiveRegistry, default_video: str | None 
 
 
 def launch_with_live(demo, registry: LiveRegistry, **launch_args):
-    """``demo.launch`` with fastrtc's offer route on the same server; blocks unless ``prevent_thread_lock``."""
+    """``demo.launch`` with the WebRTC routes on the same server, whose connections close when it stops;
+    blocks unless ``prevent_thread_lock``."""
     block = not launch_args.pop("prevent_thread_lock", False)
-    result = demo.launch(prevent_thread_lock=True, **launch_args)
-    mount(demo.app, registry)
+    connections = LiveConnections(registry)
+    app_kwargs = {**launch_args.pop("app_kwargs", {}), "lifespan": connections.lifespan}
+    result = demo.launch(prevent_thread_lock=True, app_kwargs=app_kwargs, **launch_args)
+    connections.mount(demo.app)
     if block:
         demo.block_thread()
     return result

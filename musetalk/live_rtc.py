@@ -1,20 +1,27 @@
 """Live sessions over WebRTC: the browser's microphone in, the face's picture and voice out.
 
-The transport is fastrtc's server side (``fastrtc.Stream``, aiortc under it), behind a route on
-the app's own web server, ``/live/webrtc/offer`` (fastrtc loads at the first offer). fastrtc's Gradio component is not used: its
-front end is built for Gradio 5 and does not load in Gradio 6 (the page stops at "Loading...":
-``Cannot destructure property 'SvelteComponent' of window.__gradio__svelte__internal``), so the
-page (``musetalk.live_page``) carries a small WebRTC client of its own that speaks fastrtc's offer
-protocol.
+The transport is aiortc, behind a route on the app's own web server: the page
+(``musetalk.live_page``) posts its SDP offer, ``{sdp, type, token}``, to ``POST /live/webrtc/offer``
+and gets the answer, ``{sdp, type}``; a refused offer gets a 4xx with ``{error}`` saying why.
+Each page has one peer connection (``musetalk.live_peer``, loaded at the first offer): its
+microphone, resampled to 16 kHz mono, goes into the token's ``LiveSession``; the session's frames
+come back as a video track and their audio as an audio track, together. When the connection
+closes (the page closes it as it goes away) or fails (a page that vanished without closing: ICE's
+consent checks give up after about 30 s), the session is closed; when the server stops, every
+connection is closed. ``GET /live/webrtc/status`` says what the server holds.
 
 A page first asks for a face (``LiveRegistry.prepare``: the avatar is prepared and cached) and
-gets a token; its WebRTC connection uses the token as its id, and the handler opens a
-``LiveSession`` for it. Text is spoken into the same session through ``LiveRegistry.say``, and
-``start_recording`` / ``stop_recording`` save what the face did as an mp4.
+gets a token; its offer carries the token, and the connection opens a ``LiveSession`` for it.
+Text is spoken into the same session through ``LiveRegistry.say``, and ``start_recording`` /
+``stop_recording`` save what the face did as an mp4.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib
+import json
 import logging
 import os
 import secrets
@@ -25,18 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from musetalk.config import RunOptions
-from musetalk.errors import InputError, LiveError
+from musetalk.errors import InputError, LiveError, MuseTalkError
 from musetalk.live import SAMPLE_RATE, LiveRecorder, LiveSession
 
 logger = logging.getLogger(__name__)
 
-OFFER_PATH = "/live"  # the fastrtc routes live under this prefix: POST /live/webrtc/offer
+OFFER_PATH = "/live"  # the WebRTC routes live under this prefix: POST /live/webrtc/offer
 MAX_SESSIONS = 4  # faces prepared and waiting or connected at once; the oldest idle one goes first
 IDLE_SECONDS = 1800  # a prepared face nobody connected to for this long is forgotten
-VIDEO_FPS = 25  # what the WebRTC video track is paced at (a face at another rate is resampled by the clock)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class LiveEntry:
     microphone: bool = True  # the microphone's audio is spoken (False: only typed text is)
     session: LiveSession | None = None
     recorder: LiveRecorder | None = None
+    disconnect: Callable[[], None] | None = None  # closes its WebRTC connection (set while one is open)
     created: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -79,8 +84,7 @@ class LiveRegistry:
         while len(self._entries) >= MAX_SESSIONS:
             token, entry = self._entries.popitem(last=False)
             logger.info("live: too many faces at once; closing the oldest (%s)", token[:6])
-            if entry.session is not None:
-                entry.session.stop()
+            _end(entry)
 
     def entry(self, token: str) -> LiveEntry:
         with self._lock:
@@ -137,118 +141,179 @@ class LiveRegistry:
     def close(self, token: str) -> None:
         with self._lock:
             entry = self._entries.pop(token, None)
-        if entry is None:
-            return
-        if entry.recorder is not None:
-            entry.recorder.finish()
-        if entry.session is not None:
-            entry.session.stop()
+        if entry is not None:
+            _end(entry)
 
     def close_all(self) -> None:
         for token in list(self._entries):
             self.close(token)
 
+    def connected(self) -> int:
+        """How many faces have a session open."""
+        with self._lock:
+            return sum(entry.session is not None for entry in self._entries.values())
+
+
+def _end(entry: LiveEntry) -> None:
+    """Save its recording, close its connection, stop its session."""
+    if entry.recorder is not None:
+        try:
+            entry.recorder.finish()
+        except LiveError as error:  # an empty recording: nothing to keep
+            logger.info("live: %s", error)
+    if entry.disconnect is not None:
+        entry.disconnect()
+    if entry.session is not None:
+        entry.session.stop()
+
+
+
 
 def available() -> tuple[bool, str]:
-    """(True, "") when fastrtc and aiortc are installed; else (False, what to install)."""
+    """(True, "") when aiortc and PyAV are installed; else (False, what to install)."""
     import importlib.util
 
-    missing = [name for name in ("fastrtc", "aiortc") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("aiortc", "av") if importlib.util.find_spec(name) is None]
     if not missing:
         return True, ""
-    return False, (f"{' and '.join(missing)} not installed: pip install 'musetalk-studio[live]' and then "
-                   "pip install --no-deps fastrtc (it declares gradio<6, but its server side works with Gradio 6)")
+    return False, f"{' and '.join(missing)} not installed: pip install 'musetalk-studio[live]'"
 
 
-def mount(app, registry: LiveRegistry, path: str = OFFER_PATH) -> None:
-    """Add the WebRTC offer route for ``registry``'s faces to a FastAPI app (``POST {path}/webrtc/offer``).
+class OfferRefused(MuseTalkError):
+    """An offer the server will not answer; ``status`` is the HTTP status that says why."""
 
-    fastrtc (and aiortc, PyAV, librosa under it) loads at the first offer, not with the app: it takes
-    seconds to import, and a process that imported it was seen to grow about 0.5 GB more during
-    concurrent dubs (tests/test_load.py), so a studio nobody uses live from never loads it."""
-    import asyncio
-
-    from starlette.responses import JSONResponse, Response
-
-    streams: list = []
-    lock = threading.Lock()
-
-    def stream():
-        with lock:
-            if not streams:
-                from fastrtc import Stream
-
-                streams.append(Stream(handler_for(registry), modality="audio-video", mode="send-receive",
-                                      concurrency_limit=MAX_SESSIONS, verbose=False))
-            return streams[0]
-
-    async def offer(request):
-        from fastrtc.stream import Body
-
-        body = Body(**await request.json())
-        answer = await (await asyncio.to_thread(stream)).offer(body)
-        return answer if isinstance(answer, Response) else JSONResponse(answer)
-
-    # A plain Starlette route: the request as it came (fastrtc parses the body itself).
-    app.add_route(f"{path}/webrtc/offer", offer, methods=["POST"])
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
-def handler_for(registry: LiveRegistry):
-    """A fastrtc audio-video handler serving ``registry``'s faces (fastrtc loads here, not at import)."""
-    import asyncio
+class LiveConnections:
+    """The WebRTC side of a registry's faces: one peer connection per token, on the server's event loop.
 
-    from fastrtc import AsyncAudioVideoStreamHandler, get_current_context
+    aiortc (``musetalk.live_peer``) loads at the first offer, not with the app: it takes seconds to
+    import, so a studio nobody uses live from never loads it."""
 
-    class LiveFaceHandler(AsyncAudioVideoStreamHandler):
-        """One connection: its microphone into the session, the session's frames and audio out."""
+    def __init__(self, registry: LiveRegistry):
+        self.registry = registry
+        self._peers: dict = {}  # token -> LivePeer; touched only on the event loop
 
-        def __init__(self):
-            super().__init__(expected_layout="mono", output_sample_rate=16000, input_sample_rate=16000,
-                             fps=VIDEO_FPS)
-            self.token: str | None = None
-            self.session: LiveSession | None = None
-            self.sound: asyncio.Queue = asyncio.Queue(maxsize=VIDEO_FPS * 2)  # the frames' audio, for emit()
+    def mount(self, app, path: str = OFFER_PATH) -> None:
+        """Add ``POST {path}/webrtc/offer`` and ``GET {path}/webrtc/status`` to a FastAPI/Starlette app."""
+        app.add_route(f"{path}/webrtc/offer", self.offer_route, methods=["POST"])
+        app.add_route(f"{path}/webrtc/status", self.status_route, methods=["GET"])
 
-        def copy(self):
-            return LiveFaceHandler()
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        """The app's lifespan: when the server stops, every connection closes (and its session)."""
+        yield
+        await self.close_all()
 
-        async def start_up(self):
-            self.token = get_current_context().webrtc_id
-            try:
-                self.session = await asyncio.to_thread(registry.open, self.token)
-            except InputError as error:
-                logger.warning("live: %s", error)
+    async def offer_route(self, request):
+        from starlette.responses import JSONResponse
 
-        async def receive(self, frame) -> None:
-            if self.session is None or not registry.entry(self.token).microphone:
-                return
-            _, samples = frame
-            await asyncio.to_thread(self.session.push_audio, np.asarray(samples).reshape(-1), 1.0)
+        try:
+            answer = await self.answer(await request.body())
+        except OfferRefused as error:
+            logger.warning("live: offer refused (%d): %s", error.status, error)
+            return JSONResponse({"error": str(error)}, status_code=error.status)
+        return JSONResponse(answer)
 
-        async def emit(self):
-            samples = await self.sound.get()
-            return 16000, (np.clip(samples, -1, 1) * 32767).astype(np.int16).reshape(1, -1)
+    async def status_route(self, request):
+        from starlette.responses import JSONResponse
 
-        async def video_receive(self, frame) -> None:
-            return None  # the page sends a blank picture only because the protocol wants one
+        return JSONResponse(self.status())
 
-        async def video_emit(self):
-            if self.session is None:
-                await asyncio.sleep(1 / VIDEO_FPS)
-                return np.zeros((64, 64, 3), np.uint8)
-            frame = await asyncio.to_thread(self.session.pull, 1.0)
-            if frame is None:
-                return None
-            if self.sound.full():
-                self.sound.get_nowait()  # a listener that stopped taking sound does not hold frames back
-            self.sound.put_nowait(frame.audio)
-            entry = registry.entry(self.token)
-            if entry.recorder is not None:
-                entry.recorder.add(frame)
-            return np.ascontiguousarray(frame.image[:, :, ::-1])  # fastrtc sends BGR
+    async def answer(self, body: bytes) -> dict:
+        """The SDP answer ``{sdp, type}`` to an offer ``{sdp, type, token}`` (OfferRefused says why not)."""
+        sdp, kind, token = _read_offer(body)
+        try:
+            entry = self.registry.entry(token)
+        except InputError as error:
+            raise OfferRefused(404, str(error)) from error
+        if token not in self._peers and len(self._peers) >= MAX_SESSIONS:
+            raise OfferRefused(503, f"this server already has {MAX_SESSIONS} live connections; "
+                                    "close another live page and press Start again")
+        live_peer = await asyncio.to_thread(importlib.import_module, "musetalk.live_peer")
+        peer = live_peer.LivePeer(token, entry, self._closed)
+        try:
+            await peer.take_offer(sdp, kind)
+            replaced = self._peers.pop(token, None)
+            if replaced is not None:  # the page pressed Start again: the new connection takes over the session
+                await replaced.close()
+            description = await peer.answer(await self._open(token))
+        except InputError as error:
+            await peer.close()
+            raise OfferRefused(400, str(error)) from error
+        except BaseException:
+            await peer.close()
+            raise
+        self._peers[token] = peer
+        entry.disconnect = _on_loop(peer.close)
+        logger.info("live: connected (%s); %d connection(s)", token[:6], len(self._peers))
+        return {"sdp": description.sdp, "type": description.type}
 
-        def shutdown(self) -> None:
-            if self.token is not None:
-                registry.close(self.token)
+    async def _open(self, token: str) -> LiveSession:
+        try:
+            return await asyncio.to_thread(self.registry.open, token)
+        except InputError as error:
+            raise OfferRefused(404, str(error)) from error
+        except MuseTalkError as error:
+            raise OfferRefused(500, f"the live face could not start: {error}") from error
 
-    return LiveFaceHandler()
+    async def _closed(self, peer) -> None:
+        """A connection closed or failed (the page went away): its session goes too, unless it was replaced."""
+        if self._peers.get(peer.token) is not peer:
+            return
+        del self._peers[peer.token]
+        logger.info("live: disconnected (%s); %d connection(s)", peer.token[:6], len(self._peers))
+        await asyncio.to_thread(self.registry.close, peer.token)
+
+    async def close_all(self) -> None:
+        peers = list(self._peers.values())
+        if peers:
+            logger.info("live: closing %d connection(s)", len(peers))
+        await asyncio.gather(*(peer.close() for peer in peers), return_exceptions=True)
+
+    def status(self) -> dict:
+        """What the server holds: connections, open sessions, their asyncio tasks and threads."""
+        return {"connections": len(self._peers), "sessions": self.registry.connected(),
+                "webrtc_tasks": len(_webrtc_tasks()), "threads": sorted(t.name for t in threading.enumerate())}
+
+
+def _read_offer(body: bytes) -> tuple[str, str, str]:
+    """(sdp, type, token) from the page's JSON, or OfferRefused(400) naming what is wrong."""
+    try:
+        offer = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise OfferRefused(400, f"the offer is not JSON ({error}); send {{sdp, type, token}}") from error
+    if not isinstance(offer, dict):
+        raise OfferRefused(400, "the offer must be a JSON object {sdp, type, token}")
+    missing = [key for key in ("sdp", "type", "token") if not isinstance(offer.get(key), str) or not offer[key]]
+    if missing:
+        raise OfferRefused(400, f"the offer lacks {', '.join(missing)}; send {{sdp, type, token}} "
+                                "(the token comes from preparing the face)")
+    if offer["type"] != "offer":
+        raise OfferRefused(400, f"the offer's type is {offer['type']!r}; it must be 'offer'")
+    return offer["sdp"], offer["type"], offer["token"]
+
+
+def _on_loop(close: Callable[[], object]) -> Callable[[], None]:
+    """``close`` made callable from any thread: it runs on the current event loop."""
+    loop = asyncio.get_running_loop()
+
+    def call() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has stopped: its connections are gone with it
+            loop.call_soon_threadsafe(close)
+
+    return call
+
+
+def _webrtc_tasks() -> list[asyncio.Task]:
+    """The running loop's tasks that serve WebRTC (aiortc's, aioice's, and the peers' own)."""
+    def serves_webrtc(task: asyncio.Task) -> bool:
+        code = getattr(task.get_coro(), "cr_code", None)
+        filename = code.co_filename if code is not None else ""
+        return any(part in filename for part in ("/aiortc/", "/aioice/", "live_peer.py"))
+
+    return [task for task in asyncio.all_tasks() if not task.done() and serves_webrtc(task)]
+

@@ -10,11 +10,13 @@ is the same page, checked here through its API.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -126,15 +128,14 @@ def best_alignment(opening: np.ndarray, speech_mask: np.ndarray) -> tuple[float,
     return best
 
 
-@pytest.fixture(scope="module")
-def live_server(face_clip, tmp_path_factory):
-    """``musetalk live --video <face> --engine preview`` in its own process; yields its URL."""
+@contextlib.contextmanager
+def running_live_server(face_clip: Path, log: Path, *options: str):
+    """``musetalk [options] live --video <face> --engine preview`` in its own process; yields (URL, process)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("live-server") / "server.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "wb") as output:
-        server = subprocess.Popen([sys.executable, "-m", "musetalk", "live", "--video", str(face_clip), "--engine",
-                                   "preview", "--port", str(port)], cwd=ROOT, env=env, stdout=output,
+        server = subprocess.Popen([sys.executable, "-m", "musetalk", *options, "live", "--video", str(face_clip),
+                                   "--engine", "preview", "--port", str(port)], cwd=ROOT, env=env, stdout=output,
                                   stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -147,10 +148,17 @@ def live_server(face_clip, tmp_path_factory):
             except OSError:
                 assert time.monotonic() < deadline, f"musetalk live did not answer: {log.read_text()[-2000:]}"
                 time.sleep(0.5)
-        yield url
+        yield url, server
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.fixture(scope="module")
+def live_server(face_clip, tmp_path_factory):
+    """The live page's server for this module's tests; yields its URL."""
+    with running_live_server(face_clip, tmp_path_factory.mktemp("live-server") / "server.log") as (url, _):
+        yield url
 
 
 def test_the_studio_has_the_live_tab_and_its_api(services, face_clip, monkeypatch):  # noqa: F811
@@ -163,7 +171,7 @@ def test_the_studio_has_the_live_tab_and_its_api(services, face_clip, monkeypatc
         assert len(token) == 24 and status.startswith("The face is ready (preview engine)")
         with pytest.raises(Exception, match="not connected yet"):
             client.predict(token, "Hello.", "espeak", "", api_name="/live_say")
-        assert "fastrtc" not in sys.modules, "the WebRTC stack loads at the first connection, not with the app"
+        assert "aiortc" not in sys.modules, "the WebRTC stack loads at the first connection, not with the app"
 
 
 @needs_chromium
@@ -231,3 +239,96 @@ def test_the_face_answers_the_microphone_text_and_the_api_over_webrtc(live_serve
     shutil.copy(recording, Path(keep_screenshot(driver, "live-after.png")).with_name("live-recording.mp4"))
 
     driver.find_element(By.ID, "live-stop").click()
+
+
+def server_status(url: str) -> dict:
+    import json
+
+    with urllib.request.urlopen(url + "live/webrtc/status", timeout=5) as response:
+        return json.load(response)
+
+
+def post_offer(url: str, body: bytes) -> tuple[int, dict]:
+    import json
+
+    request = urllib.request.Request(url + "live/webrtc/offer", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+# Threads that come and stay as the server works, idle between uses: thread pools' workers.
+POOL_THREADS = ("asyncio_", "AnyIO worker thread", "ThreadPoolExecutor")
+
+
+@needs_chromium
+def test_closing_the_page_ends_its_connection_and_session(live_server, live_browser):
+    from selenium.webdriver.common.by import By
+
+    driver = live_browser
+    driver.get(live_server)
+    token_box = "#live-token textarea, #live-token input"
+    wait_for(driver, lambda d: d.execute_script(f"return document.querySelector('{token_box}')?.value"),
+             WAIT_FOR_PAGE, "the face prepared")
+    before = server_status(live_server)
+    driver.find_element(By.ID, "live-start").click()
+    wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
+             WAIT_FOR_PAGE, "the face over WebRTC")
+    during = server_status(live_server)
+    assert during["connections"] == 1 and during["sessions"] == 1 and during["webrtc_tasks"] > 0
+    assert "live" in during["threads"], "the session's generation thread runs"
+
+    driver.get("about:blank")  # the page goes away without pressing Stop
+    deadline = time.monotonic() + 5.0
+    while (after := server_status(live_server))["connections"] or after["sessions"] or after["webrtc_tasks"]:
+        assert time.monotonic() < deadline, f"the server still holds the closed page's connection: {after}"
+        time.sleep(0.2)
+    left = [name for name in after["threads"] if not name.startswith(POOL_THREADS)]
+    kept = [name for name in before["threads"] if not name.startswith(POOL_THREADS)]
+    assert sorted(left) == sorted(kept), "no thread of the connection or its session is left"
+
+
+def test_a_bad_offer_is_refused_with_a_reason(live_server, face_clip):
+    import json
+
+    from gradio_client import Client, handle_file
+
+    status, answer = post_offer(live_server, b"not json")
+    assert status == 400 and "not JSON" in answer["error"]
+    status, answer = post_offer(live_server, json.dumps({"type": "offer", "token": "abc"}).encode())
+    assert status == 400 and "lacks sdp" in answer["error"]
+    status, answer = post_offer(live_server, json.dumps({"sdp": "v=0", "type": "offer", "token": "abc"}).encode())
+    assert status == 404 and "no longer prepared" in answer["error"]
+
+    # A real token with an SDP that is not a browser's offer: refused, and no session is left open.
+    client = Client(live_server, verbose=False)
+    token, _ = client.predict(handle_file(str(face_clip)), "preview", api_name="/live_prepare")
+    status, answer = post_offer(live_server, json.dumps({"sdp": "garbage", "type": "offer", "token": token}).encode())
+    assert status == 400 and "audio and a video" in answer["error"]
+    status, answer = post_offer(live_server, json.dumps({"sdp": "x", "type": "answer", "token": token}).encode())
+    assert status == 400 and "must be 'offer'" in answer["error"]
+    assert server_status(live_server)["sessions"] == 0
+
+
+@needs_chromium
+def test_stopping_the_server_closes_its_connections(face_clip, live_browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    log = tmp_path / "server.log"
+    with running_live_server(face_clip, log, "--verbose") as (url, server):
+        driver = live_browser
+        driver.get(url)
+        token_box = "#live-token textarea, #live-token input"
+        wait_for(driver, lambda d: d.execute_script(f"return document.querySelector('{token_box}')?.value"),
+                 WAIT_FOR_PAGE, "the face prepared")
+        driver.find_element(By.ID, "live-start").click()
+        wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
+                 WAIT_FOR_PAGE, "the face over WebRTC")
+        server.terminate()  # SIGTERM, as `docker stop` or a supervisor sends it
+        server.wait(30)
+    text = log.read_text()
+    assert "live: closing 1 connection(s)" in text and "live: disconnected" in text, text[-3000:]
+    driver.get("about:blank")

@@ -178,6 +178,23 @@ def test_the_studio_has_the_live_tab_and_its_api(services, face_clip, monkeypatc
         assert "aiortc" not in sys.modules, "the WebRTC stack loads at the first connection, not with the app"
 
 
+def test_the_studio_gives_its_live_tab_the_configured_ice_servers(tmp_path, monkeypatch):
+    from musetalk.studio import Studio, StudioConfig
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    servers = '[{"urls": "turn:turn.example.com:3478", "username": "live", "credential": "%s"}]' % CREDENTIAL
+    config = StudioConfig.from_env({"MUSETALK_ICE_SERVERS": servers, "MUSETALK_ICE_RELAY_ONLY": "1"},
+                                   work_dir=str(tmp_path), device="cpu")
+    studio = Studio(config)
+    try:
+        with launched_app(studio) as url:
+            assert get_json(url + "live/webrtc/config") == {
+                "iceServers": [{"urls": ["turn:turn.example.com:3478"], "username": "live", "credential": CREDENTIAL}],
+                "iceTransportPolicy": "relay"}
+    finally:
+        studio.close()
+
+
 @needs_chromium
 def test_the_face_answers_the_microphone_text_and_the_api_over_webrtc(live_server, live_browser, microphone_wav):
     from gradio_client import Client

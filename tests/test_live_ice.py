@@ -146,3 +146,15 @@ print(json.dumps(live_peer.rtc_configuration(live_ice.IceSettings()).iceServers)
     assert json.loads(used) == {"servers": [[["turn:turn.example.com:3478"], "live", "s3cret-Word"]],
                                 "policy": "relay"}
     assert json.loads(empty) == [], "no servers is an empty list: None would make aiortc ask Google's STUN server"
+
+
+def test_the_readmes_examples_are_accepted():
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("### STUN and TURN"):text.index("## Text to dubbing")]
+    command = shlex.split(block[block.index("musetalk live --video"):].split("\n```")[0].replace("\\\n", " "))
+    servers = parse_ice_servers(command[command.index("--ice-servers") + 1], "--ice-servers")
+    assert servers[0].is_turn and servers[0].username == "USER"
+    variable = block[block.index("MUSETALK_ICE_SERVERS="):].split()[0].split("=", 1)[1]
+    assert parse_ice_servers(variable) == (IceServer(("stun:stun.example.com:3478",)),)

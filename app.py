@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from musetalk import live_ice
 from musetalk import studio as studio_lib
 from musetalk.config import RunOptions
 from musetalk.errors import MuseTalkError
@@ -551,7 +552,8 @@ def serve(demo, services: Studio, host: str | None = None, port: int | None = No
         return demo.launch(**settings)
     from musetalk.live_page import launch_with_live
 
-    return launch_with_live(demo, services.live_registry, **settings)  # the Live tab's WebRTC route too
+    # The Live tab's WebRTC routes too, with the configured STUN/TURN servers.
+    return launch_with_live(demo, services.live_registry, services.config.ice_settings(), **settings)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -569,6 +571,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, help="longest video or speech")
     parser.add_argument("--queue-size", type=int, help="requests waiting beyond the one running")
     parser.add_argument("-v", "--verbose", action="store_true")
+    live_ice.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -582,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         config = StudioConfig.from_env(
             models_dir=args.models_dir, device=args.device, dtype=args.dtype, version=args.model_version,
             work_dir=args.work_dir, max_upload_mb=args.max_upload_mb, max_seconds=args.max_seconds,
-            queue_size=args.queue_size,
+            queue_size=args.queue_size, **live_ice.from_arguments(args),
         )
         services = Studio(config)
         atexit.register(services.close)

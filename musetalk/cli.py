@@ -17,7 +17,7 @@ import time
 
 from musetalk import __version__
 from musetalk.batching import CPU_BATCH
-from musetalk import stopping
+from musetalk import live_ice, stopping
 from musetalk.config import (LENGTH_MODES, LOOP_MODES, OVERSIZE_MODES, PARSING_MODES, RunOptions, option_names,
                              plan_batch)
 from musetalk.engines import ENGINES
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     live.add_argument("--port", type=int, default=7861, help="port (default 7861)")
     _add_model_arguments(live)
+    live_ice.add_arguments(live)
     live.set_defaults(handler=_live)
 
     cache = commands.add_parser("cache", help="show or clear the prepared-avatar cache")
@@ -546,15 +547,16 @@ def _live(args: argparse.Namespace) -> int:
     video = os.path.abspath(args.video)
     if not os.path.isfile(video):
         raise InputError(f"the face video {args.video} does not exist; check the path")
-    config = StudioConfig.from_env(models_dir=args.models_dir, device=args.device, dtype=args.dtype)
+    config = StudioConfig.from_env(models_dir=args.models_dir, device=args.device, dtype=args.dtype,
+                                   **live_ice.from_arguments(args))
     services = Studio(config)
     registry = LiveRegistry(services.work_dir / "live")
     try:
         demo = live_page.build_live_page(services, registry, video, engine=args.engine)
         demo.queue(default_concurrency_limit=2)
         _say(f"musetalk live: http://{args.host}:{args.port} (Ctrl-C stops)", stream=sys.stderr)
-        live_page.launch_with_live(demo, registry, server_name=args.host, server_port=args.port,
-                                   allowed_paths=[os.path.dirname(video)], quiet=True)
+        live_page.launch_with_live(demo, registry, config.ice_settings(), server_name=args.host,
+                                   server_port=args.port, allowed_paths=[os.path.dirname(video)], quiet=True)
     finally:
         registry.close_all()
         services.close()

@@ -5,8 +5,9 @@ UI code in the package because the command line serves it too; nothing here load
 (Gradio and the WebRTC stack load in the functions).
 
 The page's player is a small WebRTC client (``CLIENT_JS``): the microphone goes out, the face's
-picture and voice come back (``musetalk.live_rtc`` serves the other end), on loopback without any
-ICE server. Every event has an ``api_name``: ``live_prepare`` (a face,
+picture and voice come back (``musetalk.live_rtc`` serves the other end). Its STUN/TURN servers are
+the server's own (``musetalk.live_ice``), read from ``GET /live/webrtc/config`` at each Start; with
+none, as on loopback or a LAN, the two ends connect directly. Every event has an ``api_name``: ``live_prepare`` (a face,
 an engine -> a token), ``live_say`` (a token and text -> spoken into the connected face),
 ``live_microphone``, ``live_record`` and ``live_stop_recording`` (-> the mp4).
 """
@@ -17,6 +18,7 @@ import functools
 import logging
 
 from musetalk.errors import InputError, MuseTalkError
+from musetalk.live_ice import IceSettings
 from musetalk.live_rtc import OFFER_PATH, LiveConnections, LiveRegistry
 
 logger = logging.getLogger(__name__)
@@ -34,8 +36,9 @@ PLAYER_HTML = """
 </div>
 """
 
-# The WebRTC client: the offer, with its candidates (the server takes no trickled ones), is posted as
-# {sdp, type, token}; the answer is {sdp, type}, a refusal {error}.
+# The WebRTC client: made with the server's RTCConfiguration (its STUN/TURN servers); the offer, with
+# its candidates (the server takes no trickled ones), is posted as {sdp, type, token}; the answer is
+# {sdp, type}, a refusal {error}.
 CLIENT_JS = """
 const video = element.querySelector('#live-video');
 const state = element.querySelector('#live-state');
@@ -52,12 +55,21 @@ function gathered(pc) {
     setTimeout(resolve, 3000);
   });
 }
+function base() {
+  return window.location.pathname.replace(/\\/$/, '') + '""" + OFFER_PATH + """/webrtc';
+}
+async function configuration() {
+  // The server's STUN/TURN servers and policy, its TURN login too: the browser logs in to TURN itself.
+  const response = await fetch(base() + '/config', {cache: 'no-store'});
+  if (!response.ok) throw new Error('the WebRTC settings could not be read (HTTP ' + response.status + ')');
+  return response.json();
+}
 async function start() {
   const id = token();
   if (!id) { state.textContent = 'Prepare a face first.'; return; }
   stop();
   state.textContent = 'Connecting...';
-  const pc = new RTCPeerConnection({iceServers: []});
+  const pc = new RTCPeerConnection(await configuration());
   connection = pc;
   // The voice as it is: echo cancelling, noise suppression and gain control reshape its loudness.
   microphone = await navigator.mediaDevices.getUserMedia({
@@ -69,8 +81,7 @@ async function start() {
   pc.onconnectionstatechange = () => { state.textContent = 'Connection: ' + pc.connectionState; };
   await pc.setLocalDescription(await pc.createOffer());
   await gathered(pc);
-  const base = window.location.pathname.replace(/\\/$/, '');
-  const response = await fetch(base + '""" + OFFER_PATH + """/webrtc/offer', {
+  const response = await fetch(base() + '/offer', {
     method: 'POST', headers: {'Content-Type': 'application/json'},
     body: JSON.stringify({sdp: pc.localDescription.sdp, type: pc.localDescription.type, token: id}),
   });
@@ -188,11 +199,11 @@ def build_live_page(services, registry: LiveRegistry, default_video: str | None 
     return demo
 
 
-def launch_with_live(demo, registry: LiveRegistry, **launch_args):
-    """``demo.launch`` with the WebRTC routes on the same server, whose connections close when it stops;
-    blocks unless ``prevent_thread_lock``."""
+def launch_with_live(demo, registry: LiveRegistry, ice: IceSettings | None = None, **launch_args):
+    """``demo.launch`` with the WebRTC routes on the same server, whose connections close when it stops,
+    both ends using ``ice``'s STUN/TURN servers; blocks unless ``prevent_thread_lock``."""
     block = not launch_args.pop("prevent_thread_lock", False)
-    connections = LiveConnections(registry)
+    connections = LiveConnections(registry, ice)
     app_kwargs = {**launch_args.pop("app_kwargs", {}), "lifespan": connections.lifespan}
     result = demo.launch(prevent_thread_lock=True, app_kwargs=app_kwargs, **launch_args)
     connections.mount(demo.app)

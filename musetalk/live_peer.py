@@ -19,11 +19,13 @@ from collections.abc import Awaitable, Callable
 
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import (MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection,
+                    RTCSessionDescription, VideoStreamTrack)
 from aiortc.mediastreams import MediaStreamError
 
 from musetalk.errors import InputError, LiveError
 from musetalk.live import SAMPLE_RATE, LiveFrame, LiveSession
+from musetalk.live_ice import IceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +104,12 @@ class LivePeer:
     Two steps, so that a bad offer is refused before a session starts: ``take_offer`` reads the page's
     offer, ``answer`` connects it to the session and returns the SDP answer."""
 
-    def __init__(self, token: str, entry, on_closed: Callable[[LivePeer], Awaitable[None]]):
+    def __init__(self, token: str, entry, on_closed: Callable[[LivePeer], Awaitable[None]],
+                 ice: IceSettings | None = None):
         self.token = token
         self.entry = entry  # a LiveEntry: its microphone flag and recorder change while the connection runs
         self.session: LiveSession | None = None
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates: no STUN server to ask
+        self.pc = RTCPeerConnection(rtc_configuration(ice or IceSettings()))
         self.tasks: set[asyncio.Task] = set()
         self._incoming: list = []  # the page's tracks, read once the session is there
         self._on_closed = on_closed
@@ -184,6 +187,18 @@ class LivePeer:
                 logger.warning("live: the microphone's audio was dropped: %s", error)
                 if self.session.ended:
                     return
+
+
+def rtc_configuration(ice: IceSettings) -> RTCConfiguration:
+    """aiortc's configuration for ``ice``: the page's servers, the page's policy.
+
+    aiortc uses the first stun: URL and the first TURN URL it can (turn: over UDP or TCP, turns: over
+    TCP); the browser tries them all. An empty list, never None: with None aiortc asks Google's STUN
+    server, which a server should not do unasked."""
+    servers = [RTCIceServer(urls=list(server.urls), username=server.username, credential=server.credential)
+               for server in ice.servers]
+    policy = RTCIceTransportPolicy.RELAY if ice.relay_only else RTCIceTransportPolicy.ALL
+    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
 
 async def _drain(track) -> None:

@@ -8,7 +8,9 @@ microphone, resampled to 16 kHz mono, goes into the token's ``LiveSession``; the
 come back as a video track and their audio as an audio track, together. When the connection
 closes (the page closes it as it goes away) or fails (a page that vanished without closing: ICE's
 consent checks give up after about 30 s), the session is closed; when the server stops, every
-connection is closed. ``GET /live/webrtc/status`` says what the server holds.
+connection is closed. ``GET /live/webrtc/status`` says what the server holds, and
+``GET /live/webrtc/config`` gives the page the RTCConfiguration its client is made with: the same
+STUN/TURN servers as the server's connections use (``musetalk.live_ice``).
 
 A page first asks for a face (``LiveRegistry.prepare``: the avatar is prepared and cached) and
 gets a token; its offer carries the token, and the connection opens a ``LiveSession`` for it.
@@ -35,6 +37,7 @@ from pathlib import Path
 from musetalk.config import RunOptions
 from musetalk.errors import InputError, LiveError, MuseTalkError
 from musetalk.live import SAMPLE_RATE, LiveRecorder, LiveSession
+from musetalk.live_ice import IceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -193,14 +196,18 @@ class LiveConnections:
     aiortc (``musetalk.live_peer``) loads at the first offer, not with the app: it takes seconds to
     import, so a studio nobody uses live from never loads it."""
 
-    def __init__(self, registry: LiveRegistry):
+    def __init__(self, registry: LiveRegistry, ice: IceSettings | None = None):
         self.registry = registry
+        self.ice = ice or IceSettings()  # the STUN/TURN servers of both ends
         self._peers: dict = {}  # token -> LivePeer; touched only on the event loop
+        logger.info("live: ICE servers: %s", self.ice.describe())
 
     def mount(self, app, path: str = OFFER_PATH) -> None:
-        """Add ``POST {path}/webrtc/offer`` and ``GET {path}/webrtc/status`` to a FastAPI/Starlette app."""
+        """Add ``POST {path}/webrtc/offer`` and ``GET {path}/webrtc/status`` and ``/config`` to a
+        FastAPI/Starlette app."""
         app.add_route(f"{path}/webrtc/offer", self.offer_route, methods=["POST"])
         app.add_route(f"{path}/webrtc/status", self.status_route, methods=["GET"])
+        app.add_route(f"{path}/webrtc/config", self.config_route, methods=["GET"])
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -223,6 +230,13 @@ class LiveConnections:
 
         return JSONResponse(self.status())
 
+    async def config_route(self, request):
+        """The page's RTCConfiguration. It holds the TURN credentials, as it must: the browser logs in to
+        the TURN server itself; not cached, so a changed setting reaches the next Start."""
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(self.ice.browser_configuration(), headers={"Cache-Control": "no-store"})
+
     async def answer(self, body: bytes) -> dict:
         """The SDP answer ``{sdp, type}`` to an offer ``{sdp, type, token}`` (OfferRefused says why not)."""
         sdp, kind, token = _read_offer(body)
@@ -234,7 +248,7 @@ class LiveConnections:
             raise OfferRefused(503, f"this server already has {MAX_SESSIONS} live connections; "
                                     "close another live page and press Start again")
         live_peer = await asyncio.to_thread(importlib.import_module, "musetalk.live_peer")
-        peer = live_peer.LivePeer(token, entry, self._closed)
+        peer = live_peer.LivePeer(token, entry, self._closed, self.ice)
         try:
             await peer.take_offer(sdp, kind)
             replaced = self._peers.pop(token, None)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from musetalk import compare, metrics, video_io, weights
+from musetalk import compare, live_ice, metrics, video_io, weights
 from musetalk.config import RunOptions
 from musetalk.engines import ENGINES, MODEL_ENGINES
 from musetalk.errors import InputError, NoFaceError
@@ -46,6 +46,8 @@ ENVIRONMENT = {
     "max_text_chars": "MUSETALK_MAX_TEXT_CHARS",
     "queue_size": "MUSETALK_QUEUE_SIZE",
     "keep_minutes": "MUSETALK_KEEP_MINUTES",
+    "ice_servers": live_ice.SERVERS_VARIABLE,
+    "ice_relay_only": live_ice.RELAY_ONLY_VARIABLE,
 }
 # The preview looks this far into the video for a first frame with a face.
 PREVIEW_SEARCH_FRAMES = 50
@@ -104,6 +106,10 @@ class StudioConfig:
     queue_size: int = 16
     # Request folders older than this are removed (results stay downloadable this long).
     keep_minutes: float = 120.0
+    # The STUN and TURN servers of live connections, for the server and the page (musetalk.live_ice).
+    ice_servers: tuple[live_ice.IceServer, ...] = ()
+    # Live connections use relayed (TURN) candidates only: to test the TURN server.
+    ice_relay_only: bool = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> StudioConfig:
@@ -113,7 +119,7 @@ class StudioConfig:
         values = {}
         for name, variable in ENVIRONMENT.items():
             if environ.get(variable):
-                values[name] = _parse_setting(variable, environ[variable], getattr(defaults, name))
+                values[name] = _parse_setting(name, variable, environ[variable], getattr(defaults, name))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return dataclasses.replace(defaults, **values).validate()
 
@@ -123,10 +129,19 @@ class StudioConfig:
                 raise InputError(f"the studio setting {name} must be positive, not {getattr(self, name)!r}")
         if self.max_variants > compare.MAX_PANELS - 1:
             raise InputError(f"max_variants can be at most {compare.MAX_PANELS - 1} (one grid cell is the original)")
+        self.ice_settings()  # relay only without a TURN server is refused at start, not at the first connection
         return self
 
+    def ice_settings(self) -> live_ice.IceSettings:
+        """The ICE settings of live connections, both ends."""
+        return live_ice.IceSettings(self.ice_servers, self.ice_relay_only)
 
-def _parse_setting(variable: str, text: str, default):
+
+def _parse_setting(name: str, variable: str, text: str, default):
+    if name == "ice_servers":
+        return live_ice.parse_ice_servers(text, variable)
+    if isinstance(default, bool):  # bool("0") would be True
+        return live_ice.parse_switch(text, variable)
     try:
         return type(default)(text) if default is not None else text
     except ValueError:

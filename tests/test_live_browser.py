@@ -39,6 +39,8 @@ FPS = 25
 PATTERN = (("pause", 1.5), ("speech", 2.0), ("pause", 2.0), ("speech", 2.0), ("pause", 1.5))
 CAPTURE_S = 11.0  # a loop of the file and a bit
 
+TURNSERVER = shutil.which("turnserver")  # coturn's
+
 pytestmark = pytest.mark.skipif(not live_rtc.available()[0], reason=live_rtc.available()[1])
 needs_chromium = pytest.mark.skipif(
     not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
@@ -129,14 +131,16 @@ def best_alignment(opening: np.ndarray, speech_mask: np.ndarray) -> tuple[float,
 
 
 @contextlib.contextmanager
-def running_live_server(face_clip: Path, log: Path, *options: str):
-    """``musetalk [options] live --video <face> --engine preview`` in its own process; yields (URL, process)."""
+def running_live_server(face_clip: Path, log: Path, *options: str, live_options: tuple[str, ...] = (),
+                        environment: dict[str, str] | None = None):
+    """``musetalk [options] live --video <face> --engine preview [live_options]`` in its own process, with
+    ``environment`` added to this one's; yields (URL, process)."""
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(environment or {})}
     with open(log, "wb") as output:
         server = subprocess.Popen([sys.executable, "-m", "musetalk", *options, "live", "--video", str(face_clip),
-                                   "--engine", "preview", "--port", str(port)], cwd=ROOT, env=env, stdout=output,
-                                  stderr=subprocess.STDOUT)
+                                   "--engine", "preview", "--port", str(port), *live_options], cwd=ROOT, env=env,
+                                  stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + WAIT_FOR_PAGE
@@ -172,6 +176,23 @@ def test_the_studio_has_the_live_tab_and_its_api(services, face_clip, monkeypatc
         with pytest.raises(Exception, match="not connected yet"):
             client.predict(token, "Hello.", "espeak", "", api_name="/live_say")
         assert "aiortc" not in sys.modules, "the WebRTC stack loads at the first connection, not with the app"
+
+
+def test_the_studio_gives_its_live_tab_the_configured_ice_servers(tmp_path, monkeypatch):
+    from musetalk.studio import Studio, StudioConfig
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    servers = '[{"urls": "turn:turn.example.com:3478", "username": "live", "credential": "%s"}]' % CREDENTIAL
+    config = StudioConfig.from_env({"MUSETALK_ICE_SERVERS": servers, "MUSETALK_ICE_RELAY_ONLY": "1"},
+                                   work_dir=str(tmp_path), device="cpu")
+    studio = Studio(config)
+    try:
+        with launched_app(studio) as url:
+            assert get_json(url + "live/webrtc/config") == {
+                "iceServers": [{"urls": ["turn:turn.example.com:3478"], "username": "live", "credential": CREDENTIAL}],
+                "iceTransportPolicy": "relay"}
+    finally:
+        studio.close()
 
 
 @needs_chromium
@@ -332,3 +353,205 @@ def test_stopping_the_server_closes_its_connections(face_clip, live_browser, tmp
     text = log.read_text()
     assert "live: closing 1 connection(s)" in text and "live: disconnected" in text, text[-3000:]
     driver.get("about:blank")
+
+
+# --------------------------------------------------------------------------- STUN and TURN servers
+
+CREDENTIAL = "not-in-any-log-7f3a"  # the TURN servers' password in these tests: the server must not log it
+
+# Before the page's own scripts: every RTCPeerConnection the page makes is kept in window.livePeers, so
+# the test can ask it what configuration it was made with and which candidates it sent and got.
+RECORD_PEERS_JS = """
+(() => {
+  const Original = window.RTCPeerConnection;
+  if (!Original || Original.recorded) return;
+  window.livePeers = [];
+  function Recorded(configuration) { const pc = new Original(configuration); window.livePeers.push(pc); return pc; }
+  Recorded.prototype = Original.prototype;
+  Recorded.recorded = true;
+  window.RTCPeerConnection = Recorded;
+})();
+"""
+STUN_COOKIE = bytes.fromhex("2112a442")  # in every STUN message, TURN's too
+BINDING_REQUEST, ALLOCATE_REQUEST = 0x0001, 0x0003
+
+
+class SilentIceServer:
+    """A UDP port on loopback that hears STUN and TURN requests and never answers: a server that is down."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.settimeout(0.2)
+        self.port = self.socket.getsockname()[1]
+        self.heard: list[tuple[tuple[str, int], int]] = []  # (sender, STUN message type)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="silent-ice", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, sender = self.socket.recvfrom(2048)
+            except OSError:
+                continue
+            if len(data) >= 20 and data[4:8] == STUN_COOKIE:
+                self.heard.append((sender, int.from_bytes(data[:2], "big")))
+
+    def senders(self, message_type: int) -> set[tuple[str, int]]:
+        return {sender for sender, kind in self.heard if kind == message_type}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.socket.close()
+
+
+def candidates(sdp: str, kind: str) -> set[tuple[str, int]]:
+    """The (address, port) of the SDP's UDP candidates of ``kind`` (host, srflx, relay)."""
+    found = set()
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            fields = line.split()
+            if fields[2].lower() == "udp" and fields[fields.index("typ") + 1] == kind:
+                found.add((fields[4], int(fields[5])))
+    return found
+
+
+def get_json(url: str) -> dict:
+    import json
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
+@contextlib.contextmanager
+def recorded_peers(driver):
+    """While inside, the pages the driver opens keep their peer connections in window.livePeers."""
+    script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_PEERS_JS})
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+
+
+def connect_page(driver, url: str) -> dict:
+    """Open the live page, let it prepare its face, press Start and wait for the face; returns what the
+    page's peer connection holds: its configuration, its offer's SDP and the server's answer's."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    token_box = "#live-token textarea, #live-token input"
+    wait_for(driver, lambda d: d.execute_script(f"return document.querySelector('{token_box}')?.value"),
+             WAIT_FOR_PAGE, "the face prepared")
+    driver.find_element(By.ID, "live-start").click()
+    wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
+             WAIT_FOR_PAGE, "the face over WebRTC")
+    return driver.execute_script("""
+        const pc = window.livePeers[window.livePeers.length - 1];
+        return {configuration: pc.getConfiguration(), offer: pc.localDescription.sdp,
+                answer: pc.remoteDescription.sdp, state: pc.connectionState};""")
+
+
+@needs_chromium
+def test_stun_and_turn_servers_that_do_not_answer_leave_a_lan_session_working(face_clip, live_browser, tmp_path):
+    """Both ends get the configured servers (the page's RTCPeerConnection is made with them, and both the
+    server and the browser send them requests), and with those servers down the direct (host) path
+    still connects: a bad or unreachable server does not break a session on a LAN."""
+    import json
+
+    silent = SilentIceServer()
+    servers = [{"urls": [f"stun:127.0.0.1:{silent.port}"]},
+               {"urls": [f"turn:127.0.0.1:{silent.port}"], "username": "live", "credential": CREDENTIAL}]
+    log = tmp_path / "server.log"
+    try:
+        with running_live_server(face_clip, log, "--verbose",
+                                 environment={"MUSETALK_ICE_SERVERS": json.dumps(servers)}) as (url, _):
+            config = get_json(url + "live/webrtc/config")
+            assert config == {"iceServers": servers, "iceTransportPolicy": "all"}
+            with recorded_peers(live_browser):
+                started = time.monotonic()
+                held = connect_page(live_browser, url)
+                took = time.monotonic() - started
+            frames = capture(live_browser, 2.0)
+            assert len(frames) > 2.0 * FPS * 0.8 and held["state"] == "connected", "the face streams"
+            assert server_status(url)["connections"] == 1
+            live_browser.get("about:blank")
+    finally:
+        silent.close()
+    used = held["configuration"]
+    as_chromium_says = [{"username": "", "credential": "", **server} for server in servers]  # it fills in ""
+    assert used["iceServers"] == as_chromium_says and used["iceTransportPolicy"] == "all", "the page's client has them"
+    # Each end asks the STUN server from its host candidates' sockets: who asked says which end had it.
+    server_hosts, browser_hosts = candidates(held["answer"], "host"), candidates(held["offer"], "host")
+    asked = silent.senders(BINDING_REQUEST)
+    assert asked & server_hosts, f"the server's aiortc asked the STUN server ({asked}, server {server_hosts})"
+    assert asked & browser_hosts, f"the browser asked the STUN server ({asked}, browser {browser_hosts})"
+    # TURN is asked from sockets of its own, at both ends: which end asked is not told apart here (the
+    # relay test below has both ends relay through a real TURN server).
+    assert silent.senders(ALLOCATE_REQUEST), "the TURN server was asked for a relay"
+    text = log.read_text()
+    assert f"live: ICE servers: stun:127.0.0.1:{silent.port}, turn:127.0.0.1:{silent.port}" in text, text[-3000:]
+    assert CREDENTIAL not in text, "the TURN credential is never logged"
+    print(f"connected in {took:.1f} s with the STUN and TURN servers down")
+
+
+@contextlib.contextmanager
+def running_turn_server(folder: Path, username: str, credential: str):
+    """coturn on 127.0.0.1 at a free port, relaying on loopback (which it refuses unless told: a TURN server
+    open to loopback peers reaches its own host's services); yields (port, its log)."""
+    import socket
+
+    port = free_port()
+    log = folder / "turnserver.log"
+    with open(log, "wb") as output:
+        turn = subprocess.Popen(
+            [TURNSERVER, "-n", "--no-cli", "--no-tls", "--no-dtls", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1",
+             f"--listening-port={port}", "--allow-loopback-peers", "--lt-cred-mech", f"--user={username}:{credential}",
+             "--realm=musetalk-test", f"--pidfile={folder / 'turnserver.pid'}", f"--userdb={folder / 'turndb'}",
+             "--log-file=stdout", "--simple-log", "--verbose"], stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # it listens on TCP and UDP at once: TCP says when it is up
+            assert turn.poll() is None, f"turnserver exited: {log.read_text()[-2000:]}"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline, f"turnserver did not start: {log.read_text()[-2000:]}"
+            time.sleep(0.2)
+        yield port, log
+    finally:
+        turn.terminate()
+        turn.wait(30)
+
+
+@needs_chromium
+@pytest.mark.skipif(TURNSERVER is None, reason="needs coturn's turnserver: apt-get install coturn")
+def test_relay_only_the_face_comes_through_a_turn_server(face_clip, live_browser, tmp_path):
+    """With --ice-relay-only both ends offer relayed candidates only, so the media goes through the TURN
+    server (coturn, logged in with the configured credential) or not at all: what a Space's Live tab needs."""
+    import json
+
+    with running_turn_server(tmp_path, "live", CREDENTIAL) as (turn_port, turn_log):
+        servers = [{"urls": [f"turn:127.0.0.1:{turn_port}?transport=udp"], "username": "live",
+                    "credential": CREDENTIAL}]
+        log = tmp_path / "server.log"
+        with running_live_server(face_clip, log, "--verbose",
+                                 live_options=("--ice-servers", json.dumps(servers), "--ice-relay-only")) as (url, _):
+            assert get_json(url + "live/webrtc/config") == {"iceServers": servers, "iceTransportPolicy": "relay"}
+            with recorded_peers(live_browser):
+                held = connect_page(live_browser, url)
+            frames = capture(live_browser, 2.0)
+            live_browser.get("about:blank")
+        turn_text = turn_log.read_text()
+    assert held["configuration"]["iceTransportPolicy"] == "relay"
+    assert len(frames) > 2.0 * FPS * 0.8 and held["state"] == "connected", "the face streams through the relay"
+    for end in ("offer", "answer"):  # the browser's and the server's (aiortc's)
+        assert not candidates(held[end], "host") and not candidates(held[end], "srflx"), f"the {end}: relay only"
+        relayed = candidates(held[end], "relay")
+        assert relayed and all(address == "127.0.0.1" for address, _ in relayed), f"the {end}'s relay: {relayed}"
+    assert turn_text.count("user <live>") >= 2 and "allocation" in turn_text.lower(), turn_text[-3000:]
+    text = log.read_text()
+    assert "(relay only)" in text and CREDENTIAL not in text, "relay only is logged, the credential is not"

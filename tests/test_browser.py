@@ -95,6 +95,21 @@ def element(driver, selector: str):
     return driver.find_element(By.CSS_SELECTOR, selector)
 
 
+def click(driver, selector: str) -> None:
+    """Click ``selector`` once nothing covers it: just after an upload the page is still laid out (the
+    video's player grows its row), and a click then lands on whatever is over the button for a moment."""
+    from selenium.common.exceptions import ElementClickInterceptedException
+
+    def clicked(d) -> bool:
+        try:
+            element(d, selector).click()
+            return True
+        except ElementClickInterceptedException:
+            return False
+
+    wait_for(driver, clicked, WAIT_FOR_PAGE, f"{selector} clickable")
+
+
 def page_text(driver) -> str:
     return element(driver, "body").text
 
@@ -125,7 +140,7 @@ def test_dub_from_text_in_the_browser(page, face_clip, tmp_path):
     # The name shows as "face" and ".mp4" in two elements (the stem may be cut short, never the suffix).
     wait_for(page, lambda d: face_clip.name in element(d, "#video-upload").text.replace("\n", ""), WAIT_FOR_PAGE,
              "the uploaded file's name")
-    element(page, "#generate-button").click()
+    click(page, "#generate-button")
     wait_for(page, lambda d: "give the new speech" in page_text(d), WAIT_FOR_PAGE, "the missing-speech message")
     assert "Traceback" not in page_text(page)
     element(page, ".toast-close").click()  # the message stays until closed
@@ -146,7 +161,7 @@ def test_dub_from_text_in_the_browser(page, face_clip, tmp_path):
     assert not measure.is_selected()
     element(page, "#preview-button").click()
     wait_for(page, lambda d: "the model sees the yellow box" in page_text(d), WAIT_FOR_PAGE, "the preview")
-    element(page, "#generate-button").click()
+    click(page, "#generate-button")
 
     result = wait_for(page, video_source("#result-video"), WAIT_FOR_DUB, "the dubbed video")
     side = wait_for(page, video_source("#side-by-side-video"), WAIT_FOR_PAGE, "the side-by-side video")
@@ -183,7 +198,7 @@ def test_a_longer_job_shows_its_progress_and_plays_before_it_ends(page):
              WAIT_FOR_PAGE, "the uploaded audio")
     page.find_element(By.XPATH, "//*[@id='engine']//label[starts-with(normalize-space(), 'Preview')]").click()
     streaming = element(page, "#stream-video").is_displayed() if page.find_elements(By.ID, "stream-video") else False
-    element(page, "#generate-button").click()
+    click(page, "#generate-button")
 
     seen, played_early, shot, deadline = [], False, None, time.monotonic() + WAIT_FOR_DUB
     while time.monotonic() < deadline:

@@ -147,7 +147,9 @@ def running_live_server(face_clip: Path, log: Path, *options: str, live_options:
         while True:
             assert server.poll() is None, f"musetalk live exited: {log.read_text()[-2000:]}"
             try:
-                urllib.request.urlopen(url, timeout=2)
+                # Our own route, not just any page: a port taken in the moment since free_port() (another
+                # server on a busy machine) must fail here, with this server's log, not later with a 404.
+                urllib.request.urlopen(url + "live/webrtc/status", timeout=2)
                 break
             except OSError:
                 assert time.monotonic() < deadline, f"musetalk live did not answer: {log.read_text()[-2000:]}"

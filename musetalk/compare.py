@@ -121,10 +121,10 @@ def side_by_side(original, dubbed, out_path, labels: tuple[str, str] = ("Origina
 
 # The side-by-side made while a dub is encoded is a view beside the dub, and its own encoding is most of
 # what it costs: x264's ultrafast encodes several times quicker than medium, for a bigger file (at the
-# same crf the picture looks the same). At x264's default crf (23, the dub keeps its own) ultrafast's
+# same crf the picture looks the same). At x264's default crf (23; the dub keeps its own) ultrafast's
 # file is a third smaller than at 20 and its encoding 6% cheaper (0.56 against 0.59 CPU-s for the 190
-# frames of the example); one encoder thread: the dub's threads already keep a small machine's cores
-# busy, and more threads of x264 beside them only take turns (docs/performance.md, bench_studio).
+# frames of the example). One encoder thread: 4 to 5% less CPU again, and no more threads than cores
+# beside the dub's, which keep a small machine's cores busy already (docs/performance.md, bench_studio).
 SIDE_BY_SIDE_PRESET = "ultrafast"
 SIDE_BY_SIDE_CRF = 23
 SIDE_BY_SIDE_THREADS = 1

@@ -121,8 +121,13 @@ def side_by_side(original, dubbed, out_path, labels: tuple[str, str] = ("Origina
 
 # The side-by-side made while a dub is encoded is a view beside the dub, and its own encoding is most of
 # what it costs: x264's ultrafast encodes several times quicker than medium, for a bigger file (at the
-# same crf the picture looks the same).
+# same crf the picture looks the same). At x264's default crf (23; the dub keeps its own) ultrafast's
+# file is a third smaller than at 20 and its encoding 6% cheaper (0.56 against 0.59 CPU-s for the 190
+# frames of the example). One encoder thread: 4 to 5% less CPU again, and no more threads than cores
+# beside the dub's, which keep a small machine's cores busy already (docs/performance.md, bench_studio).
 SIDE_BY_SIDE_PRESET = "ultrafast"
+SIDE_BY_SIDE_CRF = 23
+SIDE_BY_SIDE_THREADS = 1
 FRAMES_QUEUED = 8  # output frames waiting for the side-by-side's thread
 
 
@@ -132,7 +137,7 @@ class SideBySideWriter:
     Each pair is composed and encoded on the writer's own thread. ``close()`` after the job gives the
     Composition; ``abort()`` after a failure leaves nothing."""
 
-    def __init__(self, out_path, labels: tuple[str, str] = ("Original", "Dubbed"), crf: int = 20,
+    def __init__(self, out_path, labels: tuple[str, str] = ("Original", "Dubbed"), crf: int = SIDE_BY_SIDE_CRF,
                  max_width: int = 1920, max_height: int = 1080, protect: Sequence = ()):
         self.out_path = os.fspath(out_path)
         self.labels, self.crf, self.protect = labels, crf, protect
@@ -148,7 +153,7 @@ class SideBySideWriter:
         self._writer = video_io.FrameWriter(
             self.out_path, self._layout.width, self._layout.height, plan.fps, audio_path=plan.audio_path,
             crf=self.crf, preset=SIDE_BY_SIDE_PRESET, audio_offset_s=plan.audio_offset_s,
-            protect=self.protect, total_frames=plan.num_frames,
+            protect=self.protect, total_frames=plan.num_frames, encoder_threads=SIDE_BY_SIDE_THREADS,
         )
         self._worker = stages.Worker(self._compose, FRAMES_QUEUED, "side-by-side")
 

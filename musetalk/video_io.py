@@ -1021,6 +1021,9 @@ class FrameWriter:
     The file is written under a temporary name in the same folder and renamed to out_path only
     when close() succeeds, so a failure or abort() never leaves a half-written out_path.
 
+    ``encoder_threads``: how many threads x264 may use (None: its own choice, about 1.5 a core), for an
+    encoding that runs beside others on cores they already keep busy.
+
     ``stream_dir``: the same encoding is also cut into HLS segments of ``STREAM_SEGMENT_SECONDS``
     there as it goes (``stream.m3u8`` lists the finished ones), so the start can be watched while the
     rest is made: one encoder for both, with a keyframe at every segment start (the file is a few
@@ -1029,12 +1032,16 @@ class FrameWriter:
 
     def __init__(self, out_path, width: int, height: int, fps: float, audio_path=None,
                  crf: int = 18, preset: str = "medium", audio_offset_s: float = 0.0,
-                 protect: Iterable = (), total_frames: int | None = None, stream_dir=None) -> None:
+                 protect: Iterable = (), total_frames: int | None = None, stream_dir=None,
+                 encoder_threads: int | None = None) -> None:
         self.out_path = os.path.abspath(os.fspath(out_path))
         self.audio_path = os.fspath(audio_path) if audio_path is not None else None
         self._check_arguments(width, height, fps, crf, protect)
         self.width, self.height, self.fps = int(width), int(height), float(fps)
         self.crf, self.preset, self.audio_offset_s = int(crf), preset, float(audio_offset_s)
+        if encoder_threads is not None and encoder_threads < 1:
+            raise InputError(f"encoder_threads must be 1 or more (None: x264 chooses), got {encoder_threads}")
+        self.encoder_threads = encoder_threads
         if total_frames is not None and total_frames < 1:
             raise InputError(f"total_frames must be 1 or more, got {total_frames}")
         self.total_frames = total_frames
@@ -1087,6 +1094,8 @@ class FrameWriter:
             cmd += _file_input(self.audio_path)
         cmd += ["-map", "0:v:0"]
         cmd += ["-c:v", "libx264", "-preset", self.preset, "-crf", str(self.crf), "-pix_fmt", "yuv420p"]
+        if self.encoder_threads is not None:
+            cmd += ["-threads", str(self.encoder_threads)]
         if self.audio_path is not None:
             cmd += ["-map", "1:a:0", "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-af", self._audio_filter()]
             if self.total_frames is None:

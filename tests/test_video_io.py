@@ -375,6 +375,20 @@ def test_writer_without_audio_keeps_rate(tmp_path):
     assert info.fps == pytest.approx(30000 / 1001, rel=1e-6)
 
 
+@pytest.mark.parametrize("threads", [None, 1])
+def test_writer_encoder_threads_reach_x264(tmp_path, threads):
+    # x264 writes the options it encoded with into the stream (an SEI message): what it used, not what
+    # was asked. Without a limit it picks 1.5 threads a core, fewer for a picture of few macroblock rows.
+    out, frame = tmp_path / "threads.mp4", np.zeros((240, 320, 3), dtype=np.uint8)
+    with FrameWriter(out, 320, 240, 25, preset="ultrafast", encoder_threads=threads) as writer:
+        for value in range(6):
+            writer.write(frame + 40 * value)
+    options = out.read_bytes().split(b"options: ", 1)[1].split(b"\x00", 1)[0].decode("ascii", "replace").split()
+    used = int(next(option for option in options if option.startswith("threads=")).split("=")[1])
+    assert used == 1 if threads == 1 else (used >= 2 or len(os.sched_getaffinity(0)) == 1)
+    assert probe(out).num_frames == 6
+
+
 def test_writer_audio_offset_delays_the_sound(media, tmp_path):
     out = tmp_path / "delayed.mp4"
     with FrameWriter(out, W, H, 25, audio_path=media["long_wav"], audio_offset_s=0.4, total_frames=25,
@@ -471,6 +485,8 @@ def test_bad_writer_arguments(tmp_path):
         FrameWriter(tmp_path / "a.mp4", W, H, 25, crf=60)
     with pytest.raises(InputError, match="fps"):
         FrameWriter(tmp_path / "a.mp4", W, H, 0)
+    with pytest.raises(InputError, match="encoder_threads"):
+        FrameWriter(tmp_path / "a.mp4", W, H, 25, encoder_threads=0)
     with pytest.raises(InputError, match="does not exist"):
         FrameWriter(tmp_path / "no" / "a.mp4", W, H, 25)
     assert list(tmp_path.iterdir()) == []

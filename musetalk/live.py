@@ -281,19 +281,23 @@ class LiveSession:
 
     def _run(self) -> None:
         try:
-            position = 0
-            while not self._stopped.is_set():
-                positions = self._next_batch(position)
-                if not positions:
-                    break
-                position = positions[-1] + 1
-                self._emit_batch(positions)
-                self._release(position)
+            with self.pipeline.turns.clocked_session():
+                self._generate_all()
         except BaseException as error:  # raised in the consumer's thread by pull()
             self._error = error
             logger.exception("live generation failed")
         finally:
             self._put(_DONE, final=True)
+
+    def _generate_all(self) -> None:
+        position = 0
+        while not self._stopped.is_set():
+            positions = self._next_batch(position)
+            if not positions:
+                break
+            position = positions[-1] + 1
+            self._emit_batch(positions)
+            self._release(position)
 
     def _next_batch(self, position: int) -> list[int]:
         """Frames from ``position`` whose audio is in, up to a batch; waits for it (or the clock's silence).

@@ -9,7 +9,8 @@ threads (the studio and ``musetalk live`` share it). Its engine runs one batch a
 call into it (a dub's batch: the face states and the new faces; one encoder batch of its Whisper
 features; a live session's batch of frames) takes a turn of the pipeline's ``EngineTurns``, and
 the turns go to live sessions first. A live batch has a clock and waits for at most the one batch
-being drawn; a dub's batch waits while a live one is waiting. A live frame that the wait makes late
+being drawn, and while a live session generates a dub's batches are ``SHARED_BATCH`` frames (its
+output is the same); a dub's batch waits while a live one is waiting. A live frame that the wait makes late
 is drawn by the preview engine or skipped, as when the engine itself is slow (``musetalk.live``).
 Pipelines made by ``with_draft_decoder`` share the models, and so the turns.
 """
@@ -116,6 +117,9 @@ class FrameSink(Protocol):
     def add(self, position: int, source: FaceFrame, frame: np.ndarray) -> None: ...
 
 
+SHARED_BATCH = 2  # a dub's frames per engine call while a live session shares the engine (EngineTurns)
+
+
 class EngineTurns:
     """Calls into one engine, one at a time, those with a clock first (the module docstring).
 
@@ -127,6 +131,23 @@ class EngineTurns:
         self._changed = threading.Condition()
         self._holder: int | None = None  # the thread whose call runs now
         self._clocked_waiting = 0
+        self._clocked_running = 0  # live sessions generating now (``clocked_session``)
+
+    @contextmanager
+    def clocked_session(self) -> Iterator[None]:
+        """Around a live session's generation: while one runs, a dub's batches are ``SHARED_BATCH`` frames at
+        most, so that a live batch waits for little (a CPU dub's batch of 8 preview frames is ~0.1 s)."""
+        with self._changed:
+            self._clocked_running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._clocked_running -= 1
+
+    def batch_limit(self, size: int) -> int:
+        """The dub's next batch size: ``size``, or ``SHARED_BATCH`` while a live session generates."""
+        return min(size, SHARED_BATCH) if self._clocked_running else size
 
     @contextmanager
     def take(self, clocked: bool = False) -> Iterator[None]:
@@ -530,7 +551,8 @@ class LipSyncPipeline:
         positions = range(0)
         try:
             for batch_number in itertools.count():
-                positions = range(positions.stop, min(positions.stop + batch_size.size, num_frames))
+                size = self.turns.batch_limit(batch_size.size)  # smaller while a live session shares the engine
+                positions = range(positions.stop, min(positions.stop + size, num_frames))
                 if not positions:
                     break
                 with timer.stage("decode"):

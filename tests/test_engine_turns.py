@@ -14,7 +14,7 @@ from musetalk import audio as audio_lib
 from musetalk import video_io
 from musetalk.config import RunOptions
 from musetalk.live import LiveSession
-from musetalk.pipeline import EngineTurns, LipSyncPipeline
+from musetalk.pipeline import SHARED_BATCH, EngineTurns, LipSyncPipeline
 
 from conftest import EXAMPLES, example_speech
 
@@ -64,6 +64,19 @@ def test_a_turn_taken_inside_itself_is_said_not_waited_for():
         pass
 
 
+def test_a_dub_draws_small_batches_while_a_live_session_generates():
+    turns = EngineTurns()
+    assert turns.batch_limit(8) == 8
+    with pytest.raises(ValueError):
+        with turns.clocked_session():
+            with turns.clocked_session():  # two sessions
+                assert turns.batch_limit(8) == SHARED_BATCH
+            assert turns.batch_limit(8) == SHARED_BATCH
+            assert turns.batch_limit(1) == 1
+            raise ValueError("a session that failed")
+    assert turns.batch_limit(8) == 8  # the session's end, failed or not, gives the dub its batches back
+
+
 # --------------------------------------------------------------------------- a dub and a live session at once
 
 
@@ -77,18 +90,21 @@ class EngineCalls:
         self._running = 0
         self.overlaps = 0
         self.callers: list[str] = []
+        self.sizes: list[tuple[str, int]] = []  # (caller, frames) of each ``generate`` call
         self.dub_called = threading.Event()  # the dub has reached the engine
 
     def watch(self, target, *names: str) -> None:
         for name in names:
-            self._monkeypatch.setattr(target, name, self._recorded(getattr(target, name)))
+            self._monkeypatch.setattr(target, name, self._recorded(getattr(target, name), name))
 
-    def _recorded(self, method):
+    def _recorded(self, method, name: str):
         def recorded(*args, **kwargs):
             with self._lock:
                 self._running += 1
                 self.overlaps += self._running > 1
                 self.callers.append(threading.current_thread().name)
+                if name == "generate":
+                    self.sizes.append((self.callers[-1], len(args[0])))
                 if self.callers[-1] == "dub":
                     self.dub_called.set()
             try:
@@ -98,6 +114,11 @@ class EngineCalls:
                     self._running -= 1
 
         return recorded
+
+    def dub_sizes_between_live_calls(self) -> list[int]:
+        """The frames of the dub's calls made between the live session's first call and its last."""
+        live = [n for n, (caller, _) in enumerate(self.sizes) if caller == "live"]
+        return [size for caller, size in self.sizes[live[0]:live[-1]] if caller == "dub"] if live else []
 
     def interleaved(self) -> bool:
         """The live session called the engine between the dub's first call and its last."""
@@ -162,8 +183,9 @@ def test_a_dub_and_a_paced_preview_session_share_the_engine_in_turns(preview_pip
                                                                       monkeypatch):
     live_audio = example_speech(tmp_path / "live.wav", 3.0)  # 75 frames
     live_wav = audio_lib.load_audio(live_audio)
-    # Batches of 2 frames: a live frame waits for at most one, about 20 ms of the preview's drawing here.
-    options = RunOptions(batch_size=2)
+    # The dub's own batch size (8 frames on a CPU), cut to SHARED_BATCH while the live session generates: a
+    # live frame waits for at most one such batch, about 20 ms of the preview's drawing here.
+    options = RunOptions()
     alone = dub_frames(preview_pipeline, face_clip, EXAMPLES / "speech.wav", tmp_path / "alone.mp4", options,
                        monkeypatch)
     live_alone = dub_frames(preview_pipeline, face_clip, live_audio, tmp_path / "live-dub.mp4", RunOptions(),
@@ -176,6 +198,8 @@ def test_a_dub_and_a_paced_preview_session_share_the_engine_in_turns(preview_pip
 
     assert calls.overlaps == 0, "no call into the engine began while another ran"
     assert calls.interleaved(), "the two ran at the same time, taking turns"
+    assert calls.dub_sizes_between_live_calls() and max(calls.dub_sizes_between_live_calls()) <= SHARED_BATCH
+    assert max(size for caller, size in calls.sizes if caller == "dub") == 8  # before and after the session
     assert len(together) == len(alone) == 190
     for mine, theirs in zip(together, alone):
         np.testing.assert_array_equal(mine, theirs)  # the dub is the dub made alone

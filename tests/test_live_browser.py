@@ -338,23 +338,14 @@ def test_a_bad_offer_is_refused_with_a_reason(live_server, face_clip):
 
 @needs_chromium
 def test_stopping_the_server_closes_its_connections(face_clip, live_browser, tmp_path):
-    from selenium.webdriver.common.by import By
-
     log = tmp_path / "server.log"
     with running_live_server(face_clip, log, "--verbose") as (url, server):
-        driver = live_browser
-        driver.get(url)
-        token_box = "#live-token textarea, #live-token input"
-        wait_for(driver, lambda d: d.execute_script(f"return document.querySelector('{token_box}')?.value"),
-                 WAIT_FOR_PAGE, "the face prepared")
-        driver.find_element(By.ID, "live-start").click()
-        wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
-                 WAIT_FOR_PAGE, "the face over WebRTC")
+        start_live_face(live_browser, url)
         server.terminate()  # SIGTERM, as `docker stop` or a supervisor sends it
         server.wait(30)
     text = log.read_text()
     assert "live: closing 1 connection(s)" in text and "live: disconnected" in text, text[-3000:]
-    driver.get("about:blank")
+    live_browser.get("about:blank")
 
 
 # --------------------------------------------------------------------------- STUN and TURN servers
@@ -440,9 +431,8 @@ def recorded_peers(driver):
         driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
 
 
-def connect_page(driver, url: str) -> dict:
-    """Open the live page, let it prepare its face, press Start and wait for the face; returns what the
-    page's peer connection holds: its configuration, its offer's SDP and the server's answer's."""
+def start_live_face(driver, url: str) -> None:
+    """Open the live page, let it prepare its face, press Start and wait for the face over WebRTC."""
     from selenium.webdriver.common.by import By
 
     driver.get(url)
@@ -452,6 +442,12 @@ def connect_page(driver, url: str) -> dict:
     driver.find_element(By.ID, "live-start").click()
     wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
              WAIT_FOR_PAGE, "the face over WebRTC")
+
+
+def connect_page(driver, url: str) -> dict:
+    """``start_live_face``; returns what the page's peer connection holds (window.livePeers, recorded): its
+    configuration, its offer's SDP and the server's answer's."""
+    start_live_face(driver, url)
     return driver.execute_script("""
         const pc = window.livePeers[window.livePeers.length - 1];
         return {configuration: pc.getConfiguration(), offer: pc.localDescription.sdp,

@@ -170,8 +170,6 @@ def _end(entry: LiveEntry) -> None:
         entry.session.stop()
 
 
-
-
 def available() -> tuple[bool, str]:
     """(True, "") when aiortc and PyAV are installed; else (False, what to install)."""
     import importlib.util

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +132,20 @@ def best_alignment(opening: np.ndarray, speech_mask: np.ndarray) -> tuple[float,
     return best
 
 
+def wait_until_serving(process: subprocess.Popen, log: Path, name: str, answers: Callable[[], object],
+                       seconds: float, pause: float) -> None:
+    """Until ``answers()`` stops raising OSError; fails with the process's log if it exits or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, f"{name} exited: {log.read_text()[-2000:]}"
+        try:
+            answers()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{name} did not answer: {log.read_text()[-2000:]}"
+            time.sleep(pause)
+
+
 @contextlib.contextmanager
 def running_live_server(face_clip: Path, log: Path, *options: str, live_options: tuple[str, ...] = (),
                         environment: dict[str, str] | None = None):
@@ -143,17 +159,11 @@ def running_live_server(face_clip: Path, log: Path, *options: str, live_options:
                                   stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + WAIT_FOR_PAGE
-        while True:
-            assert server.poll() is None, f"musetalk live exited: {log.read_text()[-2000:]}"
-            try:
-                # Our own route, not just any page: a port taken in the moment since free_port() (another
-                # server on a busy machine) must fail here, with this server's log, not later with a 404.
-                urllib.request.urlopen(url + "live/webrtc/status", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"musetalk live did not answer: {log.read_text()[-2000:]}"
-                time.sleep(0.5)
+        # Our own route, not just any page: a port taken in the moment since free_port() (another server on
+        # a busy machine) must fail here, with this server's log, not later with a 404.
+        wait_until_serving(server, log, "musetalk live",
+                           lambda: urllib.request.urlopen(url + "live/webrtc/status", timeout=2).close(),
+                           WAIT_FOR_PAGE, 0.5)
         yield url, server
     finally:
         server.terminate()
@@ -204,15 +214,8 @@ def test_the_face_answers_the_microphone_text_and_the_api_over_webrtc(live_serve
 
     driver = live_browser
     url = live_server
-    driver.get(url)
-    wait_for(driver, lambda d: d.find_elements(By.ID, "live-start"), WAIT_FOR_PAGE, "the live page")
-    token_box = "#live-token textarea, #live-token input"
-    wait_for(driver, lambda d: d.execute_script(f"return document.querySelector('{token_box}').value"),
-             WAIT_FOR_PAGE, "the face prepared")
-    token = driver.execute_script(f"return document.querySelector('{token_box}').value")
-    driver.find_element(By.ID, "live-start").click()
-    wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
-             WAIT_FOR_PAGE, "the face over WebRTC")
+    token = prepare_live_face(driver, url)
+    press_start(driver)
 
     # 1. The microphone: the mouth follows the file's speech and rests in its pauses.
     frames = capture(driver, CAPTURE_S)
@@ -264,16 +267,30 @@ def test_the_face_answers_the_microphone_text_and_the_api_over_webrtc(live_serve
     driver.find_element(By.ID, "live-stop").click()
 
 
-def server_status(url: str) -> dict:
-    import json
+TOKEN_BOX = "#live-token textarea, #live-token input"
 
-    with urllib.request.urlopen(url + "live/webrtc/status", timeout=5) as response:
-        return json.load(response)
+
+def prepare_live_face(driver, url: str) -> str:
+    """Open the live page and wait until it has prepared its face; returns the face's token."""
+    driver.get(url)
+    return wait_for(driver, lambda d: d.execute_script(f"return document.querySelector('{TOKEN_BOX}')?.value"),
+                    WAIT_FOR_PAGE, "the face prepared")
+
+
+def press_start(driver) -> None:
+    """Start the page's WebRTC connection and wait until the face's picture plays."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "live-start").click()
+    wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
+             WAIT_FOR_PAGE, "the face over WebRTC")
+
+
+def server_status(url: str) -> dict:
+    return get_json(url + "live/webrtc/status")
 
 
 def post_offer(url: str, body: bytes) -> tuple[int, dict]:
-    import json
-
     request = urllib.request.Request(url + "live/webrtc/offer", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
@@ -289,17 +306,10 @@ POOL_THREADS = ("asyncio_", "AnyIO worker thread", "ThreadPoolExecutor")
 
 @needs_chromium
 def test_closing_the_page_ends_its_connection_and_session(live_server, live_browser):
-    from selenium.webdriver.common.by import By
-
     driver = live_browser
-    driver.get(live_server)
-    token_box = "#live-token textarea, #live-token input"
-    wait_for(driver, lambda d: d.execute_script(f"return document.querySelector('{token_box}')?.value"),
-             WAIT_FOR_PAGE, "the face prepared")
+    prepare_live_face(driver, live_server)
     before = server_status(live_server)
-    driver.find_element(By.ID, "live-start").click()
-    wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
-             WAIT_FOR_PAGE, "the face over WebRTC")
+    press_start(driver)
     during = server_status(live_server)
     assert during["connections"] == 1 and during["sessions"] == 1 and during["webrtc_tasks"] > 0
     assert "live" in during["threads"], "the session's generation thread runs"
@@ -315,8 +325,6 @@ def test_closing_the_page_ends_its_connection_and_session(live_server, live_brow
 
 
 def test_a_bad_offer_is_refused_with_a_reason(live_server, face_clip):
-    import json
-
     from gradio_client import Client, handle_file
 
     status, answer = post_offer(live_server, b"not json")
@@ -415,8 +423,6 @@ def candidates(sdp: str, kind: str) -> set[tuple[str, int]]:
 
 
 def get_json(url: str) -> dict:
-    import json
-
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.load(response)
 
@@ -433,15 +439,8 @@ def recorded_peers(driver):
 
 def start_live_face(driver, url: str) -> None:
     """Open the live page, let it prepare its face, press Start and wait for the face over WebRTC."""
-    from selenium.webdriver.common.by import By
-
-    driver.get(url)
-    token_box = "#live-token textarea, #live-token input"
-    wait_for(driver, lambda d: d.execute_script(f"return document.querySelector('{token_box}')?.value"),
-             WAIT_FOR_PAGE, "the face prepared")
-    driver.find_element(By.ID, "live-start").click()
-    wait_for(driver, lambda d: d.execute_script("return document.querySelector('#live-video').videoWidth > 64"),
-             WAIT_FOR_PAGE, "the face over WebRTC")
+    prepare_live_face(driver, url)
+    press_start(driver)
 
 
 def connect_page(driver, url: str) -> dict:
@@ -459,8 +458,6 @@ def test_stun_and_turn_servers_that_do_not_answer_leave_a_lan_session_working(fa
     """Both ends get the configured servers (the page's RTCPeerConnection is made with them, and both the
     server and the browser send them requests), and with those servers down the direct (host) path
     still connects: a bad or unreachable server does not break a session on a LAN."""
-    import json
-
     silent = SilentIceServer()
     servers = [{"urls": [f"stun:127.0.0.1:{silent.port}"]},
                {"urls": [f"turn:127.0.0.1:{silent.port}"], "username": "live", "credential": CREDENTIAL}]
@@ -512,13 +509,9 @@ def running_turn_server(folder: Path, username: str, credential: str):
              "--realm=musetalk-test", f"--pidfile={folder / 'turnserver.pid'}", f"--userdb={folder / 'turndb'}",
              "--log-file=stdout", "--simple-log", "--verbose"], stdout=output, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while True:  # it listens on TCP and UDP at once: TCP says when it is up
-            assert turn.poll() is None, f"turnserver exited: {log.read_text()[-2000:]}"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline, f"turnserver did not start: {log.read_text()[-2000:]}"
-            time.sleep(0.2)
+        # It listens on TCP and UDP at once: TCP says when it is up.
+        wait_until_serving(turn, log, "turnserver",
+                           lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close(), 30, 0.2)
         yield port, log
     finally:
         turn.terminate()
@@ -530,8 +523,6 @@ def running_turn_server(folder: Path, username: str, credential: str):
 def test_relay_only_the_face_comes_through_a_turn_server(face_clip, live_browser, tmp_path):
     """With --ice-relay-only both ends offer relayed candidates only, so the media goes through the TURN
     server (coturn, logged in with the configured credential) or not at all: what a Space's Live tab needs."""
-    import json
-
     with running_turn_server(tmp_path, "live", CREDENTIAL) as (turn_port, turn_log):
         servers = [{"urls": [f"turn:127.0.0.1:{turn_port}?transport=udp"], "username": "live",
                     "credential": CREDENTIAL}]

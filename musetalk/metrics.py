@@ -317,7 +317,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean structural similarity of the luma of two RGB uint8 images (Gaussian window, sigma 1.5)."""
     import cv2
 
-    x, y = (cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float64) for image in (a, b))
+    # float32: half the time of float64 (the blurs are most of it), the same index to 1e-5.
+    x, y = (cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) for image in (a, b))
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
     def blur(image: np.ndarray) -> np.ndarray:
@@ -568,6 +569,15 @@ def score_video(video: str | os.PathLike, source: str | os.PathLike | None = Non
 IDENTITY_SAMPLES = 50
 # Of those, whole frames without a face kept for passthrough_psnr, at most (a 1080p frame is 6 MB).
 PASSTHROUGH_SAMPLES = 12
+# The face mesh is most of the scores' cost (3 ms a frame on one core of a small machine, as much as the
+# preview engine's whole frame). From MESH_SAMPLED_FROM_S of output on, it runs on runs of MESH_RUN frames
+# in a row with as many skipped between: half the cost, and every score stays within the tolerances it has
+# against score_video's analysis of every frame (tests/test_frame_sinks.py): the jitters' second
+# differences need three frames in a row, a run of 5 gives three; the sync's 0.2 s gaps are left out of the
+# correlation, as frames without a face are. A shorter clip is measured whole: half of it could fall under
+# the sync score's MIN_SYNC_SECONDS.
+MESH_RUN = 5
+MESH_SAMPLED_FROM_S = 5.0
 FRAMES_QUEUED = 8  # output frames waiting for the scorer's thread
 
 
@@ -575,9 +585,11 @@ class FrameScorer:
     """``score_video``'s scores of a dub, measured from the job's own frames as they are encoded (a
     ``pipeline.FrameSink``): no second face analysis of the output and no second decode of the source.
 
-    On its own thread, the face mesh runs on each output frame where the job found the face, in that
-    face's box (``FaceAnalyzer.landmarks_near``: no detector), and the mouth, sync, silence and stability
-    scores come from those landmarks through the same functions as score_video's. The identity scores
+    On its own thread, the face mesh runs on the output frames where the job found the face, in that
+    face's box (``FaceAnalyzer.landmarks_near``: no detector), every frame of a short clip and runs of
+    ``MESH_RUN`` frames with as many between of a longer one, and the mouth, sync, silence, coverage and
+    stability scores come from the frames measured through the same functions as score_video's (SyncNet,
+    which reads 16 frames in a row, places the face where the job found it in the frames between). The identity scores
     compare the output as encoded (read back for ``IDENTITY_SAMPLES`` frames) with the source frame the
     job showed there. How close it comes to score_video is stated and tested in tests/test_frame_sinks.py
     (TOLERANCES). ``close(output)`` after the job gives the Scores; ``abort()`` after a failure."""
@@ -590,7 +602,10 @@ class FrameScorer:
     def start(self, plan) -> None:
         """Called by the pipeline before the first frame (``plan``: its OutputPlan)."""
         self._plan = plan
-        self._rows: list[np.ndarray | None] = [None] * plan.num_frames
+        self._rows: list[np.ndarray | None] = [None] * plan.num_frames  # the mesh's landmarks, None: no face
+        self._located: list[np.ndarray | None] = [None] * plan.num_frames  # for SyncNet: the job's where unmeasured
+        self._measured = np.zeros(plan.num_frames, dtype=bool)
+        self._mesh_period = 2 * MESH_RUN if plan.num_frames >= MESH_SAMPLED_FROM_S * plan.fps else 1
         self._every = max(1, math.ceil(plan.num_frames / IDENTITY_SAMPLES))
         self._samples: dict[int, tuple[tuple[int, int, int, int] | None, np.ndarray]] = {}
         self._whole_frames = 0
@@ -603,10 +618,14 @@ class FrameScorer:
     def _measure(self, item) -> None:
         started = time.perf_counter()
         position, source, frame = item
-        found = None if source.landmarks is None else self._analyzer.landmarks_near(frame, source.landmarks)
-        self._rows[position] = found
-        if position % self._every == 0:
-            self._keep_sample(position, source.frame, found)
+        if position % self._mesh_period >= MESH_RUN:
+            self._located[position] = source.landmarks
+        else:
+            found = None if source.landmarks is None else self._analyzer.landmarks_near(frame, source.landmarks)
+            self._rows[position] = self._located[position] = found
+            self._measured[position] = True
+            if position % self._every == 0:
+                self._keep_sample(position, source.frame, found)
         self.seconds += time.perf_counter() - started
 
     def _keep_sample(self, position: int, original: np.ndarray, found: np.ndarray | None) -> None:
@@ -649,12 +668,15 @@ class FrameScorer:
         track = face_lib.FaceTrack.from_rows(self._rows, plan.width, plan.height)
         mouth = mouth_track(track, plan.fps)
         scores = Scores()
-        scores._set("face_coverage", float(mouth.has_face.mean()) if len(mouth) else None, "no frames")
+        measured = self._measured
+        scores._set("face_coverage", float(mouth.has_face[measured].mean()) if measured.any() else None,
+                    "no frames")
         wav = audio_lib.load_audio(plan.audio_path)
         _audio_scores(scores, track, mouth, wav, "", speech)
         for name, (value, reason) in identity.result().items():
             scores._set(name, value, reason)
-        _syncnet(scores, output, track, plan.fps, wav, "", self.models_dir, self.device, self.syncnet_stride,
+        located = face_lib.FaceTrack.from_rows(self._located, plan.width, plan.height)
+        _syncnet(scores, output, located, plan.fps, wav, "", self.models_dir, self.device, self.syncnet_stride,
                  progress)
         return scores
 

@@ -121,6 +121,22 @@ def test_the_scores_agree_with_score_video_within_the_tolerances(dubbed, face_2s
     assert scores.sync_correlation > 0.5 and scores.speech_mouth_open > 2 * scores.silence_mouth_open
 
 
+def test_a_longer_dub_meshes_half_its_frames_and_scores_within_the_same_tolerances(pipeline, face_2s, tmp_path):
+    speech = example_speech(tmp_path / "speech.wav", 7.6)  # 190 frames: over MESH_SAMPLED_FROM_S
+    scorer = metrics.FrameScorer()
+    result = pipeline(face_2s, speech, tmp_path / "dubbed.mp4", RunOptions(), sinks=[scorer])
+    scores = scorer.close(result.output_path)
+    assert result.num_frames == 190
+    measured = np.flatnonzero(scorer._measured)
+    assert len(measured) == 95 and all(position % 10 < metrics.MESH_RUN for position in measured)
+    # SyncNet reads the face in every frame: the job's own where the mesh did not run.
+    assert all(row is not None for row in scorer._located)
+    again = metrics.score_video(result.output_path, source=face_2s, audio=speech)
+    for name in TOLERANCES:
+        assert getattr(scores, name) == pytest.approx(getattr(again, name), abs=TOLERANCES[name]), name
+    assert scores.sync_correlation > 0.5 and scores.speech_mouth_open > 2 * scores.silence_mouth_open
+
+
 def test_a_failed_job_leaves_no_side_by_side(pipeline, face_2s, speech_3s, tmp_path):
     class Failing:
         def start(self, plan) -> None:

@@ -605,7 +605,6 @@ class FrameScorer:
         self._plan = plan
         self._rows: list[np.ndarray | None] = [None] * plan.num_frames  # the mesh's landmarks, None: no face
         self._located: list[np.ndarray | None] = [None] * plan.num_frames  # for SyncNet: the job's where unmeasured
-        self._measured = np.zeros(plan.num_frames, dtype=bool)
         self._mesh_period = 2 * MESH_RUN if plan.num_frames >= MESH_SAMPLED_FROM_S * plan.fps else 1
         self._every = max(1, math.ceil(plan.num_frames / IDENTITY_SAMPLES))
         self._samples: dict[int, tuple[tuple[int, int, int, int] | None, np.ndarray]] = {}
@@ -616,15 +615,18 @@ class FrameScorer:
     def add(self, position: int, source, frame: np.ndarray) -> None:
         self._worker.put((position, source, frame))
 
+    def _meshed(self, position):
+        """Whether the mesh measures the output frame at ``position`` (an int, or an array of them)."""
+        return position % self._mesh_period < MESH_RUN
+
     def _measure(self, item) -> None:
         started = time.perf_counter()
         position, source, frame = item
-        if position % self._mesh_period >= MESH_RUN:
+        if not self._meshed(position):
             self._located[position] = source.landmarks
         else:
             found = None if source.landmarks is None else self._analyzer.landmarks_near(frame, source.landmarks)
             self._rows[position] = self._located[position] = found
-            self._measured[position] = True
             if position % self._every == 0:
                 self._keep_sample(position, source.frame, found)
         self.seconds += time.perf_counter() - started
@@ -669,7 +671,7 @@ class FrameScorer:
         track = face_lib.FaceTrack.from_rows(self._rows, plan.width, plan.height)
         mouth = mouth_track(track, plan.fps)
         scores = Scores()
-        measured = self._measured
+        measured = self._meshed(np.arange(plan.num_frames))
         scores._set("face_coverage", float(mouth.has_face[measured].mean()) if measured.any() else None,
                     "no frames")
         wav = audio_lib.load_audio(plan.audio_path)

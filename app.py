@@ -410,15 +410,26 @@ def build_demo(services: Studio):
                     if kind == "progress":
                         progress(value[0], desc=value[1])
                     elif kind == "segment":
-                        yield value, *[gr.skip()] * 6
+                        yield value, *[gr.skip()] * 5
                     else:
                         job = value
             finally:
                 if stream_dir is not None:
                     services.jobs.discard(stream_dir)
-            history = studio_lib.history_add(history, "dub", f"{job.result.engine}: {job.speech}",
-                                             [job.output, job.side_by_side], job.summary())
-            yield gr.skip(), job.output, job.side_by_side, job.summary(), job.timing_rows(), job.score_rows(), history
+            history = studio_lib.history_add(history, "dub", f"{job.result.engine}: {job.speech}", [job.output],
+                                             job.summary())
+            yield gr.skip(), job.output, job.summary(), job.timing_rows(), job.score_rows(), history
+
+        def side_by_side(video, dubbed, loop, history, progress=gr.Progress()):
+            work = functools.partial(services.side_by_side, video, dubbed, loop)
+            for kind, value in studio_lib.watch(lambda report: work(progress=report)):
+                if kind == "progress":
+                    progress(value[0], desc=value[1])
+                else:
+                    made = value
+            history = studio_lib.history_add(history, "side-by-side", "the dub beside the original", [made.path],
+                                             f"{made.num_frames} frames, {made.width}x{made.height}")
+            return made.path, history
 
         def add_current(variants, speech_from, source, voice, engine, version, mask_mode, extra_margin):
             rows = [row for row in (variants or []) if any(str(cell or "").strip() for cell in row)]
@@ -471,11 +482,20 @@ def build_demo(services: Studio):
         # Each job returns its own results; the session's history has an endpoint of its own.
         show_history = {"fn": history_views, "inputs": history, "outputs": [history_table, history_downloads],
                         **light}
-        generate_button.click(
+        # The side-by-side is made once the dub is there, outside the model job's slot (the next job
+        # need not wait for it). A new Generate clears the last one.
+        dubbed = generate_button.click(
             user_errors(on_gpu(generate)), inputs=[video, *job_inputs, *option_inputs, measure, history],
-            outputs=[stream_video, result_video, side_video, summary, timings, scores, history], api_name="generate",
+            outputs=[stream_video, result_video, summary, timings, scores, history], api_name="generate",
             **gpu,
-        ).then(**show_history, api_name=False)
+        )
+        dubbed.then(**show_history, api_name=False)
+        beside = dubbed.success(
+            user_errors(side_by_side), inputs=[video, result_video, loop, history], outputs=[side_video, history],
+            api_name="side_by_side", concurrency_id="side_by_side", concurrency_limit=1,
+        )
+        beside.then(**show_history, api_name=False)
+        generate_button.click(lambda: None, outputs=side_video, api_name=False, **light)
         add_variant.click(user_errors(add_current),
                           inputs=[variants, speech_from, source, voice, engine, version, mask_mode, extra_margin],
                           outputs=variants, api_name="add_variant", **light)

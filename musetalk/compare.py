@@ -17,15 +17,14 @@ import contextlib
 import logging
 import math
 import os
-import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from musetalk import schedule as schedule_lib
-from musetalk import stages, video_io
+from musetalk import video_io
 from musetalk.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +39,7 @@ MIN_LABEL_SCALE = 0.35  # the smallest font a label is drawn in before it is sho
 # The label band above each cell, as a fraction of the cell's height (with a floor in pixels).
 LABEL_FRACTION = 0.07
 MIN_LABEL_HEIGHT = 18
+PROGRESS_EVERY = 10  # frames between two progress reports of a grid
 
 
 @dataclass(frozen=True)
@@ -119,76 +119,20 @@ def side_by_side(original, dubbed, out_path, labels: tuple[str, str] = ("Origina
     return compose_grid(panels, out_path, audio_path=dubbed, **grid_options)
 
 
-# The side-by-side made while a dub is encoded is a view beside the dub, and its own encoding is most of
-# what it costs: x264's ultrafast encodes several times quicker than medium, for a bigger file (at the
-# same crf the picture looks the same). At x264's default crf (23; the dub keeps its own) ultrafast's
-# file is a third smaller than at 20 and its encoding 6% cheaper (0.56 against 0.59 CPU-s for the 190
-# frames of the example). One encoder thread: 4 to 5% less CPU again, and no more threads than cores
-# beside the dub's, which keep a small machine's cores busy already (docs/performance.md, bench_studio).
-SIDE_BY_SIDE_PRESET = "ultrafast"
-SIDE_BY_SIDE_CRF = 23
-SIDE_BY_SIDE_THREADS = 1
-FRAMES_QUEUED = 8  # output frames waiting for the side-by-side's thread
-
-
-class SideBySideWriter:
-    """The original beside its dub, composed from the job's own frames as they are encoded (a
-    ``pipeline.FrameSink``): the layout, labels and sound of ``side_by_side``, with nothing decoded again.
-    Each pair is composed and encoded on the writer's own thread. ``close()`` after the job gives the
-    Composition; ``abort()`` after a failure leaves nothing."""
-
-    def __init__(self, out_path, labels: tuple[str, str] = ("Original", "Dubbed"), crf: int = SIDE_BY_SIDE_CRF,
-                 max_width: int = 1920, max_height: int = 1080, protect: Sequence = ()):
-        self.out_path = os.fspath(out_path)
-        self.labels, self.crf, self.protect = labels, crf, protect
-        self.max_width, self.max_height = max_width, max_height
-        self.seconds = 0.0  # spent composing and encoding, on the writer's thread and in close()
-        self._writer: video_io.FrameWriter | None = None
-
-    def start(self, plan) -> None:
-        """Called by the pipeline before the first frame (``plan``: its OutputPlan)."""
-        self._plan = plan
-        self._layout = _layout(1, 2, plan.width, plan.height, self.max_width, self.max_height)
-        self._canvas = _background(self._layout, list(self.labels))  # the cells are pasted over, frame after frame
-        self._writer = video_io.FrameWriter(
-            self.out_path, self._layout.width, self._layout.height, plan.fps, audio_path=plan.audio_path,
-            crf=self.crf, preset=SIDE_BY_SIDE_PRESET, audio_offset_s=plan.audio_offset_s,
-            protect=self.protect, total_frames=plan.num_frames, encoder_threads=SIDE_BY_SIDE_THREADS,
-        )
-        self._worker = stages.Worker(self._compose, FRAMES_QUEUED, "side-by-side")
-
-    def add(self, position: int, source, frame: np.ndarray) -> None:
-        self._worker.put((source.frame, frame))
-
-    def _compose(self, pair: tuple[np.ndarray, np.ndarray]) -> None:
-        started = time.perf_counter()
-        # One canvas for every frame: each pair covers the same two places (frames of one size), the
-        # labels around them stay drawn, and write() has converted the canvas before it returns.
-        for index, frame in enumerate(pair):
-            _paste_cell(self._canvas, frame, self._layout, index)
-        self._writer.write(self._canvas)
-        self.seconds += time.perf_counter() - started
-
-    def close(self) -> Composition:
-        if self._writer is None:
-            raise InputError("the side-by-side saw no frames: it is made from a job it was given to as a sink")
-        self._worker.finish()
-        started = time.perf_counter()
-        path = self._writer.close()
-        self.seconds += time.perf_counter() - started
-        layout = self._layout
-        return Composition(path, layout.width, layout.height, self._plan.fps, self._writer.frames_written, 1, 2,
-                           self._plan.audio_path)
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()  # first: a thread blocked writing to the encoder is freed by its end
-            self._worker.abort()
+# The studio's side-by-side is a view beside the dub, made from the two files once the dub is done (so
+# it adds nothing to the dub's own time), and its encoding is most of what it costs: x264's ultrafast
+# encodes several times quicker than medium, for a bigger file (at the same crf the picture looks the
+# same); at x264's default crf (23; the dub keeps its own) ultrafast's file is a third smaller than at
+# 20 and its encoding 6% cheaper (docs/performance.md). compose_grid's own defaults (medium, crf 20)
+# stay for a grid made to be kept.
+VIEW_PRESET = "ultrafast"
+VIEW_CRF = 23
 
 
 def compose_grid(panels: Sequence[Panel], out_path, audio_path=None, fps: float | None = None,
                  num_frames: int | None = None, max_width: int = 1920, max_height: int = 1080,
-                 crf: int = 20) -> Composition:
+                 crf: int = 20, preset: str = "medium",
+                 progress: Callable[[int, int], None] | None = None) -> Composition:
     """Write the panels as one labelled grid video; returns what was written.
 
     ``fps`` defaults to the first panel's rate, ``num_frames`` to the longest panel,
@@ -212,18 +156,21 @@ def compose_grid(panels: Sequence[Panel], out_path, audio_path=None, fps: float 
                 len(panels), rows, cols, layout.width, layout.height, num_frames, fps)
 
     writer = video_io.FrameWriter(
-        out_path, layout.width, layout.height, fps, audio_path=audio_path, crf=crf,
+        out_path, layout.width, layout.height, fps, audio_path=audio_path, crf=crf, preset=preset,
         protect=[panel.path for panel in panels], total_frames=num_frames,
     )
+    report = progress or (lambda done, total: None)
     try:
         with contextlib.ExitStack() as stack:
             streams = [stack.enter_context(contextlib.closing(_held_frames(panel, info, fps)))
                        for panel, info in zip(panels, infos)]
-            for _ in range(num_frames):
+            for done in range(1, num_frames + 1):
                 canvas = background.copy()
                 for index, stream in enumerate(streams):
                     _paste_cell(canvas, next(stream), layout, index)
                 writer.write(canvas)
+                if done % PROGRESS_EVERY == 0 or done == num_frames:
+                    report(done, num_frames)
         writer.close()
     except BaseException:
         writer.abort()

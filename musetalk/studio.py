@@ -5,7 +5,7 @@
 - the weights: what is missing, fetched on request (or on the first run) with progress;
 - models loaded once per version and kept for the life of the process;
 - the preview picture (crop box, paste-back square and blend mask on the first face frame);
-- one dub with its side-by-side video and a table of what each stage took;
+- one dub with its scores and a table of what each stage took, then (on its own) its side-by-side video;
 - a comparison of several variants of one job as a labelled grid and one row per variant;
 - a browser session's history as plain data the UI keeps per session.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from musetalk import compare, live_ice, metrics, video_io, weights
-from musetalk.config import RunOptions
+from musetalk.config import LOOP_MODES, RunOptions
 from musetalk.engines import ENGINES, MODEL_ENGINES
 from musetalk.errors import InputError, NoFaceError
 
@@ -69,7 +69,6 @@ STAGE_NAMES = {
     "cache_save": "prepared faces: save",
     "speech": "speech synthesis",
     "scores": "scores",
-    "side_by_side": "side-by-side video",
     "total": "whole job",
 }
 
@@ -199,7 +198,6 @@ class JobResult:
     options: RunOptions
     result: object  # musetalk.pipeline.LipSyncResult
     audio_path: str
-    side_by_side: str | None
     timings: dict[str, float]  # seconds per stage, the studio's own steps included
     scores: object | None = None  # musetalk.metrics.Scores, when the result was measured
 
@@ -817,9 +815,10 @@ class Studio:
     def generate(self, video, speech: Speech, options: RunOptions | None = None,
                  progress: Progress | None = None, score: bool = True, engine: str = "musetalk",
                  stream_dir=None) -> JobResult:
-        """Dub ``video`` with ``speech``; the result, its side-by-side video, timings and
-        (``score``) the result's scores. ``engine``: "musetalk", "draft" or "preview" (no weights).
-        ``stream_dir``: a folder where the dub is also cut into short segments as it is encoded."""
+        """Dub ``video`` with ``speech``; the result, timings and (``score``) the result's scores.
+        ``engine``: "musetalk", "draft" or "preview" (no weights). ``stream_dir``: a folder where the
+        dub is also cut into short segments as it is encoded. The side-by-side video is
+        ``side_by_side``'s, once the result is in hand."""
         options = (options or RunOptions()).validate()
         _check_engine(engine)
         self.check_video(video)
@@ -828,7 +827,7 @@ class Studio:
         folder = self.jobs.new("generate")
         try:
             job = self._dub(video, speech, options, engine, folder, "Dubbed", "dubbed", span.part(0.0, 0.99),
-                            score, stream_dir, side_by_side=True)
+                            score, stream_dir)
             span(1.0, "done")
             return job
         except BaseException:
@@ -836,9 +835,9 @@ class Studio:
             raise
 
     def _dub(self, video, speech: Speech, options: RunOptions, engine: str, folder: Path, label: str, name: str,
-             span: _Span, score: bool, stream_dir=None, side_by_side: bool = False) -> JobResult:
-        """Speech to audio, then the pipeline: ``name``.mp4 in ``folder``. Its scores (``score``) and the
-        original beside it (``side_by_side``) are made from the job's frames as they are encoded."""
+             span: _Span, score: bool, stream_dir=None) -> JobResult:
+        """Speech to audio, then the pipeline: ``name``.mp4 in ``folder``. Its scores (``score``) are
+        measured from the job's frames as they are encoded."""
         started = time.perf_counter()
         pipeline = self.pipeline(options.version, span.part(0.0, 0.05), engine)
         speech_started = time.perf_counter()
@@ -846,33 +845,56 @@ class Studio:
         audio = getattr(spoken, "path", spoken)
         speech_seconds = time.perf_counter() - speech_started
         output = folder / f"{name}.mp4"
-        beside = compare.SideBySideWriter(folder / "side_by_side.mp4", protect=[video, audio]) if side_by_side else None
         scorer = metrics.FrameScorer() if score else None
-        sinks = [sink for sink in (beside, scorer) if sink is not None]
         try:
             with self._one_job_at_a_time(span, label):
                 result = pipeline(video, spoken, output, options,
                                   progress=pipeline_progress(span.part(0.1, 0.95), label),
-                                  stream_dir=stream_dir, sinks=sinks)
-            if sinks:
-                span(0.96, f"{label}: finishing the " + " and ".join(
-                    what for what, sink in (("side-by-side video", beside), ("scores", scorer)) if sink))
-            composed = beside.close() if beside else None
+                                  stream_dir=stream_dir, sinks=[scorer] if scorer else [])
+            if scorer:
+                span(0.96, f"{label}: finishing the scores")
             scores = scorer.close(output, _scoring_progress(span.part(0.96, 1.0), label),
                                   _speech_found(result, options)) if scorer else None
         except BaseException:
-            for sink in sinks:
-                sink.abort()
+            if scorer:
+                scorer.abort()
             raise
         timings = dict(result.timings)
         if speech.is_text:
             timings["speech"] = round(speech_seconds, 4)
-        for stage, sink in (("side_by_side", beside), ("scores", scorer)):
-            if sink is not None:
-                timings[stage] = round(sink.seconds, 4)  # on their own threads, beside the encoder
+        if scorer:
+            timings["scores"] = round(scorer.seconds, 4)  # on its own thread, beside the encoder
         timings["total"] = round(time.perf_counter() - started, 4)
         return JobResult(label=label, speech=speech.describe(), options=options, result=result, audio_path=audio,
-                         side_by_side=composed.path if composed else None, timings=timings, scores=scores)
+                         timings=timings, scores=scores)
+
+    # ------------------------------------------------------------------ the side-by-side video
+
+    def side_by_side(self, video, dubbed, loop: str = "pingpong",
+                     progress: Progress | None = None) -> compare.Composition:
+        """The original ``video`` beside its dub ``dubbed`` (with the dub's sound), in a new request
+        folder; the original plays on the dub's schedule (``loop`` as the job had it), so the two
+        faces move together. Made from the two files once the dub is done: the dub's result and
+        scores never wait for it, and the job's slot is free while it is made."""
+        if not dubbed:
+            raise InputError("there is no dub to put beside the original yet; generate one first")
+        if loop not in LOOP_MODES:
+            raise InputError(f"loop must be one of {', '.join(LOOP_MODES)}, not {loop!r}")
+        self.check_video(video)
+        dub = self.check_video(dubbed)
+        report = progress or _no_progress
+        folder = self.jobs.new("side-by-side")
+        try:
+            schedule = compare.dub_schedule(video, dub.num_frames, dub.fps, loop)
+            report(0.0, "side-by-side video")
+            return compare.side_by_side(
+                str(video), str(dubbed), folder / "side_by_side.mp4", original_schedule=schedule,
+                crf=compare.VIEW_CRF, preset=compare.VIEW_PRESET, fps=dub.fps, num_frames=dub.num_frames,
+                progress=lambda done, total: report(done / total, f"side-by-side video: frame {done} of {total}"),
+            )
+        except BaseException:
+            self.jobs.discard(folder)
+            raise
 
     @contextmanager
     def _one_job_at_a_time(self, span: _Span, label: str) -> Iterator[None]:

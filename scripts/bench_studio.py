@@ -1,17 +1,18 @@
 """What the studio's extras cost: a preview dub alone against the studio's Generate (the dub with its
-side-by-side video and scores), and how soon the first stream segment is there.
+scores), then the side-by-side video made after it, and how soon the first stream segment is there.
 
     python scripts/bench_studio.py                 # the example face, all 7.6 s of the example speech
     python scripts/bench_studio.py --seconds 4 --rounds 5 --json
 
 After one warm-up job (models loaded), each round runs, in turn, the dub alone (the pipeline, as
-Generate runs it) and Generate, both streaming into a fresh folder: first with the video's faces
+Generate runs it) and Generate, both streaming into a fresh folder, then the side-by-side of
+Generate's dub (as the page asks for it once the dub is there): first with the video's faces
 analysed again (the first dub of a video: its prepared-avatar cache emptied before), then with them
 cached (a second dub of the same video). Reported per round and as medians: the dub's seconds,
 Generate's, their difference (the extras) and its share of the dub; the same in CPU seconds (this
 process and its ffmpeg children: less swayed by other work on a shared machine than the wall clock);
-and the seconds from the call to the first finished HLS segment. Figures go to docs/performance.md,
-never into tests.
+the side-by-side's seconds and CPU seconds; and the seconds from the call to the first finished HLS
+segment. Figures go to docs/performance.md, never into tests.
 """
 
 from __future__ import annotations
@@ -72,10 +73,18 @@ def _bench(args, work: Path) -> dict:
     def dub(stream_dir: Path) -> object:
         return pipeline(args.video, str(audio), stream_dir / "dubbed.mp4", options, stream_dir=stream_dir)
 
+    jobs = []
+
     def generate(stream_dir: Path) -> object:
-        return studio.generate(args.video, speech, options, engine="preview", stream_dir=stream_dir)
+        jobs.append(studio.generate(args.video, speech, options, engine="preview", stream_dir=stream_dir))
+
+    def side_by_side() -> tuple[float, float]:
+        cpu, started = _cpu_seconds(), time.perf_counter()
+        studio.side_by_side(args.video, jobs[-1].output, options.loop)
+        return time.perf_counter() - started, _cpu_seconds() - cpu
 
     _timed(generate, work / "warm-up")
+    side_by_side()
     rounds: dict[str, list[dict]] = {case: [] for case in CASES}
     for number in range(args.rounds):
         for case in CASES:
@@ -84,15 +93,16 @@ def _bench(args, work: Path) -> dict:
                 if case == "first":
                     shutil.rmtree(cache, ignore_errors=True)
                 measured[name] = _timed(work_of, work / f"{case}-{name}-{number}")
-            rounds[case].append(_figures(measured["dub"], measured["generate"]))
+            rounds[case].append(_figures(measured["dub"], measured["generate"], side_by_side()))
     studio.close()
     return {case: {"rounds": found, "median": _medians(found)} for case, found in rounds.items()}
 
 
-def _figures(dub: tuple, generate: tuple) -> dict:
-    (dub_s, dub_cpu, dub_first), (job_s, job_cpu, job_first) = dub, generate
+def _figures(dub: tuple, generate: tuple, side_by_side: tuple) -> dict:
+    (dub_s, dub_cpu, dub_first), (job_s, job_cpu, job_first), (side_s, side_cpu) = dub, generate, side_by_side
     return {"dub_s": dub_s, "generate_s": job_s, "extras_s": job_s - dub_s, "extras_share": (job_s - dub_s) / dub_s,
             "dub_cpu_s": dub_cpu, "generate_cpu_s": job_cpu, "extras_cpu_share": (job_cpu - dub_cpu) / dub_cpu,
+            "side_by_side_s": side_s, "side_by_side_cpu_s": side_cpu,
             "first_segment_dub_s": dub_first, "first_segment_generate_s": job_first}
 
 
@@ -133,7 +143,8 @@ def _line(figures: dict) -> str:
     return (f"dub {figures['dub_s']:.2f} s, generate {figures['generate_s']:.2f} s, extras "
             f"{figures['extras_s']:+.2f} s ({100 * figures['extras_share']:+.0f}% of the dub; CPU "
             f"{figures['dub_cpu_s']:.2f} / {figures['generate_cpu_s']:.2f} s, "
-            f"{100 * figures['extras_cpu_share']:+.0f}%), first segment {figures['first_segment_dub_s']:.2f} s "
+            f"{100 * figures['extras_cpu_share']:+.0f}%); then the side-by-side {figures['side_by_side_s']:.2f} s "
+            f"(CPU {figures['side_by_side_cpu_s']:.2f} s); first segment {figures['first_segment_dub_s']:.2f} s "
             f"(dub) / {figures['first_segment_generate_s']:.2f} s (generate)")
 
 

@@ -118,11 +118,13 @@ def test_every_event_is_an_api_endpoint(services):
     demo = app.build_demo(services)
     names = [dependency.get("api_name") for dependency in demo.config["dependencies"]]
     assert names and all(names), names
-    assert {"generate", "preview", "compare", "download_weights", "status", "voices"} <= set(names)
+    assert {"generate", "side_by_side", "preview", "compare", "download_weights", "status", "voices"} <= set(names)
     # One model job at a time: generate, compare and the weights download share one slot.
-    model_jobs = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in demo.fns.values()
-                  if fn.api_name in ("generate", "compare", "download_weights")}
+    slots = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in demo.fns.values()}
+    model_jobs = {name: slot for name, slot in slots.items() if name in ("generate", "compare", "download_weights")}
     assert set(model_jobs.values()) == {("gpu", 1)} and len(model_jobs) == 3
+    # The side-by-side, made after the dub, keeps a line of its own: the next dub does not wait for it.
+    assert slots["side_by_side"] == ("side_by_side", 1)
 
 
 def test_status_says_the_weights_are_ready_and_what_musetalk_costs_on_this_cpu(client, services):
@@ -136,32 +138,36 @@ def test_status_says_the_weights_are_ready_and_what_musetalk_costs_on_this_cpu(c
 def test_generate_from_an_upload(client, face_clip, short_speech):
     from gradio_client import handle_file
 
-    _stream, dub, side, summary, timings, scores = client.predict(
+    _stream, dub, summary, timings, scores = client.predict(
         video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)), engine="musetalk", measure=False,
         api_name="/generate")
     check_dub(dub, face_clip, 20)
-    check_side_by_side(side, face_clip, 20)
     assert "20 frames" in summary
     stages = [row[0] for row in timings["data"]]
     # (face analysis is there unless an earlier test left this clip's faces in the prepared-face cache)
-    assert stages[-1] == "whole job" and {"UNet", "video encode", "side-by-side video"} <= set(stages)
+    assert stages[-1] == "whole job" and {"UNet", "video encode"} <= set(stages)
     assert all(row[1] >= 0 for row in timings["data"])
     assert scores["data"] == []  # not measured when asked not to
-    # The session's history has its own endpoint: this dub is its newest entry, with its files.
+    # The session's history has its own endpoint: this dub is its newest entry, with its file.
     history, files = client.predict(api_name="/history")
-    assert history["data"][0][1] == "dub" and len(files) >= 2
+    assert history["data"][0][1] == "dub" and files
+    # The side-by-side is an endpoint of its own, given the original and the dub the call above returned.
+    side = client.predict(video=handle_file(str(face_clip)), dubbed=handle_file(dub), loop="pingpong",
+                          api_name="/side_by_side")
+    check_side_by_side(side, face_clip, 20)
+    history, _ = client.predict(api_name="/history")
+    assert [row[1] for row in history["data"][:2]] == ["side-by-side", "dub"]
 
 
 def test_generate_from_text_with_the_default_source(client, face_clip):
     from gradio_client import handle_file
 
-    _stream, dub, side, summary, timings, scores = client.predict(
+    _stream, dub, summary, timings, scores = client.predict(
         video=handle_file(str(face_clip)), audio=None, speech_from="text", text=SHORT_TEXT,
         source="espeak", voice="en-us", engine="musetalk", api_name="/generate")
     frames = probe(dub).num_frames
     assert 10 < frames < 75  # "Hi there." lasts about a second
     check_dub(dub, face_clip, frames)
-    check_side_by_side(side, face_clip, frames)
     assert "espeak, en-us" in summary
     assert "speech synthesis" in [row[0] for row in timings["data"]]
     measured = {row[0]: row[1] for row in scores["data"]}
@@ -206,11 +212,10 @@ def test_compare_two_variants(client, face_clip, short_speech):
 def test_the_preview_engine_needs_no_weights(client, face_clip, short_speech):
     from gradio_client import handle_file
 
-    _stream, dub, side, summary, *_ = client.predict(
+    _stream, dub, summary, *_ = client.predict(
         video=handle_file(str(face_clip)), audio=handle_file(str(short_speech)), engine="preview", measure=False,
         api_name="/generate")
     check_dub(dub, face_clip, 20)
-    check_side_by_side(side, face_clip, 20)
     assert "(preview v15" in summary
 
 
@@ -237,6 +242,8 @@ def test_bad_input_is_the_librarys_message(client, face_clip, tmp_path):
         assert "Traceback" not in str(raised.value)
         message = str(raised.value)
         assert not re.search(r"(^|[\s:'\"])/[\w.-]+/", message) and "--" not in message, "no server path, no flag"
+    with pytest.raises(AppError, match="there is no dub to put beside the original yet; generate one first"):
+        client.predict(video=handle_file(str(face_clip)), dubbed=None, api_name="/side_by_side")
     with pytest.raises(AppError, match="2 to 4 variants"):
         client.predict(video=handle_file(str(face_clip)), audio=handle_file(str(face_clip)),
                        variants={"headers": ["label"], "data": [["only one"]]}, api_name="/compare")
@@ -293,12 +300,13 @@ def readme_inputs(tmp_path, face_clip, short_speech) -> Path:
 
 def test_the_readmes_gradio_client_example_runs_as_written(client, readme_inputs):
     code = readme_block("python", "gradio_client").replace("http://127.0.0.1:7860/", client.src)
-    code += "\nprint(dub)\nprint(summary)\n"
+    code += "\nprint(dub)\nprint(side_by_side)\nprint(summary)\n"
     out = subprocess.run([sys.executable, "-c", code], cwd=readme_inputs, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    dub, summary = out.stdout.strip().splitlines()[-2:]
+    dub, side, summary = out.stdout.strip().splitlines()[-3:]
     check_dub(dub, readme_inputs / "talk.mp4", 20)
+    check_side_by_side(side, readme_inputs / "talk.mp4", 20)
     assert "20 frames" in summary
 
 

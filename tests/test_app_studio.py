@@ -143,12 +143,10 @@ def test_without_weights_the_studio_says_so_and_fetches_them_on_the_first_run(tm
     # with the weights: MuseTalk by default on a GPU, the preview engine on a CPU
     assert made.default_engine() == ("musetalk" if made.has_gpu() else "preview")
     assert probe(job.output).num_frames == 15
-    assert probe(job.side_by_side).num_frames == 15
 
     fractions = [fraction for fraction, _ in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    steps = ["downloading", "loading", "face analysis", "generating", "encoding",
-             "side-by-side", "done"]
+    steps = ["downloading", "loading", "face analysis", "generating", "encoding", "done"]
     texts = [text for _, text in reports]
     positions = [next(i for i, text in enumerate(texts) if step in text) for step in steps]
     assert positions == sorted(positions), texts
@@ -189,17 +187,39 @@ def test_a_failed_request_leaves_no_folder(tmp_path, face_clip):
     assert list(made.work_dir.iterdir()) == []
 
 
-def test_a_dub_brings_its_side_by_side_and_scores_made_in_its_own_pass(tmp_path, face_clip, speech_clip):
+def test_a_dub_brings_its_scores_made_in_its_own_pass_then_its_side_by_side(tmp_path, face_clip, speech_clip):
     made = Studio(StudioConfig(work_dir=str(tmp_path / "work")))
     reports = []
     job = made.generate(face_clip, Speech(audio=str(speech_clip)), RunOptions(), engine="preview",
                         progress=lambda fraction, text: reports.append(text))
-    beside = probe(job.side_by_side)
-    assert beside.num_frames == job.result.num_frames == 40 and beside.has_audio
-    assert beside.width == 2 * 216 + 4  # the original and the dub, as compare.side_by_side lays them out
     assert job.scores.face_coverage == 1.0 and job.scores.identity_psnr > 30
-    assert {"side_by_side", "scores"} <= set(job.timings)
-    assert "Dubbed: finishing the side-by-side video and scores" in reports
+    assert "scores" in job.timings and "Dubbed: finishing the scores" in reports
+    folders = set(made.work_dir.iterdir())
+
+    reports.clear()
+    beside = made.side_by_side(face_clip, job.output, "pingpong",
+                               progress=lambda fraction, text: reports.append((fraction, text)))
+    info, dub = probe(beside.path), probe(job.output)
+    assert info.num_frames == beside.num_frames == job.result.num_frames == 40 and info.has_audio
+    assert info.width == 2 * 216 + 4  # the original and the dub, as compare.side_by_side lays them out
+    assert info.duration == pytest.approx(dub.duration, abs=0.05)
+    # In a request folder of its own; the dub's is untouched.
+    assert Path(beside.path).parent not in folders and Path(job.output).is_file()
+    # Its progress counts the frames as they are written.
+    assert reports[0] == (0.0, "side-by-side video") and reports[-1] == (1.0, "side-by-side video: frame 40 of 40")
+    assert [fraction for fraction, _ in reports] == sorted(fraction for fraction, _ in reports)
+    made.close()
+
+
+def test_a_side_by_side_of_nothing_or_of_a_missing_file_says_what_to_do(tmp_path, face_clip):
+    made = Studio(StudioConfig(work_dir=str(tmp_path / "work")))
+    with pytest.raises(InputError, match="there is no dub to put beside the original yet; generate one first"):
+        made.side_by_side(face_clip, None)
+    with pytest.raises(InputError, match="the video file gone.mp4 does not exist; upload it again"):
+        made.side_by_side(face_clip, tmp_path / "gone.mp4")
+    with pytest.raises(InputError, match="loop must be one of pingpong, loop, freeze, not 'backwards'"):
+        made.side_by_side(face_clip, face_clip, "backwards")
+    assert list(made.work_dir.iterdir()) == [], "no request folder is left by a refused side-by-side"
     made.close()
 
 

@@ -1,15 +1,13 @@
-"""The extras made in the dub's own pass: the pipeline's frame sinks, the side-by-side written from the
-job's frames, and the scores measured from the job's face analysis, each against what it replaces
-(compare.side_by_side and metrics.score_video, which still serve the command line)."""
+"""The extras made in the dub's own pass: the pipeline's frame sinks, and the scores measured from the
+job's face analysis against what they replace (metrics.score_video, which still serves the command line)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from musetalk import compare, metrics, schedule, video_io
+from musetalk import metrics, schedule, video_io
 from musetalk.config import RunOptions
 from musetalk.errors import InputError
 from musetalk.pipeline import LipSyncPipeline
@@ -68,16 +66,15 @@ class Recorder:
 def dubbed(pipeline, face_2s, speech_3s, tmp_path_factory):
     """One dub with every sink, and the same dub without any."""
     folder = tmp_path_factory.mktemp("dubbed")
-    recorder, beside, scorer = Recorder(), compare.SideBySideWriter(folder / "beside.mp4"), metrics.FrameScorer()
-    result = pipeline(face_2s, speech_3s, folder / "with_sinks.mp4", RunOptions(), sinks=[recorder, beside, scorer])
+    recorder, scorer = Recorder(), metrics.FrameScorer()
+    result = pipeline(face_2s, speech_3s, folder / "with_sinks.mp4", RunOptions(), sinks=[recorder, scorer])
     plain = pipeline(face_2s, speech_3s, folder / "plain.mp4", RunOptions())
-    composed = beside.close()
     scores = scorer.close(result.output_path)
-    return folder, result, plain, recorder, composed, scores
+    return folder, result, plain, recorder, scores
 
 
 def test_the_dub_is_the_same_file_with_sinks_and_they_see_every_frame_in_order(dubbed, face_2s):
-    folder, result, plain, recorder, _composed, _scores = dubbed
+    folder, result, plain, recorder, _scores = dubbed
     assert Path(result.output_path).read_bytes() == Path(plain.output_path).read_bytes()
     assert recorder.plan.num_frames == result.num_frames == 75 and recorder.plan.fps == 25.0
     assert (recorder.plan.width, recorder.plan.height) == (216, 252)
@@ -88,24 +85,6 @@ def test_the_dub_is_the_same_file_with_sinks_and_they_see_every_frame_in_order(d
     # What a sink is handed is what was encoded: the decoded output differs by the encoder's loss only.
     decoded = list(video_io.read_frames(result.output_path))
     assert min(metrics.psnr(a, b) for a, b in zip(decoded, recorder.frames)) > 35
-
-
-def test_the_side_by_side_looks_as_the_one_made_from_the_files(dubbed, face_2s):
-    folder, result, _plain, _recorder, composed, _scores = dubbed
-    theirs = compare.side_by_side(
-        face_2s, result.output_path, folder / "theirs.mp4", fps=result.fps,
-        original_schedule=compare.dub_schedule(face_2s, result.num_frames, result.fps, "pingpong"))
-    ours_info, theirs_info = video_io.probe(composed.path), video_io.probe(theirs.path)
-    assert (composed.width, composed.height, composed.num_frames) == (theirs.width, theirs.height, 75)
-    assert (ours_info.width, ours_info.height, ours_info.num_frames) == (theirs_info.width, theirs_info.height, 75)
-    assert ours_info.has_audio and ours_info.duration == pytest.approx(theirs_info.duration, abs=0.05)
-    similarity = [metrics.psnr(a, b) for a, b in zip(video_io.read_frames(composed.path),
-                                                        video_io.read_frames(theirs.path))]
-    assert len(similarity) == 75 and min(similarity) > 32  # two encodings of the same picture
-    label_band = slice(0, compare._layout(1, 2, 216, 252, 1920, 1080).label_height)
-    first_ours = next(iter(video_io.read_frames(composed.path)))
-    first_theirs = next(iter(video_io.read_frames(theirs.path)))
-    assert np.abs(first_ours[label_band].astype(int) - first_theirs[label_band]).mean() < 2  # the same labels
 
 
 def assert_agrees_with_score_video(scores: metrics.Scores, again: metrics.Scores) -> None:
@@ -121,7 +100,7 @@ def assert_agrees_with_score_video(scores: metrics.Scores, again: metrics.Scores
 
 
 def test_the_scores_agree_with_score_video_within_the_tolerances(dubbed, face_2s, speech_3s):
-    _folder, result, _plain, _recorder, _composed, scores = dubbed
+    _folder, result, _plain, _recorder, scores = dubbed
     assert_agrees_with_score_video(scores, metrics.score_video(result.output_path, source=face_2s, audio=speech_3s))
 
 
@@ -139,7 +118,7 @@ def test_a_longer_dub_meshes_half_its_frames_and_scores_within_the_same_toleranc
     assert_agrees_with_score_video(scores, metrics.score_video(result.output_path, source=face_2s, audio=speech))
 
 
-def test_a_failed_job_leaves_no_side_by_side(pipeline, face_2s, speech_3s, tmp_path):
+def test_a_failed_job_leaves_nothing_of_its_sinks(pipeline, face_2s, speech_3s, tmp_path):
     class Failing:
         def start(self, plan) -> None:
             pass
@@ -148,18 +127,14 @@ def test_a_failed_job_leaves_no_side_by_side(pipeline, face_2s, speech_3s, tmp_p
             if position == 10:
                 raise InputError("the sink gave up")
 
-    beside, scorer = compare.SideBySideWriter(tmp_path / "beside.mp4"), metrics.FrameScorer()
+    scorer = metrics.FrameScorer()
     with pytest.raises(InputError, match="the sink gave up"):
-        pipeline(face_2s, speech_3s, tmp_path / "dubbed.mp4", RunOptions(), sinks=[beside, scorer, Failing()])
-    beside.abort()
+        pipeline(face_2s, speech_3s, tmp_path / "dubbed.mp4", RunOptions(), sinks=[scorer, Failing()])
     scorer.abort()
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sinks_that_saw_no_job_say_so(tmp_path):
-    with pytest.raises(InputError, match="the side-by-side saw no frames"):
-        compare.SideBySideWriter(tmp_path / "beside.mp4").close()
+def test_a_scorer_that_saw_no_job_says_so(tmp_path):
     with pytest.raises(InputError, match="the scorer saw no frames"):
         metrics.FrameScorer().close(tmp_path / "dubbed.mp4")
-    compare.SideBySideWriter(tmp_path / "beside.mp4").abort()  # nothing to undo
-    metrics.FrameScorer().abort()
+    metrics.FrameScorer().abort()  # nothing to undo

@@ -162,12 +162,16 @@ def test_several_clients_at_once_each_get_their_own_correct_result(url, services
             status_waits.append(time.perf_counter() - asked)
             time.sleep(0.2)
         results = [job.result() for job in pending]
+        # Each client's side-by-side, all at once too (they wait in a line of their own).
+        beside = [client.submit(video=handle_file(str(job["video"])), dubbed=handle_file(result[1]),
+                                api_name="/side_by_side") for client, job, result in zip(clients, jobs, results)]
+        sides = [made.result() for made in beside]
         wall = time.perf_counter() - started
         for preview in previews:
             image, note = preview.result()
             assert note.startswith("Frame 0:")
 
-    for job, (_stream, dub, side, summary, timings, _scores) in zip(jobs, results):
+    for job, side, (_stream, dub, summary, timings, _scores) in zip(jobs, sides, results):
         info = probe(dub)
         assert info.num_frames == job["frames"] and (info.width, info.height) == (SIDE, SIDE) and info.has_audio
         assert np.abs(corner_colour(dub) - job["colour"]).max() < 25, "a client got another client's video"
@@ -176,7 +180,7 @@ def test_several_clients_at_once_each_get_their_own_correct_result(url, services
     assert not temporary_leftovers(services.work_dir), temporary_leftovers(services.work_dir)
     assert not ffmpeg_children()
 
-    per_job = [dict((row[0], row[1]) for row in result[4]["data"])["whole job"] for result in results]
+    per_job = [dict((row[0], row[1]) for row in result[3]["data"])["whole job"] for result in results]
     figures = {
         "clients": len(jobs), "frames_per_job": [job["frames"] for job in jobs],
         "wall_seconds": round(wall, 2), "per_job_seconds": [round(s, 2) for s in per_job],

@@ -151,6 +151,8 @@ def compose_grid(panels: Sequence[Panel], out_path, audio_path=None, fps: float 
     lengths = [len(p.schedule) if p.schedule is not None else source_frame_count(i, fps) for p, i in zip(panels, infos)]
     num_frames = int(num_frames or max(lengths))
     layout = _layout(rows, cols, infos[0].width, infos[0].height, max_width, max_height)
+    # Each panel decoded at the size it is shown (ffmpeg scales it, in the decoder's own process).
+    infos = [info.resized(*_fitted_size(info.width, info.height, layout)) for info in infos]
     background = _background(layout, [panel.label for panel in panels])
     logger.info("composing %d panels into a %dx%d grid (%dx%d px, %d frames at %g fps)",
                 len(panels), rows, cols, layout.width, layout.height, num_frames, fps)
@@ -286,6 +288,12 @@ def _ascii(label: str) -> str:
     return kept.encode("ascii", "replace").decode("ascii")
 
 
+def _fitted_size(width: int, height: int, layout: _Layout) -> tuple[int, int]:
+    """The size a width x height picture is shown at in a cell: as big as fits, its aspect ratio kept."""
+    scale = min(layout.cell_width / width, layout.cell_height / height)
+    return max(1, min(layout.cell_width, round(width * scale))), max(1, min(layout.cell_height, round(height * scale)))
+
+
 def _paste_cell(canvas: np.ndarray, frame: np.ndarray, layout: _Layout, index: int) -> None:
     """Fit ``frame`` into cell ``index`` keeping its aspect ratio, centred."""
     import cv2
@@ -293,9 +301,8 @@ def _paste_cell(canvas: np.ndarray, frame: np.ndarray, layout: _Layout, index: i
     x, y = layout.origin(index)
     y += layout.label_height
     height, width = frame.shape[:2]
-    scale = min(layout.cell_width / width, layout.cell_height / height)
-    fitted_width = max(1, min(layout.cell_width, round(width * scale)))
-    fitted_height = max(1, min(layout.cell_height, round(height * scale)))
+    fitted_width, fitted_height = _fitted_size(width, height, layout)
+    scale = fitted_width / width
     if (fitted_width, fitted_height) != (width, height):
         interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         frame = cv2.resize(frame, (fitted_width, fitted_height), interpolation=interpolation)

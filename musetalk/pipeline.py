@@ -104,8 +104,8 @@ class OutputPlan:
 
 
 class FrameSink(Protocol):
-    """A consumer of a job's output frames beside the encoder (the studio's side-by-side video and scores,
-    made from the frames in hand instead of decoding the output again).
+    """A consumer of a job's output frames beside the encoder (the studio's scores, made from the frames in
+    hand instead of decoding the output again).
 
     ``start`` is called once before the first frame; ``add`` with every output frame in order, from the
     thread that encodes, with the source frame and the face the job found in it (``source.landmarks`` and

@@ -317,6 +317,20 @@ def pipeline_progress(span: _Span, label: str = "") -> Callable[[str, int, int],
     return report
 
 
+def _frames_progress(report: Progress, what: str) -> Callable[[int, int], None]:
+    """(done, total) frame counts as ``report``'s fraction and words, with the time left once it is known."""
+    clock = _StageClock()
+
+    def frames(done: int, total: int) -> None:
+        left = clock.seconds_left(done, total)
+        text = f"{what}: frame {done} of {total}"
+        if left is not None and done < total:
+            text += f", {_time_words(left)} left"
+        report(done / total if total else 1.0, text)
+
+    return frames
+
+
 class _StageClock:
     """The time a stage has left, from its rate since its first report (once that is worth trusting)."""
 
@@ -890,7 +904,7 @@ class Studio:
             return compare.side_by_side(
                 str(video), str(dubbed), folder / "side_by_side.mp4", original_schedule=schedule,
                 crf=compare.VIEW_CRF, preset=compare.VIEW_PRESET, fps=dub.fps, num_frames=dub.num_frames,
-                progress=lambda done, total: report(done / total, f"side-by-side video: frame {done} of {total}"),
+                progress=_frames_progress(report, "side-by-side video"),
             )
         except BaseException:
             self.jobs.discard(folder)

@@ -305,3 +305,17 @@ def test_a_comparison_refuses_two_variants_that_make_the_same_dub(tmp_path, face
         made.compare(face_clip, variants)
     assert not any((tmp_path / "work").iterdir()), "refused before anything was made"
     made.close()
+
+
+def test_the_side_by_sides_progress_counts_frames_and_says_the_time_left(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(studio_lib.time, "monotonic", lambda: now[0])
+    reports = []
+    frames = studio_lib._frames_progress(lambda fraction, text: reports.append((fraction, text)), "side-by-side video")
+    frames(10, 200)
+    now[0] += 3.0
+    frames(70, 200)  # 60 frames in 3 s: the 130 left take about 6.5 s
+    assert reports == [(0.05, "side-by-side video: frame 10 of 200"),
+                       (0.35, "side-by-side video: frame 70 of 200, about 6 s left")]
+    frames(200, 200)
+    assert reports[-1] == (1.0, "side-by-side video: frame 200 of 200")

@@ -179,7 +179,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def test_a_longer_job_shows_its_progress_and_plays_before_it_ends(page):
     """A 7.5 s dub of the example (preview engine): the bar names face analysis and generation with
-    their frame counts as they advance, and, where the streaming player works, the dub plays early."""
+    their frame counts as they advance, and, where the streaming player works, the dub plays early;
+    then the side-by-side comes with its own bar."""
     import time
 
     from selenium.webdriver.common.by import By
@@ -221,6 +222,13 @@ def test_a_longer_job_shows_its_progress_and_plays_before_it_ends(page):
     assert any(" left" in line for line in seen), "a time left once the rate is known"
     if streaming:
         assert played_early, "the streamed dub did not start playing before the job ended"
+    # Then the side-by-side, made once the dub is there, with a bar of its own counting its frames.
+    beside = []
+    while time.monotonic() < deadline and not video_source("#side-by-side-video")(page):
+        beside += [line for line in page_text(page).splitlines() if "side-by-side video: frame" in line]
+        time.sleep(0.1)
+    assert video_source("#side-by-side-video")(page), "the side-by-side video did not come after the dub"
+    assert beside, "the side-by-side's progress was not shown"
 
 
 def tab(driver, name: str):

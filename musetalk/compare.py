@@ -196,7 +196,8 @@ def _held_frames(panel: Panel, info: video_io.MediaInfo, fps: float) -> Iterator
     """The panel's frames at ``fps`` (in its schedule's order if it has one), then its last frame forever."""
     rate = None if info.is_image else fps
     if panel.schedule is not None:
-        frames = schedule_lib.scheduled_frames(panel.schedule, lambda start, count: _read(info, rate, start, count))
+        frames = schedule_lib.scheduled_frames(panel.schedule, lambda start, count: _read(info, rate, start, count),
+                                               info.width * info.height * 3)
     else:
         frames = _read(info, rate, 0, None)
     last = None

@@ -14,8 +14,12 @@ import numpy as np
 
 from musetalk.config import LOOP_MODES
 
-# Frames read at a time when playing backward: each chunk is decoded forward then reversed.
+# Frames read at a time when playing backward: each chunk is decoded forward then reversed, and each
+# decode starts at the keyframe before the chunk (often the video's first frame), so fewer, longer
+# chunks decode less. A chunk holds BACKWARD_CHUNK frames, or as many as BACKWARD_CHUNK_BYTES hold when
+# the frame size is known: 200 frames of a 432x504 video, 46 of 720p, 32 of 1080p.
 BACKWARD_CHUNK = 32
+BACKWARD_CHUNK_BYTES = 128 * 2**20
 
 OpenReader = Callable[[int, int], Iterable[np.ndarray]]  # (start_frame, count) -> frames
 
@@ -70,9 +74,12 @@ def runs(schedule: np.ndarray) -> list[tuple[int, int, int]]:
     return result
 
 
-def scheduled_frames(schedule: np.ndarray, open_reader: OpenReader) -> Iterator[np.ndarray]:
-    """Source frames in schedule order. Forward runs stream; backward runs decode chunks of
-    ``BACKWARD_CHUNK`` frames forward and reverse them; repeats decode once."""
+def scheduled_frames(schedule: np.ndarray, open_reader: OpenReader,
+                     frame_bytes: int | None = None) -> Iterator[np.ndarray]:
+    """Source frames in schedule order. Forward runs stream; backward runs decode chunks (see
+    BACKWARD_CHUNK; ``frame_bytes``: the size of one frame, when known) forward and reverse them;
+    repeats decode once."""
+    chunk_frames = max(BACKWARD_CHUNK, BACKWARD_CHUNK_BYTES // frame_bytes) if frame_bytes else BACKWARD_CHUNK
     for first, length, step in runs(schedule):
         if step == 1:
             yield from _stream_exactly(open_reader, first, length)
@@ -84,7 +91,7 @@ def scheduled_frames(schedule: np.ndarray, open_reader: OpenReader) -> Iterator[
             last = first - length + 1
             chunk_end = first
             while chunk_end >= last:
-                chunk_start = max(last, chunk_end - BACKWARD_CHUNK + 1)
+                chunk_start = max(last, chunk_end - chunk_frames + 1)
                 chunk = list(_stream_exactly(open_reader, chunk_start, chunk_end - chunk_start + 1))
                 yield from reversed(chunk)
                 chunk_end = chunk_start - 1

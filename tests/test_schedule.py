@@ -61,6 +61,23 @@ def test_scheduled_frames_follow_the_schedule(mode):
     assert all(count <= max(schedule.BACKWARD_CHUNK, 70) for _, count in source.reads)
 
 
+def test_backward_chunks_hold_as_many_frames_as_their_byte_budget_allows():
+    source = CountingSource(200)  # frames carry their index in a uint8: at most 256 of them
+    plan = schedule.frame_schedule(400, 200, "pingpong")  # forward 200 frames, then back 200
+    small = 2 * 2 * 3  # CountingSource's frames
+    frames = [int(frame[0, 0, 0]) for frame in schedule.scheduled_frames(plan, source, frame_bytes=small)]
+    assert frames == plan.tolist()
+    assert len(source.reads) == 2, "a small frame's whole backward run in one chunk"
+    big = schedule.BACKWARD_CHUNK_BYTES // 40  # 40 frames to a chunk
+    source.reads.clear()
+    assert [int(f[0, 0, 0]) for f in schedule.scheduled_frames(plan, source, frame_bytes=big)] == plan.tolist()
+    assert [count for _, count in source.reads[1:]] == [40] * 5
+    huge = schedule.BACKWARD_CHUNK_BYTES  # never fewer than BACKWARD_CHUNK frames a chunk
+    source.reads.clear()
+    list(schedule.scheduled_frames(plan, source, frame_bytes=huge))
+    assert max(count for _, count in source.reads[1:]) == schedule.BACKWARD_CHUNK
+
+
 def test_a_decoder_that_stops_short_repeats_its_last_frame():
     source = CountingSource(5)
     frames = list(schedule.scheduled_frames(np.arange(7), source))

@@ -128,6 +128,9 @@ def voice_choices(source) -> tuple[list[tuple[str, str]], str | None]:
 # What the library's messages say to a command-line user, as a web user acts on it: the form's controls,
 # or the studio's operator for what only the server can change.
 WEB_WORDS = [
+    # The scoring weights are not among the button's: fetching them is the server's business.
+    (re.compile(r"[:;,]?\s*(?:fetch them with: )?`?musetalk download --scoring`?"),
+     " on this server (its operator can fetch them)"),
     (re.compile(r"`?musetalk download[^`;.,)]*`?"), "the Download weights button"),
     (re.compile(r"\(?--device cpu\)?|--device cpu or auto"), "(the studio's operator can run it on the CPU)"),
     (re.compile(r"--face-index"), "the Face to dub menu (Advanced options)"),
@@ -149,6 +152,11 @@ def for_the_web(message: str) -> str:
     for pattern, words in WEB_WORDS:
         message = pattern.sub(words, message)
     return message
+
+
+def web_table(rows: list[list]) -> list[list]:
+    """A table's rows with their words as a web user reads them (a score's "n/a" says why)."""
+    return [[for_the_web(cell) if isinstance(cell, str) else cell for cell in row] for row in rows]
 
 
 def user_errors(function):
@@ -418,7 +426,7 @@ def build_demo(services: Studio):
                     services.jobs.discard(stream_dir)
             history = studio_lib.history_add(history, "dub", f"{job.result.engine}: {job.speech}", [job.output],
                                              job.summary())
-            yield gr.skip(), job.output, job.summary(), job.timing_rows(), job.score_rows(), history
+            yield gr.skip(), job.output, job.summary(), job.timing_rows(), web_table(job.score_rows()), history
 
         def side_by_side(video, dubbed, loop, history, progress=gr.Progress()):
             work = functools.partial(services.side_by_side, video, dubbed, loop)
@@ -461,7 +469,7 @@ def build_demo(services: Studio):
             files = [made.grid] + [job.output for job in made.results]
             summary = f"{len(made.results)} variants: " + "; ".join(job.label for job in made.results)
             history = studio_lib.history_add(history, "comparison", summary, files, f"sound of {made.audio_from}")
-            table = {"headers": made.table_headers(), "data": made.table_rows()}
+            table = {"headers": made.table_headers(), "data": web_table(made.table_rows())}
             return made.grid, table, [job.output for job in made.results], history
 
         # ------------------------------------------------------------- events

@@ -172,6 +172,9 @@ def test_generate_from_text_with_the_default_source(client, face_clip):
     assert "speech synthesis" in [row[0] for row in timings["data"]]
     measured = {row[0]: row[1] for row in scores["data"]}
     assert "Lip-sync correlation" in measured and "Frames with a face" in measured
+    # A score that could not be measured says why in the page's words: no command, no flag.
+    assert measured["SyncNet confidence (LSE-C)"] == ("n/a: SyncNet weights not installed on this server "
+                                                       "(its operator can fetch them)")
 
 
 def test_preview_draws_the_box_and_mask_on_the_first_frame(client, face_clip):
@@ -269,6 +272,8 @@ def test_messages_for_the_web_name_files_and_controls_not_paths_and_flags():
     assert "Download weights" in words("run `musetalk download` to fetch openai/whisper-tiny again")
     assert words("give an mp4/mov/mkv video") == "give an mp4/mov/mkv video"  # not a path
     assert "--" not in words("use --some-new-flag") and "option" in words("use --some-new-flag")
+    assert words("SyncNet weights not found at /m/syncnet.pt; fetch them with: musetalk download --scoring") == (
+        "SyncNet weights not found at syncnet.pt on this server (its operator can fetch them)")
 
 
 def test_adding_the_current_settings_twice_is_refused_with_a_note(client):

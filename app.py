@@ -262,7 +262,8 @@ def build_demo(services: Studio):
         history = gr.State([])
         gr.Markdown(INTRO)
         with gr.Row():
-            status = gr.Markdown(status_text(services), elem_id="status")
+            status = gr.Markdown(status_text(services), label="Weights and engines", show_label=False,
+                                 elem_id="status")
             with gr.Column(scale=0, min_width=200):
                 download = gr.Button("Download weights", size="sm")
 
@@ -329,7 +330,7 @@ def build_demo(services: Studio):
                             preview_image = gr.Image(label="Preview: crop box (yellow), paste-back square (blue), "
                                                            "redrawn area (green)", type="numpy", interactive=False,
                                                      height=300, elem_id="preview-image")
-                            preview_note = gr.Markdown()
+                            preview_note = gr.Markdown(label="What the preview shows", show_label=False)
                             stream_video = gr.Video(label="The dub, playing while it is made", streaming=True,
                                                     autoplay=True, interactive=False, height=VIDEO_HEIGHT,
                                                     visible=streaming, elem_id="stream-video")

@@ -158,8 +158,9 @@ def build_live_tab(services, registry: LiveRegistry, default_video: str | None =
                            type="filepath", elem_id="live-face")
             engine = gr.Radio(ENGINE_CHOICES, value=default_engine, label="Engine", elem_id="live-engine")
             prepare = gr.Button("Prepare the face", variant="primary", elem_id="live-prepare")
-            token = gr.Textbox("", visible="hidden", elem_id="live-token")
-            status = gr.Markdown("Choose a face and prepare it.", elem_id="live-status")
+            token = gr.Textbox("", label="Live session", visible="hidden", elem_id="live-token")
+            status = gr.Markdown("Choose a face and prepare it.", label="Live status", show_label=False,
+                                 elem_id="live-status")
             microphone = gr.Checkbox(True, label="Speak through the microphone", elem_id="live-microphone")
             text = gr.Textbox("", label="Or type what the face says", lines=2, elem_id="live-text")
             with gr.Row():

@@ -127,6 +127,17 @@ def test_every_event_is_an_api_endpoint(services):
     assert slots["side_by_side"] == ("side_by_side", 1)
 
 
+def test_every_endpoints_outputs_have_names_that_say_what_they_are(services):
+    app = load_app_module()
+    endpoints = app.build_demo(services).get_api_info()["named_endpoints"]
+    assert {"/generate", "/side_by_side", "/status", "/preview"} <= set(endpoints)
+    unnamed = {name: [out.get("label") for out in endpoint["returns"]] for name, endpoint in endpoints.items()
+               if any(not out.get("label") or re.fullmatch(r"value_\d+", out["label"]) for out in endpoint["returns"])}
+    assert not unnamed, unnamed
+    assert [out["label"] for out in endpoints["/generate"]["returns"]] == [
+        "The dub, playing while it is made", "Dubbed video", "Summary", "What the run took", "Scores of the result"]
+
+
 def test_status_says_the_weights_are_ready_and_what_musetalk_costs_on_this_cpu(client, services):
     services.calibrate()  # what load_models started in the background, done now
     status = client.predict(api_name="/status")

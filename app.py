@@ -430,6 +430,8 @@ def build_demo(services: Studio):
             yield gr.skip(), job.output, job.summary(), job.timing_rows(), web_table(job.score_rows()), history
 
         def side_by_side(video, dubbed, loop, history, progress=gr.Progress()):
+            # First the page's old side-by-side goes: it belongs to the dub before this one.
+            yield None, gr.skip()
             work = functools.partial(services.side_by_side, video, dubbed, loop)
             for kind, value in studio_lib.watch(lambda report: work(progress=report)):
                 if kind == "progress":
@@ -438,7 +440,7 @@ def build_demo(services: Studio):
                     made = value
             history = studio_lib.history_add(history, "side-by-side", "the dub beside the original", [made.path],
                                              f"{made.num_frames} frames, {made.width}x{made.height}")
-            return made.path, history
+            yield made.path, history
 
         def add_current(variants, speech_from, source, voice, engine, version, mask_mode, extra_margin):
             rows = [row for row in (variants or []) if any(str(cell or "").strip() for cell in row)]
@@ -492,7 +494,8 @@ def build_demo(services: Studio):
         show_history = {"fn": history_views, "inputs": history, "outputs": [history_table, history_downloads],
                         **light}
         # The side-by-side is made once the dub is there, outside the model job's slot (the next job
-        # need not wait for it). A new Generate clears the last one.
+        # need not wait for it). A new Generate clears the last one; one that comes in while the next
+        # job runs is that of the dub still shown, and goes when the next side-by-side starts.
         dubbed = generate_button.click(
             user_errors(on_gpu(generate)), inputs=[video, *job_inputs, *option_inputs, measure, history],
             outputs=[stream_video, result_video, summary, timings, scores, history], api_name="generate",

@@ -197,7 +197,7 @@ def _held_frames(panel: Panel, info: video_io.MediaInfo, fps: float) -> Iterator
     rate = None if info.is_image else fps
     if panel.schedule is not None:
         frames = schedule_lib.scheduled_frames(panel.schedule, lambda start, count: _read(info, rate, start, count),
-                                               info.width * info.height * 3)
+                                               info.frame_bytes)
     else:
         frames = _read(info, rate, 0, None)
     last = None

@@ -792,7 +792,7 @@ def _slice(buffer: np.ndarray, offset: int, start: int, stop: int) -> np.ndarray
 def _load_sources(pipeline: LipSyncPipeline, prepared: PreparedVideo) -> list[np.ndarray]:
     """The source frames the session shows, decoded once: as many as SOURCE_FRAMES_BYTES holds."""
     info = prepared.info
-    limit = max(1, SOURCE_FRAMES_BYTES // max(1, info.width * info.height * 3))
+    limit = max(1, SOURCE_FRAMES_BYTES // max(1, info.frame_bytes))
     count = min(len(prepared.avatar), limit)
     if count < len(prepared.avatar):
         logger.warning("live: %s has %d frames; the face idles on the first %d (%.1f s), what memory holds",

@@ -374,7 +374,7 @@ def identity_scores(video: str, source_info: video_io.MediaInfo, track: face_lib
 
     def compared() -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, int, int, int] | None]]:
         outputs = video_io.read_frames(video, max_frames=len(track))
-        originals = schedule.scheduled_frames(order, open_reader, source_info.width * source_info.height * 3)
+        originals = schedule.scheduled_frames(order, open_reader, source_info.frame_bytes)
         for index, (output, original) in enumerate(zip(outputs, originals)):
             if track.has_face[index]:
                 box = upper_face_box(track.landmarks[index], track.width, track.height)

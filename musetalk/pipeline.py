@@ -499,8 +499,7 @@ class LipSyncPipeline:
             faces = faces.result()
         sources = schedule.frame_schedule(num_frames, len(faces), options.loop)[done:]
         open_frames = lambda start, count: self._open_reader(info, fps, start, count)  # noqa: E731
-        frame_bytes = info.width * info.height * 3
-        for source, frame in zip(sources, schedule.scheduled_frames(sources, open_frames, frame_bytes)):
+        for source, frame in zip(sources, schedule.scheduled_frames(sources, open_frames, info.frame_bytes)):
             yield faces.face_frame(int(source), frame)
 
     def _generate(self, info, fps, num_frames: int, faces: Avatar | FaceStream, states: dict, features,

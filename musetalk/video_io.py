@@ -397,6 +397,11 @@ class MediaInfo:
     # The rate the file declares when that timing was not believed (see retimed()); None: as declared.
     retimed_from: float | None = None
 
+    @property
+    def frame_bytes(self) -> int:
+        """The size of one frame as a FrameReader yields it (RGB, width x height)."""
+        return self.width * self.height * 3
+
     def retimed(self, fps: float) -> MediaInfo:
         """The same frames, one after another at ``fps``: for a file whose declared timing is absurd
         (100,000 or 0.001 fps). A FrameReader then counts frames, not timestamps."""
@@ -785,7 +790,7 @@ class FrameReader:
         )
         self._fps = float(fps) if fps is not None else self.info.fps
         self.frames_read = 0
-        self._frame_bytes = self.width * self.height * 3
+        self._frame_bytes = self.info.frame_bytes
         self._proc: subprocess.Popen | None = None
         self._stderr: _StderrDrain | None = None
         self._watchdog: _Watchdog | None = None

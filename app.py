@@ -432,12 +432,7 @@ def build_demo(services: Studio):
         def side_by_side(video, dubbed, loop, history, progress=gr.Progress()):
             # First the page's old side-by-side goes: it belongs to the dub before this one.
             yield None, gr.skip()
-            work = functools.partial(services.side_by_side, video, dubbed, loop)
-            for kind, value in studio_lib.watch(lambda report: work(progress=report)):
-                if kind == "progress":
-                    progress(value[0], desc=value[1])
-                else:
-                    made = value
+            made = services.side_by_side(video, dubbed, loop, lambda fraction, what: progress(fraction, desc=what))
             history = studio_lib.history_add(history, "side-by-side", "the dub beside the original", [made.path],
                                              f"{made.num_frames} frames, {made.width}x{made.height}")
             yield made.path, history

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from musetalk import compare, live_ice, metrics, video_io, weights
-from musetalk.config import LOOP_MODES, RunOptions
+from musetalk.config import RunOptions
 from musetalk.engines import ENGINES, MODEL_ENGINES
 from musetalk.errors import InputError, NoFaceError
 
@@ -892,8 +892,7 @@ class Studio:
         scores never wait for it, and the job's slot is free while it is made."""
         if not dubbed:
             raise InputError("there is no dub to put beside the original yet; generate one first")
-        if loop not in LOOP_MODES:
-            raise InputError(f"loop must be one of {', '.join(LOOP_MODES)}, not {loop!r}")
+        RunOptions(loop=loop).validate()
         self.check_video(video)
         dub = self.check_video(dubbed)
         report = progress or _no_progress

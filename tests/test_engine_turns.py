@@ -216,7 +216,11 @@ def test_a_dub_and_a_musetalk_session_share_the_models_in_turns(models_dir, face
                                                                  monkeypatch):
     pipeline = LipSyncPipeline.from_pretrained(models_dir, "v15", device="cpu", cache_dir=tmp_path / "cache")
     live_wav = audio_lib.load_audio(speech_clip)
-    options = RunOptions(batch_size=4)
+    # The dub's batches are SHARED_BATCH frames throughout: a larger size would be cut to it only while
+    # the live session generates (which batches, the timing decides), and the model's CPU kernels are
+    # not bit-identical across batch sizes (a level in one or two pixels), so the frames could not be
+    # compared exactly. The cutting itself is tested with the preview engine above.
+    options = RunOptions(batch_size=SHARED_BATCH)
     alone = dub_frames(pipeline, face_clip, speech_clip, tmp_path / "alone.mp4", options, monkeypatch)
     calls = EngineCalls(monkeypatch)
     calls.watch(pipeline.engine, "prepare", "generate")
